@@ -1,0 +1,62 @@
+"""The client's local part of the model: embeddings, final norm and LM head (the one beectl module
+that holds weights)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from beed.models.adapters import build_head_model, family_of, load_config
+from beed.models.weights import load_tensors
+
+log = logging.getLogger(__name__)
+
+
+class LocalHead:
+    """Token embeddings in, hidden states out to the swarm; hidden states back, logits out."""
+
+    def __init__(self, model_dir: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.config = load_config(model_dir)
+        self.family = family_of(self.config)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        tensors = load_tensors(
+            model_dir,
+            lambda n: n.startswith(self.family.head_prefixes),
+            dtype=dtype,
+            device=self.device,
+        )
+        model = build_head_model(self.config)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        if "lm_head.weight" in missing and getattr(self.config, "tie_word_embeddings", False):
+            model.lm_head.weight = model.model.embed_tokens.weight
+            missing = [m for m in missing if m != "lm_head.weight"]
+        missing = [m for m in missing if "rotary_emb" not in m]
+        if missing or unexpected:
+            raise ValueError(
+                f"head weights do not match: missing={missing} unexpected={unexpected}"
+            )
+        model.eval().requires_grad_(False)
+        self._embed = model.model.embed_tokens
+        self._norm = model.model.norm
+        self._lm_head = model.lm_head
+        cap_attr = self.family.logit_softcap_attr
+        self._softcap: float | None = getattr(self.config, cap_attr, None) if cap_attr else None
+        self.hidden_size = int(self.config.hidden_size)
+        self.vocab_size = int(self.config.vocab_size)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [batch, tokens] -> hidden states [batch, tokens, hidden]."""
+        with torch.inference_mode():
+            return self._embed(input_ids.to(self.device))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the last block -> float32 logits over the vocabulary."""
+        with torch.inference_mode():
+            hidden = self._norm(hidden.to(self.device, self.dtype))
+            logits = self._lm_head(hidden)
+            if self._softcap:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            return logits.float()

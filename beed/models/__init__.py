@@ -1,0 +1,1 @@
+"""Model sources, conversion, fingerprints and per-architecture adapters (no network, no asyncio)."""

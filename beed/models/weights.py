@@ -1,0 +1,52 @@
+"""Read selected tensors of a safetensors model directory, touching only the files that hold them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def weight_map(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> file name, from the index or from the single weights file's header."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = model_dir / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(f"{model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    with safe_open(single, framework="pt") as fh:
+        return dict.fromkeys(fh.keys(), SINGLE_FILE)
+
+
+def load_tensors(
+    model_dir: Path,
+    want: Callable[[str], bool],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Load the tensors whose names satisfy `want`, file by file, converting dtype on the way.
+
+    safetensors memory-maps each file and copies out only the requested tensors, so a server holding
+    blocks 15..30 never materialises the others.
+    """
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map(model_dir).items():
+        if want(name):
+            by_file.setdefault(file, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file, names in sorted(by_file.items()):
+        with safe_open(model_dir / file, framework="pt", device="cpu") as fh:
+            for name in names:
+                tensor = fh.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                out[name] = tensor.to(device)
+    return out

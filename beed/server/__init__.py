@@ -1,0 +1,1 @@
+"""The block server: connections, sessions, KV cache budget, block execution and announcements."""

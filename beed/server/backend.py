@@ -1,0 +1,156 @@
+"""Block execution: the one server module that holds model weights and runs them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from beed.models.adapters import Span, family_of, load_config, num_blocks
+from beed.models.weights import load_tensors
+from protocol.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SpanInfo:
+    """What a loaded span is, for announcements and admission."""
+
+    start: int
+    end: int
+    num_blocks: int  # of the whole model
+    hidden_size: int
+    dtype: str
+    kv_bytes_per_token: int  # keys and values of all blocks in the span, one sequence
+
+
+class BlockBackend:
+    """Blocks `[start, end)` of one model on one device, with per-session KV caches."""
+
+    def __init__(
+        self, model_dir: Path, start: int, end: int, *, dtype: str = "float32", device: str = "cpu"
+    ) -> None:
+        config = load_config(model_dir)
+        total = num_blocks(config)
+        if not 0 <= start < end <= total:
+            raise BadRequestError(f"span {start}:{end} is outside the model's blocks 0:{total}")
+        if dtype not in DTYPES:
+            raise BadRequestError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        family = family_of(config)
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        prefixes = tuple(family.block_prefix.format(i=i) for i in range(start, end))
+        tensors = load_tensors(
+            model_dir, lambda n: n.startswith(prefixes), dtype=self.dtype, device=self.device
+        )
+        self.span = Span(config, start, end, self.device)
+        self.span.load_blocks(tensors, family)
+        self.span.eval().requires_grad_(False)
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        element = torch.finfo(self.dtype).bits // 8
+        self.info = SpanInfo(
+            start=start,
+            end=end,
+            num_blocks=total,
+            hidden_size=int(config.hidden_size),
+            dtype=dtype,
+            kv_bytes_per_token=2 * kv_heads * head_dim * element * (end - start),
+        )
+        log.info("backend.loaded span=%d:%d dtype=%s device=%s", start, end, dtype, device)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.span.config)
+
+    @staticmethod
+    def cache_length(cache: DynamicCache) -> int:
+        return int(cache.get_seq_length())
+
+    @staticmethod
+    def truncate(cache: DynamicCache, position: int) -> None:
+        """Forget every cached token at `position` and after (rollback)."""
+        length = int(cache.get_seq_length())
+        if position < 0 or position > length:
+            raise BadRequestError(
+                f"cannot truncate to {position}: the session holds {length} tokens"
+            )
+        if position < length:
+            cache.crop(position - length)
+
+    def _check_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.info.hidden_size:
+            raise BadRequestError(
+                f"hidden states must be [batch, tokens, {self.info.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise BadRequestError(f"hidden states must be floating point, got {hidden.dtype}")
+        return hidden.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def step(
+        self,
+        cache: DynamicCache,
+        hidden: torch.Tensor,
+        position: int,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run new tokens at `position` through the span, extending the session's cache.
+
+        A `position` before the cache's end first rolls the cache back to it (a replay after
+        failover or a speculative rollback); one past the end is an error.
+        """
+        hidden = self._check_hidden(hidden)
+        self.truncate(cache, position)
+        batch, tokens = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(position, position + tokens, device=self.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+        else:
+            position_ids = position_ids.to(self.device, torch.long)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+            if attention_mask.shape != (batch, position + tokens):
+                raise BadRequestError(
+                    f"attention mask must be [batch, past + new] = [{batch}, {position + tokens}], "
+                    f"got {list(attention_mask.shape)}"
+                )
+        return self.span(hidden, position_ids, cache, attention_mask)
+
+    @torch.inference_mode()
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Stateless forward of a whole sequence (training and scoring)."""
+        hidden = self._check_hidden(hidden)
+        batch, tokens = hidden.shape[:2]
+        position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
+        return self.span(hidden, position_ids, None, attention_mask)
+
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gradient of the span's output with respect to its input; weights stay frozen."""
+        hidden = self._check_hidden(hidden).detach().requires_grad_(True)
+        if grad_output.shape != hidden.shape:
+            raise BadRequestError(
+                f"grad_output shape {list(grad_output.shape)} != hidden shape {list(hidden.shape)}"
+            )
+        batch, tokens = hidden.shape[:2]
+        position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
+        with torch.enable_grad():
+            out = self.span(hidden, position_ids, None, attention_mask)
+            (grad_input,) = torch.autograd.grad(out, hidden, grad_output.to(out.device, out.dtype))
+        return grad_input
