@@ -1,0 +1,86 @@
+"""Route choice over announced spans (pure: no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from beectl.routing import find_route, uncovered_blocks
+from beed.dht.records import ServerRecord, ServerState
+from protocol.errors import NoRouteError
+
+
+def rec(
+    peer: str,
+    start: int,
+    end: int,
+    *,
+    state: ServerState = ServerState.ONLINE,
+    tps: float = 1000.0,
+    kv: int = 10_000,
+) -> ServerRecord:
+    return ServerRecord(
+        peer_id=peer,
+        state=state,
+        span_start=start,
+        span_end=end,
+        host="127.0.0.1",
+        port=1,
+        model_fingerprint="fp",
+        model_name="m",
+        num_blocks=30,
+        compute_tokens_per_s=tps,
+        free_kv_tokens=kv,
+    )
+
+
+def spans(route):
+    return [(h.peer_id, h.start, h.end) for h in route]
+
+
+def test_two_halves_chain():
+    route = find_route([rec("b", 15, 30), rec("a", 0, 15)], 0, 30)
+    assert spans(route) == [("a", 0, 15), ("b", 15, 30)]
+
+
+def test_single_full_server_preferred_over_two_hops():
+    servers = [rec("a", 0, 15), rec("b", 15, 30), rec("full", 0, 30)]
+    assert spans(find_route(servers, 0, 30)) == [("full", 0, 30)]
+
+
+def test_overlapping_spans_use_sub_spans():
+    route = find_route([rec("a", 0, 20), rec("b", 10, 30)], 0, 30)
+    assert route[0].start == 0 and route[-1].end == 30
+    assert all(h.start < h.end for h in route)
+    assert [h.end for h in route[:-1]] == [h.start for h in route[1:]]
+
+
+def test_lower_rtt_wins():
+    servers = [rec("far", 0, 30), rec("near", 0, 30)]
+    route = find_route(servers, 0, 30, rtt_s={"far": 0.2, "near": 0.001})
+    assert spans(route) == [("near", 0, 30)]
+
+
+def test_banned_and_draining_servers_are_never_used():
+    servers = [
+        rec("a", 0, 30),
+        rec("d", 0, 30, state=ServerState.DRAINING, tps=1e9),
+        rec("b", 0, 30, tps=1e9),
+    ]
+    route = find_route(servers, 0, 30, banned={"b"})
+    assert spans(route) == [("a", 0, 30)]
+
+
+def test_full_server_is_avoided_when_another_fits():
+    servers = [rec("full", 0, 30, kv=0, tps=1e9), rec("free", 0, 30, kv=4096)]
+    assert spans(find_route(servers, 0, 30, needed_kv_tokens=128)) == [("free", 0, 30)]
+
+
+def test_gap_raises_no_route_naming_the_block():
+    with pytest.raises(NoRouteError, match="block 15"):
+        find_route([rec("a", 0, 15), rec("b", 16, 30)], 0, 30)
+    assert uncovered_blocks([rec("a", 0, 15), rec("b", 16, 30)], 30) == [15]
+
+
+def test_partial_range():
+    route = find_route([rec("a", 0, 15), rec("b", 15, 30)], 20, 30)
+    assert spans(route) == [("b", 20, 30)]
