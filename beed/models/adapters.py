@@ -121,54 +121,48 @@ class Span(nn.Module):
         position_ids: torch.Tensor,
         cache: Any,
         attention_mask: torch.Tensor | None = None,
+        blocks: range | None = None,
     ) -> torch.Tensor:
-        mask_kwargs = {
-            "config": self.config,
-            "inputs_embeds": hidden,
-            "attention_mask": attention_mask,
-            "past_key_values": cache,
-            "position_ids": position_ids,
-        }
-        if self.layer_types is None:
-            mask_fn: Callable[..., Any] = create_causal_mask
-            if getattr(self.config, "sliding_window", None) and self.config.model_type == "mistral":
-                mask_fn = create_sliding_window_causal_mask
-            mask = mask_fn(**mask_kwargs)
-            rotary = self.rotary_emb(hidden, position_ids)
-            for layer in self.layers:
-                hidden = layer(
-                    hidden,
-                    attention_mask=mask,
-                    position_embeddings=rotary,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=cache is not None,
-                )
-            return hidden
+        """Run `hidden` through the span's blocks (or the local block indices in `blocks`)."""
+        blocks = blocks if blocks is not None else range(len(self.layers))
+        kinds = self.layer_types or ["full_attention"] * len(self.layers)
         masks: dict[str, Any] = {}
         rotaries: dict[str, Any] = {}
-        for kind in set(self.layer_types):
-            fn = (
-                create_sliding_window_causal_mask
-                if kind == "sliding_attention"
-                else create_causal_mask
+        for i in blocks:
+            kind = kinds[i]
+            if kind in masks:
+                continue
+            # Size each mask against the first cache layer of its kind that this run fills.
+            masks[kind] = self._mask_fn(kind)(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=i if cache is not None else None,
             )
-            masks[kind] = fn(**mask_kwargs)
             rotaries[kind] = (
                 self.rotary_emb(hidden, position_ids, kind)
                 if self._typed_rotary
                 else self.rotary_emb(hidden, position_ids)
             )
-        for kind, layer in zip(self.layer_types, self.layers, strict=True):
-            hidden = layer(
+        for i in blocks:
+            hidden = self.layers[i](
                 hidden,
-                attention_mask=masks[kind],
-                position_embeddings=rotaries[kind],
+                attention_mask=masks[kinds[i]],
+                position_embeddings=rotaries[kinds[i]],
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=cache is not None,
             )
         return hidden
+
+    def _mask_fn(self, kind: str) -> Callable[..., Any]:
+        if kind == "sliding_attention":
+            return create_sliding_window_causal_mask
+        if self.layer_types is None and getattr(self.config, "sliding_window", None):
+            return create_sliding_window_causal_mask  # Mistral-style: one sliding type for all
+        return create_causal_mask
 
 
 def build_head_model(config: PretrainedConfig) -> nn.Module:

@@ -70,14 +70,22 @@ class BlockBackend:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.span.config)
 
-    @staticmethod
-    def cache_length(cache: DynamicCache) -> int:
-        return int(cache.get_seq_length())
+    def blocks(self, start: int, end: int) -> range:
+        """Local block indices for the global sub-span [start, end); BadRequestError if not served."""
+        if not self.info.start <= start < end <= self.info.end:
+            raise BadRequestError(
+                f"blocks {start}:{end} are not inside this server's span "
+                f"{self.info.start}:{self.info.end}"
+            )
+        return range(start - self.info.start, end - self.info.start)
 
     @staticmethod
-    def truncate(cache: DynamicCache, position: int) -> None:
+    def cache_length(cache: DynamicCache, blocks: range) -> int:
+        return int(cache.get_seq_length(blocks[0]))
+
+    def truncate(self, cache: DynamicCache, blocks: range, position: int) -> None:
         """Forget every cached token at `position` and after (rollback)."""
-        length = int(cache.get_seq_length())
+        length = self.cache_length(cache, blocks)
         if position < 0 or position > length:
             raise BadRequestError(
                 f"cannot truncate to {position}: the session holds {length} tokens"
@@ -99,6 +107,7 @@ class BlockBackend:
     def step(
         self,
         cache: DynamicCache,
+        blocks: range,
         hidden: torch.Tensor,
         position: int,
         attention_mask: torch.Tensor | None = None,
@@ -110,7 +119,7 @@ class BlockBackend:
         failover or a speculative rollback); one past the end is an error.
         """
         hidden = self._check_hidden(hidden)
-        self.truncate(cache, position)
+        self.truncate(cache, blocks, position)
         batch, tokens = hidden.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(position, position + tokens, device=self.device)
@@ -124,20 +133,21 @@ class BlockBackend:
                     f"attention mask must be [batch, past + new] = [{batch}, {position + tokens}], "
                     f"got {list(attention_mask.shape)}"
                 )
-        return self.span(hidden, position_ids, cache, attention_mask)
+        return self.span(hidden, position_ids, cache, attention_mask, blocks)
 
     @torch.inference_mode()
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, blocks: range, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Stateless forward of a whole sequence (training and scoring)."""
         hidden = self._check_hidden(hidden)
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
-        return self.span(hidden, position_ids, None, attention_mask)
+        return self.span(hidden, position_ids, None, attention_mask, blocks)
 
     def backward(
         self,
+        blocks: range,
         hidden: torch.Tensor,
         grad_output: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -151,6 +161,6 @@ class BlockBackend:
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
         with torch.enable_grad():
-            out = self.span(hidden, position_ids, None, attention_mask)
+            out = self.span(hidden, position_ids, None, attention_mask, blocks)
             (grad_input,) = torch.autograd.grad(out, hidden, grad_output.to(out.device, out.dtype))
         return grad_input
