@@ -1,0 +1,27 @@
+"""DHTConfig: every tunable of a DHT node, with units in the field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DHTConfig:
+    """Settings of one DHT node; tests shrink the periods, production keeps the defaults."""
+
+    ksize: int = 20  # Kademlia k: bucket size and number of replicas a record is stored on
+    alpha: int = 3  # Kademlia alpha: parallel requests per lookup round
+    rpc_timeout_s: float = 3.0  # wait for one UDP reply before counting it as missed
+    bootstrap_timeout_s: float = 10.0  # whole bootstrap (pings + self lookup)
+    lookup_timeout_s: float = 10.0  # one get_servers / list_models call, all keys together
+    store_timeout_s: float = 15.0  # one announce call, all keys together
+    default_ttl_s: float = 360.0  # record lifetime when announce gets no ttl (~3x server refresh)
+    max_ttl_s: float = 3600.0  # storing nodes keep an entry at most this long after receiving it
+    read_quorum: int = 3  # a lookup stops after this many nodes returned entries for the key
+    max_pages: int = 64  # pages fetched from one node for one key (each page is one datagram)
+    max_page_bytes: int = 7000  # entry bytes per reply page; keeps datagrams under 8 KiB
+    max_missed_replies: int = 3  # consecutive missed replies before a contact is evicted
+    table_refresh_s: float = 600.0  # period of the routing-table refresh (lonely buckets)
+    republish_s: float = 3600.0  # re-store held entries not refreshed by their writer for this long
+    max_subkeys_per_key: int = 4096  # entries one key may hold on one storing node
+    max_keys: int = 65536  # keys one storing node holds

@@ -1,0 +1,383 @@
+"""DHTNode: one node of the beed DHT: start, bootstrap, announce server records, read them back."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+from kademlia.crawling import NodeSpiderCrawl
+from kademlia.node import Node
+
+from beed.dht.config import DHTConfig
+from beed.dht.crawl import RecordCrawl, local_entries, records_of
+from beed.dht.envelope import SignedEntry, check_entry, entry_order, sign_entry
+from beed.dht.errors import ClientModeError, PeerUnreachableError, RecordError
+from beed.dht.identity import Identity
+from beed.dht.keys import dht_key, group_key_name, groups_for_span, keys_for_record, models_key_name
+from beed.dht.peers import format_initial_peers
+from beed.dht.protocol import Address, BeeProtocol, VerifiedEntry
+from beed.dht.records import (
+    ModelEntry,
+    ServerRecord,
+    ServerState,
+    encode_record,
+    with_signing_fields,
+)
+from beed.dht.storage import SubkeyStorage
+from beed.dht.tasks import TaskOwner
+
+log = logging.getLogger(__name__)
+
+
+class DHTNode:
+    """A Kademlia node holding signed server records; `client_mode` nodes only read.
+
+    The constructor does no I/O. Lifetime: `await start(host, port)`, `await bootstrap(peers)`,
+    then `announce` / `get_servers` / `list_models`, and finally `await aclose()`.
+    """
+
+    def __init__(
+        self,
+        config: DHTConfig | None = None,
+        identity: Identity | None = None,
+        client_mode: bool = False,
+    ) -> None:
+        self.config = config or DHTConfig()
+        self.identity = identity or Identity.generate()
+        self.client_mode = client_mode
+        self.storage = SubkeyStorage(
+            self.config.max_ttl_s, self.config.max_subkeys_per_key, self.config.max_keys
+        )
+        self.node = Node(self.identity.node_id)
+        self._tasks = TaskOwner(f"dht-{self.identity.peer_id[:8]}")
+        self._protocol: BeeProtocol | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._last_issued_at = 0.0
+        self.address: Address | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def protocol(self) -> BeeProtocol:
+        if self._protocol is None:
+            raise RuntimeError("DHTNode.start() was not called")
+        return self._protocol
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Bind the UDP socket (port 0 picks one) and start maintenance; the bound address."""
+        if self._protocol is not None:
+            raise RuntimeError("DHTNode already started")
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: BeeProtocol(
+                self.node, self.storage, self.config, self._tasks, client_mode=self.client_mode
+            ),
+            local_addr=(host, port),
+        )
+        self._transport, self._protocol = transport, protocol
+        sockname = transport.get_extra_info("sockname")
+        self.address = (str(sockname[0]), int(sockname[1]))
+        self._tasks.spawn(self._maintain(), "maintain")
+        log.info(
+            "dht.started addr=%s peer_id=%s client_mode=%s",
+            format_initial_peers([self.address]),
+            self.peer_id,
+            self.client_mode,
+        )
+        return self.address
+
+    async def aclose(self) -> None:
+        """Stop maintenance, resolve pending requests as missed and close the socket."""
+        await self._tasks.aclose()
+        if self._protocol is not None:
+            self._protocol.close()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+            log.info("dht.closed peer_id=%s", self.peer_id)
+
+    async def __aenter__(self) -> DHTNode:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def bootstrap(self, peers: Sequence[tuple[str, int]]) -> None:
+        """Join through `peers`; raises PeerUnreachableError if none answers in time.
+
+        An empty `peers` is a no-op (the first node of a swarm).
+        """
+        if not peers:
+            return
+        protocol = self.protocol
+        timeout_s = self.config.bootstrap_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                addresses = [a for p in peers for a in await self._resolve(p)]
+                addresses = [a for a in addresses if a != self.address]
+                ids = await asyncio.gather(*(protocol.ping_address(a) for a in addresses))
+        except TimeoutError:
+            ids, addresses = [], []
+        contacts = [Node(i, a[0], a[1]) for i, a in zip(ids, addresses, strict=True) if i]
+        if not contacts:
+            raise PeerUnreachableError(
+                f"no initial peer answered within {timeout_s:g}s: {format_initial_peers(peers)}"
+            )
+        for contact in contacts:
+            protocol.welcome_if_new(contact)
+        spider = NodeSpiderCrawl(protocol, self.node, contacts, self.config.ksize, 1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await spider.find()
+        except TimeoutError:
+            log.warning("dht.bootstrap_slow timeout_s=%g", timeout_s)
+        log.info("dht.bootstrapped peers=%d contacts=%d", len(contacts), self.routing_table_size())
+
+    async def _resolve(self, peer: tuple[str, int]) -> list[Address]:
+        host, port = peer
+        try:
+            ipaddress.ip_address(host)
+            return [(host, port)]
+        except ValueError:
+            pass
+        family = socket.AF_INET6 if self.address and ":" in self.address[0] else socket.AF_INET
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, family=family, type=socket.SOCK_DGRAM
+            )
+        except OSError as exc:
+            log.warning("dht.resolve_failed host=%s error=%s", host, exc)
+            return []
+        return list(dict.fromkeys((str(i[4][0]), int(i[4][1])) for i in infos))
+
+    def routing_table_size(self) -> int:
+        return sum(len(bucket) for bucket in self.protocol.router.buckets)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    async def announce(self, record: ServerRecord, ttl_s: float | None = None) -> int:
+        """Sign `record` and store it under every key it belongs to; the count of remote stores.
+
+        Fills in public_key, issued_at (strictly increasing per node) and expires_at (now +
+        `ttl_s`, default `config.default_ttl_s`). Network failures are logged, not raised: the
+        caller announces again every refresh period anyway.
+        """
+        if self.client_mode:
+            raise ClientModeError("a client-mode DHT node cannot announce")
+        if record.peer_id != self.peer_id:
+            raise RecordError(f"record peer_id {record.peer_id} is not this node's {self.peer_id}")
+        ttl_s = self.config.default_ttl_s if ttl_s is None else ttl_s
+        issued_at = max(time.time(), self._last_issued_at + 1e-3)
+        self._last_issued_at = issued_at
+        signed = with_signing_fields(
+            record, self.identity.public_key_bytes, issued_at, issued_at + ttl_s
+        )
+        value = encode_record(signed)
+        entries = [
+            (key, sign_entry(self.identity, key, value, signed.expires_at))
+            for key in keys_for_record(signed)
+        ]
+        stored = [0] * len(entries)
+        try:
+            async with asyncio.timeout(self.config.store_timeout_s):
+                await asyncio.gather(
+                    *(self._store(key, entry, stored, i) for i, (key, entry) in enumerate(entries))
+                )
+        except TimeoutError:
+            log.warning("dht.announce_slow timeout_s=%g", self.config.store_timeout_s)
+        log.info(
+            "dht.announce peer_id=%s state=%s span=%d:%d keys=%d stores=%d",
+            self.peer_id,
+            record.state.value,
+            record.span_start,
+            record.span_end,
+            len(entries),
+            sum(stored),
+        )
+        return sum(stored)
+
+    async def _store(self, key: bytes, entry: SignedEntry, stored: list[int], slot: int) -> None:
+        """Store `entry` on the k nodes nearest to `key` (and here, if this node is one)."""
+        target = Node(key)
+        nearest = self.protocol.router.find_neighbors(target, self.config.ksize)
+        nodes: list[Node] = []
+        if nearest:
+            spider = NodeSpiderCrawl(
+                self.protocol, target, nearest, self.config.ksize, self.config.alpha
+            )
+            nodes = await spider.find()
+        # kademlia's set() takes max() of this list and fails when every neighbour is dead.
+        farthest = max((n.distance_to(target) for n in nodes), default=None)
+        if len(nodes) < self.config.ksize or (
+            farthest is not None and self.node.distance_to(target) < farthest
+        ):
+            self._store_locally(key, entry)
+        results = await asyncio.gather(*(self.protocol.call_store(n, key, entry) for n in nodes))
+        stored[slot] = sum(1 for ok, accepted in results if ok and accepted)
+
+    def _store_locally(self, key: bytes, entry: SignedEntry) -> bool:
+        try:
+            record = check_entry(key, entry, time.time())
+        except RecordError:
+            return False
+        return self.storage.merge(key, entry, entry_order(record, entry))
+
+    # --- reading -----------------------------------------------------------------------------
+
+    async def get_servers(
+        self,
+        model_fingerprint: str,
+        span_start: int = 0,
+        span_end: int | None = None,
+        include_offline: bool = False,
+    ) -> list[ServerRecord]:
+        """Valid unexpired records of servers whose span meets [span_start, span_end).
+
+        One record per peer id (the newest), sorted by (span_start, peer_id); offline records
+        are left out unless `include_offline`. Block groups are looked up concurrently. With
+        `span_end=None` the first group is read first to learn the model's number of blocks.
+        """
+        found: dict[str, VerifiedEntry] = {}
+        if span_end is None:
+            first = groups_for_span(span_start, span_start + 1)
+            found = await self._lookup_many([group_key_name(model_fingerprint, g) for g in first])
+            counts = collections.Counter(
+                r.num_blocks for _, r in found.values() if r.model_fingerprint == model_fingerprint
+            )
+            if not counts:
+                return []
+            span_end = counts.most_common(1)[0][0]
+            groups = groups_for_span(span_start, span_end)[1:]
+        else:
+            groups = groups_for_span(span_start, span_end)
+        more = await self._lookup_many([group_key_name(model_fingerprint, g) for g in groups])
+        _merge_into(found, more)
+        now = time.time()
+        records = [
+            r
+            for r in records_of(found)
+            if r.model_fingerprint == model_fingerprint
+            and r.intersects(span_start, span_end)
+            and r.expires_at > now
+            and (include_offline or r.state is not ServerState.OFFLINE)
+        ]
+        return sorted(records, key=lambda r: (r.span_start, r.peer_id))
+
+    async def list_models(self) -> list[ModelEntry]:
+        """Models with at least one server not offline, summarised from the model list key."""
+        found = await self._lookup_many([models_key_name()])
+        by_model: dict[str, list[ServerRecord]] = collections.defaultdict(list)
+        now = time.time()
+        for record in records_of(found):
+            if record.state is not ServerState.OFFLINE and record.expires_at > now:
+                by_model[record.model_fingerprint].append(record)
+        models = []
+        for fingerprint, records in by_model.items():
+            name = collections.Counter(r.model_name for r in records).most_common(1)[0][0]
+            num_blocks = collections.Counter(r.num_blocks for r in records).most_common(1)[0][0]
+            covered = set().union(*(range(r.span_start, r.span_end) for r in records))
+            models.append(
+                ModelEntry(
+                    model_name=name,
+                    fingerprint=fingerprint,
+                    num_blocks=num_blocks,
+                    num_servers=len(records),
+                    covered_blocks=len({b for b in covered if b < num_blocks}),
+                )
+            )
+        return sorted(models, key=lambda m: (m.model_name, m.fingerprint))
+
+    async def _lookup_many(self, key_names: list[str]) -> dict[str, VerifiedEntry]:
+        """Look the keys up concurrently and merge their entries (newest per peer id)."""
+        crawls = [self._crawl(dht_key(name)) for name in key_names]
+        try:
+            async with asyncio.timeout(self.config.lookup_timeout_s):
+                await asyncio.gather(*(crawl.find() for crawl in crawls))
+        except TimeoutError:
+            log.warning(
+                "dht.lookup_slow keys=%d timeout_s=%g", len(crawls), self.config.lookup_timeout_s
+            )
+        merged: dict[str, VerifiedEntry] = {}
+        for crawl in crawls:
+            _merge_into(merged, crawl.found)
+        return merged
+
+    def _crawl(self, key: bytes) -> RecordCrawl:
+        target = Node(key)
+        crawl = RecordCrawl(
+            self.protocol,
+            target,
+            self.protocol.router.find_neighbors(target, self.config.ksize),
+            self.config.ksize,
+            self.config.alpha,
+            quorum=self.config.read_quorum,
+            max_pages=self.config.max_pages,
+        )
+        crawl.merge(local_entries(self.protocol, key))  # kademlia's get() stops here: stale
+        return crawl
+
+    # --- maintenance -------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Every table_refresh_s: refresh quiet buckets, republish entries nobody refreshed."""
+        period_s = min(self.config.table_refresh_s, self.config.republish_s)
+        while True:
+            await asyncio.sleep(period_s * random.uniform(0.9, 1.1))
+            await self._refresh_buckets()
+            if not self.client_mode:
+                await self._republish()
+
+    async def _refresh_buckets(self) -> None:
+        limit = time.monotonic() - self.config.table_refresh_s
+        targets = [
+            Node(random.randint(*b.range).to_bytes(20, "big"))
+            for b in self.protocol.router.buckets
+            if b.last_updated < limit
+        ]
+        crawls = [
+            NodeSpiderCrawl(
+                self.protocol,
+                t,
+                self.protocol.router.find_neighbors(t, self.config.alpha),
+                self.config.ksize,
+                self.config.alpha,
+            )
+            for t in targets
+        ]
+        await asyncio.gather(*(c.find() for c in crawls))
+
+    async def _republish(self) -> None:
+        """Re-store entries whose writer has not refreshed them for republish_s.
+
+        Entries keep their signed expiry, so republishing never extends a record's life
+        (kademlia's hourly republish keeps a value alive for as long as any holder is up).
+        """
+        for key, entries in self.storage.iter_older_than(self.config.republish_s):
+            self.storage.touch(key)
+            for entry in entries:
+                slot = [0]
+                await self._store(key, entry, slot, 0)
+            log.debug("dht.republish key=%s entries=%d", key.hex()[:12], len(entries))
+
+
+def _merge_into(merged: dict[str, VerifiedEntry], more: dict[str, VerifiedEntry]) -> None:
+    for subkey, (entry, record) in more.items():
+        current = merged.get(subkey)
+        if current is None or entry_order(record, entry) > entry_order(current[1], current[0]):
+            merged[subkey] = (entry, record)
