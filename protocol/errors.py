@@ -2,9 +2,24 @@
 
 ```
 BeeError                          base of everything we raise on purpose
-├── ProtocolError                 bytes on the wire break the spec (codes 1xx); the connection is closed
-│   └── ...                       (frame, header, tensor, codec and limit errors: see below)
-├── RequestError                  a well-formed request that cannot be served (codes 2xx)
+├── ProtocolError                 100 bytes on the wire break the spec; the connection is closed
+│   ├── BadMagicError             101 the frame does not start with the magic bytes b"BEED"
+│   ├── UnsupportedVersionError   102 frame or Hello protocol version not spoken here
+│   ├── TruncatedFrameError       103 the connection ended inside a frame
+│   ├── MalformedHeaderError      104 header is not a msgpack map, or a field is missing/ill-typed
+│   │   └── UnknownMessageTypeError 105 the header's message type is not known
+│   ├── BadTensorError            106 tensor descriptor inconsistent (dtype, shape, lengths, bool bytes)
+│   ├── CodecError                107 a codec could not be applied
+│   │   ├── UnknownCodecError     108 codec id unknown, or not negotiated
+│   │   └── DecompressionError    109 corrupt payload, or output size differs from raw length (bombs)
+│   ├── LimitExceededError        110 a hard limit was exceeded (checked before allocating)
+│   │   ├── FrameTooLargeError    111 prefix announces more than max_frame_bytes
+│   │   ├── HeaderTooLargeError   112 header longer than max_header_bytes
+│   │   ├── TensorTooLargeError   113 too many elements, or too many decompressed bytes
+│   │   ├── TooManyTensorsError   114 more tensor segments than max_tensors_per_frame
+│   │   └── TooManyStreamsError   115 more open streams than max_streams_per_connection - retryable
+│   └── StreamStateError          116 stream id misuse (reused while open, Hello not first, ...)
+├── RequestError                  200 a well-formed request that cannot be served (codes 2xx)
 │   ├── UnknownSessionError       201 the stream/session does not exist (closed, timed out)
 │   ├── BadRequestError           202 arguments out of range (positions, span, shapes)
 │   ├── ModelMismatchError        203 the peer serves other weights (fingerprint differs)
@@ -12,15 +27,17 @@ BeeError                          base of everything we raise on purpose
 │   ├── ServerBusyError           205 no capacity now (KV cache budget, queue full) - retryable
 │   ├── DrainingError             206 the server is shutting down - retryable elsewhere
 │   └── InternalServerError       299 a bug on the peer - retryable elsewhere
-└── ClientError                   raised by beectl for user-facing failures (codes 3xx, never on the wire)
+└── ClientError                   300 raised by beectl for user-facing failures (3xx, never on the wire)
     ├── ModelNotFoundError        301 unknown model name or path
     ├── NoRouteError              302 no chain of servers covers the blocks
     ├── PeerUnreachableError      303 bootstrap / server could not be reached
-    └── TimeoutError_             304 a phase (connect, step, ...) ran past its timeout
+    └── PhaseTimeoutError         304 a phase (connect, step, ...) ran past its timeout
 ```
 
 Every error carries a numeric `code`, a human `message` and `retryable`. `RemoteError` wraps an
 Error frame received from a peer, keeping the peer's code, message and retryable flag.
+`error_class_for_code(code)` maps a wire code (1xx, 2xx) back to its class; codes are stable
+(docs/protocol.md lists them) and never reused.
 """
 
 from __future__ import annotations
@@ -40,6 +57,80 @@ class BeeError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+# --- protocol errors (1xx): the bytes on the wire break docs/protocol.md --------------------------
+
+
+class ProtocolError(BeeError):
+    """The peer's bytes break the wire spec; the connection that carried them is closed."""
+
+    code = 100
+
+
+class BadMagicError(ProtocolError):
+    code = 101
+
+
+class UnsupportedVersionError(ProtocolError):
+    code = 102
+
+
+class TruncatedFrameError(ProtocolError):
+    code = 103
+
+
+class MalformedHeaderError(ProtocolError):
+    code = 104
+
+
+class UnknownMessageTypeError(MalformedHeaderError):
+    code = 105
+
+
+class BadTensorError(ProtocolError):
+    code = 106
+
+
+class CodecError(ProtocolError):
+    code = 107
+
+
+class UnknownCodecError(CodecError):
+    code = 108
+
+
+class DecompressionError(CodecError):
+    code = 109
+
+
+class LimitExceededError(ProtocolError):
+    code = 110
+
+
+class FrameTooLargeError(LimitExceededError):
+    code = 111
+
+
+class HeaderTooLargeError(LimitExceededError):
+    code = 112
+
+
+class TensorTooLargeError(LimitExceededError):
+    code = 113
+
+
+class TooManyTensorsError(LimitExceededError):
+    code = 114
+
+
+class TooManyStreamsError(LimitExceededError):
+    code = 115
+    retryable = True
+
+
+class StreamStateError(ProtocolError):
+    code = 116
 
 
 # --- request errors (2xx): well-formed requests a server refuses ---------------------------------
@@ -119,3 +210,23 @@ class RemoteError(BeeError):
     @property
     def is_retryable(self) -> bool:
         return self.remote_retryable
+
+
+def _wire_classes() -> dict[int, type[BeeError]]:
+    table: dict[int, type[BeeError]] = {}
+    pending: list[type[BeeError]] = [ProtocolError, RequestError]
+    while pending:
+        cls = pending.pop()
+        if cls.code in table:
+            raise RuntimeError(f"duplicate error code {cls.code}")  # pragma: no cover
+        table[cls.code] = cls
+        pending.extend(cls.__subclasses__())
+    return table
+
+
+_BY_CODE: dict[int, type[BeeError]] = _wire_classes()
+
+
+def error_class_for_code(code: int) -> type[BeeError] | None:
+    """The class of a wire error code (1xx, 2xx), or None if the code is unknown here."""
+    return _BY_CODE.get(code)

@@ -1,0 +1,336 @@
+"""Lossless tensor codecs (none, lz4, zstd, byte-shuffled variants) and the per-tensor codec choice."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import lz4.block
+import numpy as np
+import torch
+import zstandard
+
+from protocol.errors import DecompressionError, UnknownCodecError
+
+
+class Codec(IntEnum):
+    """Codec ids as they travel in tensor descriptors (docs/protocol.md, "Codecs")."""
+
+    NONE = 0
+    LZ4 = 1
+    ZSTD = 2
+    SHUFFLE_LZ4 = 3
+    SHUFFLE_ZSTD = 4
+    PLANES_ZSTD = 5
+
+    @property
+    def wire_name(self) -> str:
+        return _NAMES[self]
+
+    @classmethod
+    def from_name(cls, name: str) -> Codec:
+        try:
+            return _BY_NAME[name]
+        except KeyError:
+            raise UnknownCodecError(f"unknown codec name {name!r}") from None
+
+
+_NAMES: dict[Codec, str] = {
+    Codec.NONE: "none",
+    Codec.LZ4: "lz4",
+    Codec.ZSTD: "zstd",
+    Codec.SHUFFLE_LZ4: "shuffle-lz4",
+    Codec.SHUFFLE_ZSTD: "shuffle-zstd",
+    Codec.PLANES_ZSTD: "planes-zstd",
+}
+_BY_NAME: dict[str, Codec] = {name: codec for codec, name in _NAMES.items()}
+_BY_ID: dict[int, Codec] = {int(c): c for c in Codec}
+ALL_CODECS: tuple[str, ...] = tuple(_NAMES[c] for c in Codec)
+
+# An lz4 block cannot expand data more than ~255x; a larger claim is a lie (docs/protocol.md).
+_LZ4_MAX_RATIO = 255
+_ZSTD_MAGIC = 0xFD2FB528
+_local = threading.local()
+
+
+def codec_for_id(codec_id: int) -> Codec:
+    """The Codec for a wire id; raises UnknownCodecError."""
+    try:
+        return _BY_ID[codec_id]
+    except (KeyError, TypeError):
+        raise UnknownCodecError(f"unknown codec id {codec_id!r}") from None
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "zc", None)
+    if cache is None:
+        cache = _local.zc = {}
+    comp = cache.get(level)
+    if comp is None:
+        comp = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec: zstandard.ZstdDecompressor | None = getattr(_local, "zd", None)
+    if dec is None:
+        dec = _local.zd = zstandard.ZstdDecompressor()
+    return dec
+
+
+# --- byte shuffle ---------------------------------------------------------------------------------
+
+
+def shuffle(raw: memoryview, itemsize: int) -> np.ndarray:
+    """Byte planes of `raw`: out[p * n + i] = raw[i * itemsize + p], n = len(raw) // itemsize."""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if itemsize == 1:
+        return a
+    return np.ascontiguousarray(a.reshape(-1, itemsize).T).reshape(-1)
+
+
+def unshuffle_into(planes: memoryview | bytes | np.ndarray, out: bytearray, itemsize: int) -> None:
+    """Inverse of shuffle, written into `out` (len(out) == len(planes))."""
+    dst = np.frombuffer(out, dtype=np.uint8)
+    src = np.frombuffer(planes, dtype=np.uint8)
+    if itemsize == 1:
+        dst[:] = src
+    else:
+        dst.reshape(-1, itemsize)[:] = src.reshape(itemsize, -1).T
+
+
+# --- zstd frame checks ----------------------------------------------------------------------------
+
+
+def _zstd_frame_length(buf: memoryview) -> int:
+    """Bytes taken by the one zstd frame at the start of buf; raises DecompressionError."""
+    if len(buf) < 6 or int.from_bytes(buf[:4], "little") != _ZSTD_MAGIC:
+        raise DecompressionError("zstd payload does not start with a zstd frame magic number")
+    try:
+        pos = zstandard.frame_header_size(buf)
+    except zstandard.ZstdError as exc:
+        raise DecompressionError(f"bad zstd frame header: {exc}") from None
+    checksum = (buf[4] >> 2) & 1
+    while True:
+        if pos + 3 > len(buf):
+            raise DecompressionError("zstd frame truncated inside a block header")
+        bh = int.from_bytes(buf[pos : pos + 3], "little")
+        pos += 3
+        block_type = (bh >> 1) & 3
+        if block_type == 3:
+            raise DecompressionError("zstd frame uses the reserved block type")
+        pos += 1 if block_type == 1 else bh >> 3
+        if bh & 1:
+            break
+    pos += 4 * checksum
+    if pos > len(buf):
+        raise DecompressionError("zstd frame truncated inside a block")
+    return pos
+
+
+def _zstd_decompress(buf: memoryview, raw_len: int) -> bytes:
+    if _zstd_frame_length(buf) != len(buf):
+        raise DecompressionError("zstd payload has bytes after its frame")
+    try:
+        size = zstandard.frame_content_size(buf)
+    except zstandard.ZstdError as exc:
+        raise DecompressionError(f"bad zstd frame header: {exc}") from None
+    if size != raw_len:
+        raise DecompressionError(
+            f"zstd frame declares content size {size}, descriptor says raw length {raw_len}"
+        )
+    try:
+        out = _decompressor().decompress(buf)
+    except zstandard.ZstdError as exc:
+        raise DecompressionError(f"corrupt zstd payload: {exc}") from None
+    if len(out) != raw_len:
+        raise DecompressionError(f"zstd payload decompressed to {len(out)} bytes, not {raw_len}")
+    return out
+
+
+def _lz4_decompress(buf: memoryview, raw_len: int) -> bytes:
+    if raw_len > _LZ4_MAX_RATIO * len(buf) + 16:
+        raise DecompressionError(
+            f"lz4 payload of {len(buf)} bytes cannot expand to raw length {raw_len}"
+        )
+    if raw_len == 0:
+        if len(buf) != 0:
+            raise DecompressionError("lz4 payload for an empty tensor must be empty")
+        return b""
+    try:
+        out: bytes = lz4.block.decompress(buf, uncompressed_size=raw_len)
+    except lz4.block.LZ4BlockError as exc:
+        raise DecompressionError(f"corrupt lz4 payload or wrong raw length: {exc}") from None
+    if len(out) != raw_len:
+        raise DecompressionError(f"lz4 payload decompressed to {len(out)} bytes, not {raw_len}")
+    return out
+
+
+# --- encode / decode ------------------------------------------------------------------------------
+
+
+def encode_payload(
+    codec: Codec, raw: memoryview, itemsize: int, zstd_level: int = 1, float_planes: bool = True
+) -> bytes | memoryview:
+    """Encode raw element bytes with codec; the caller falls back to NONE if it is not smaller.
+
+    For PLANES_ZSTD, float_planes=True compresses only the top byte plane (sign and exponent of
+    floats) and stores the others raw; False tries every plane. Decoders accept any mix.
+    """
+    if codec is Codec.NONE:
+        return raw
+    if codec is Codec.LZ4:
+        return bytes(lz4.block.compress(raw, store_size=False)) if len(raw) else b""
+    if codec is Codec.ZSTD:
+        return bytes(_compressor(zstd_level).compress(raw))
+    planes = shuffle(raw, itemsize)
+    if codec is Codec.SHUFFLE_LZ4:
+        return bytes(lz4.block.compress(planes, store_size=False)) if len(raw) else b""
+    if codec is Codec.SHUFFLE_ZSTD:
+        return bytes(_compressor(zstd_level).compress(planes.data))
+    if codec is Codec.PLANES_ZSTD:
+        return _encode_planes(planes, itemsize, zstd_level, float_planes)
+    raise UnknownCodecError(f"codec {codec!r} has no encoder")  # pragma: no cover
+
+
+def _encode_planes(planes: np.ndarray, itemsize: int, level: int, top_only: bool) -> bytes:
+    n = planes.size // itemsize
+    rows = planes.reshape(itemsize, n)
+    parts: list[bytes | memoryview] = []
+    lengths: list[int] = []
+    comp = _compressor(level)
+    for p in range(itemsize):
+        row = rows[p].data
+        if n and (not top_only or p == itemsize - 1):
+            packed = comp.compress(row)
+            if len(packed) < n:
+                parts.append(packed)
+                lengths.append(len(packed))
+                continue
+        parts.append(row)
+        lengths.append(n)
+    table = b"".join(x.to_bytes(4, "little") for x in lengths)
+    return b"".join([table, *parts])
+
+
+def decode_payload(codec: Codec, buf: memoryview, raw_len: int, itemsize: int) -> bytearray:
+    """Decode one segment payload into a new writable buffer of exactly raw_len bytes."""
+    if codec is Codec.NONE:
+        if len(buf) != raw_len:
+            raise DecompressionError(
+                f"uncompressed payload is {len(buf)} bytes, descriptor says {raw_len}"
+            )
+        return bytearray(buf)
+    if codec is Codec.LZ4:
+        return bytearray(_lz4_decompress(buf, raw_len))
+    if codec is Codec.ZSTD:
+        return bytearray(_zstd_decompress(buf, raw_len))
+    out = bytearray(raw_len)
+    if codec is Codec.SHUFFLE_LZ4:
+        unshuffle_into(_lz4_decompress(buf, raw_len), out, itemsize)
+    elif codec is Codec.SHUFFLE_ZSTD:
+        unshuffle_into(_zstd_decompress(buf, raw_len), out, itemsize)
+    elif codec is Codec.PLANES_ZSTD:
+        _decode_planes_into(buf, out, itemsize)
+    else:  # pragma: no cover
+        raise UnknownCodecError(f"codec {codec!r} has no decoder")
+    return out
+
+
+def _decode_planes_into(buf: memoryview, out: bytearray, itemsize: int) -> None:
+    n = len(out) // itemsize
+    table_len = 4 * itemsize
+    if len(buf) < table_len:
+        raise DecompressionError("planes-zstd payload shorter than its plane table")
+    lengths = [int.from_bytes(buf[4 * p : 4 * p + 4], "little") for p in range(itemsize)]
+    if table_len + sum(lengths) != len(buf):
+        raise DecompressionError(
+            f"planes-zstd plane lengths {lengths} do not add up to the payload ({len(buf)} bytes)"
+        )
+    columns = np.frombuffer(out, dtype=np.uint8).reshape(n, itemsize)
+    pos = table_len
+    for p, length in enumerate(lengths):
+        chunk = buf[pos : pos + length]
+        pos += length
+        if length > n:
+            raise DecompressionError(f"planes-zstd plane {p} is {length} bytes, more than {n}")
+        plane = chunk if length == n else _zstd_decompress(chunk, n)
+        columns[:, p] = np.frombuffer(plane, dtype=np.uint8)
+
+
+# --- codec choice ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CodecEstimate:
+    """What a codec does to one dtype on the reference machine (docs/performance.md)."""
+
+    ratio: float  # raw bytes / encoded bytes
+    encode_bytes_per_s: float  # raw bytes encoded per second
+    decode_bytes_per_s: float  # raw bytes decoded per second
+
+
+# Measured by bench/codecs.py on SmolLM2-135M prefill activations (docs/performance.md), rounded
+# down. Only codecs worth choosing are listed; other dtypes are always sent raw.
+ESTIMATES: dict[tuple[torch.dtype, Codec], CodecEstimate] = {
+    (torch.bfloat16, Codec.PLANES_ZSTD): CodecEstimate(1.6, 550e6, 1000e6),
+    (torch.float16, Codec.PLANES_ZSTD): CodecEstimate(1.14, 1000e6, 1500e6),
+    (torch.float32, Codec.PLANES_ZSTD): CodecEstimate(1.22, 700e6, 1200e6),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CodecPolicy:
+    """How a sender picks codecs for one link; the default never compresses (loopback-safe)."""
+
+    # Codec names both peers accept (the negotiated intersection from Hello).
+    allowed: frozenset[str] = frozenset(ALL_CODECS)
+    # Measured bandwidth of the link in bytes per second; None = unknown or fast: send raw.
+    link_bytes_per_s: float | None = None
+    # Tensors smaller than this are always sent raw (per-call overhead beats any gain).
+    min_compress_bytes: int = 16 * 1024
+    # A codec is chosen only if its estimated end-to-end time times (1 + margin) beats raw.
+    margin: float = 0.25
+    # zstd level for the zstd-based codecs (encoder-side only; decoders accept any level).
+    zstd_level: int = 1
+    # Use this codec for every tensor regardless of cost (tests, benchmarks); None = cost model.
+    force: str | None = None
+    # Per-(dtype, codec) estimates used by the cost model.
+    estimates: dict[tuple[torch.dtype, Codec], CodecEstimate] = field(
+        default_factory=lambda: dict(ESTIMATES), hash=False, compare=False
+    )
+
+
+def estimated_seconds(nbytes: int, est: CodecEstimate | None, link_bytes_per_s: float) -> float:
+    """End-to-end time of one tensor: encode + transfer + decode (raw when est is None)."""
+    if est is None:
+        return nbytes / link_bytes_per_s
+    return (
+        nbytes / est.encode_bytes_per_s
+        + nbytes / est.ratio / link_bytes_per_s
+        + nbytes / est.decode_bytes_per_s
+    )
+
+
+def choose_codec(tensor: torch.Tensor, policy: CodecPolicy) -> Codec:
+    """The codec with the least estimated end-to-end time for this tensor on this link."""
+    if policy.force is not None:
+        return Codec.from_name(policy.force)
+    bw = policy.link_bytes_per_s
+    if bw is None or bw <= 0:
+        return Codec.NONE
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes < policy.min_compress_bytes:
+        return Codec.NONE
+    best = Codec.NONE
+    best_s = estimated_seconds(nbytes, None, bw)
+    for name in policy.allowed:
+        codec = _BY_NAME.get(name)
+        est = policy.estimates.get((tensor.dtype, codec)) if codec is not None else None
+        if codec is None or est is None:
+            continue
+        seconds = estimated_seconds(nbytes, est, bw) * (1.0 + policy.margin)
+        if seconds < best_s:
+            best, best_s = codec, seconds
+    return best

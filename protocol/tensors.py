@@ -1,0 +1,148 @@
+"""Tensor segments: a torch tensor to a descriptor plus payload bytes, and back, bit-exact."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from protocol.codecs import Codec, CodecPolicy, choose_codec, codec_for_id, decode_payload
+from protocol.codecs import encode_payload as _encode_payload
+from protocol.errors import BadTensorError, TensorTooLargeError
+from protocol.limits import Limits
+
+# Wire dtype names (docs/protocol.md, "Dtypes"); element bytes are little-endian.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {
+    name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()
+}
+# numpy dtype holding each wire dtype's bytes (numpy has no bfloat16: its bits travel as int16).
+_NUMPY: dict[str, np.dtype[Any]] = {
+    name: np.dtype(np.int16) if dt is torch.bfloat16 else torch.empty(0, dtype=dt).numpy().dtype
+    for name, dt in DTYPES.items()
+}
+_EMPTY = memoryview(b"")
+
+
+class SegmentInfo(NamedTuple):
+    """A validated tensor descriptor: everything needed to decode the payload that follows."""
+
+    dtype_name: str
+    shape: tuple[int, ...]
+    codec: Codec
+    raw_len: int
+    enc_len: int
+    itemsize: int
+
+
+def raw_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, str, memoryview]:
+    """A contiguous CPU view-or-copy of tensor, its wire dtype name and a flat view of its bytes."""
+    name = DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise BadTensorError(f"cannot send dtype {tensor.dtype}; supported: {sorted(DTYPES)}")
+    if tensor.layout != torch.strided:
+        raise BadTensorError(f"cannot send a {tensor.layout} tensor; only strided tensors")
+    t = tensor.detach() if tensor.requires_grad else tensor
+    if not t.is_cpu:
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return t, name, _EMPTY
+    arr = (t.view(torch.int16) if name == "bfloat16" else t).numpy()
+    if not arr.flags.c_contiguous:  # pragma: no cover - torch and numpy disagree on a 1-sized dim
+        arr = np.ascontiguousarray(arr)
+    return t, name, arr.data.cast("B")
+
+
+def encode_tensor(
+    tensor: torch.Tensor, policy: CodecPolicy | None
+) -> tuple[list[Any], bytes | memoryview]:
+    """Descriptor [dtype, shape, codec id, raw length, encoded length] and the encoded payload."""
+    t, name, raw = raw_bytes(tensor)
+    raw_len = len(raw)
+    if policy is None:
+        return [name, list(t.shape), 0, raw_len, raw_len], raw
+    return _encode_with(t, name, raw, choose_codec(t, policy), policy.zstd_level)
+
+
+def encode_tensor_with(
+    tensor: torch.Tensor, codec: Codec, zstd_level: int = 1
+) -> tuple[list[Any], bytes | memoryview]:
+    """Like encode_tensor with a forced codec (tests, benchmarks); still falls back to none."""
+    t, name, raw = raw_bytes(tensor)
+    return _encode_with(t, name, raw, codec, zstd_level)
+
+
+def _encode_with(
+    t: torch.Tensor, name: str, raw: memoryview, codec: Codec, zstd_level: int
+) -> tuple[list[Any], bytes | memoryview]:
+    payload: bytes | memoryview = raw
+    if codec is not Codec.NONE:
+        payload = _encode_payload(codec, raw, ITEMSIZE[name], zstd_level, t.dtype.is_floating_point)
+        if len(payload) >= len(raw):
+            codec, payload = Codec.NONE, raw
+    return [name, list(t.shape), int(codec), len(raw), len(payload)], payload
+
+
+def parse_descriptor(desc: object, limits: Limits) -> SegmentInfo:
+    """Validate one descriptor from a header against the limits, before any allocation."""
+    if not isinstance(desc, list) or len(desc) != 5:
+        raise BadTensorError(f"tensor descriptor must be a 5-element array, got {desc!r:.80}")
+    name, shape, codec_id, raw_len, enc_len = desc
+    if not isinstance(name, str) or name not in DTYPES:
+        raise BadTensorError(f"unknown tensor dtype {name!r:.40}")
+    if not isinstance(shape, list) or len(shape) > limits.max_tensor_ndim:
+        raise BadTensorError(
+            f"tensor shape must be an array of at most {limits.max_tensor_ndim} dimensions, "
+            f"got {shape!r:.80}"
+        )
+    numel = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise BadTensorError(f"tensor dimensions must be non-negative integers: {shape!r:.80}")
+        numel *= dim
+    if numel > limits.max_tensor_elements:
+        raise TensorTooLargeError(
+            f"tensor of shape {shape} has {numel} elements, limit is {limits.max_tensor_elements}"
+        )
+    codec = codec_for_id(codec_id)
+    itemsize = ITEMSIZE[name]
+    for label, value in (("raw length", raw_len), ("encoded length", enc_len)):
+        if type(value) is not int or value < 0:
+            raise BadTensorError(
+                f"tensor {label} must be a non-negative integer, got {value!r:.40}"
+            )
+    if raw_len != numel * itemsize:
+        raise BadTensorError(
+            f"tensor raw length {raw_len} != {numel} elements x {itemsize} bytes ({name})"
+        )
+    if codec is Codec.NONE and enc_len != raw_len:
+        raise BadTensorError(f"uncompressed tensor has encoded length {enc_len} != raw {raw_len}")
+    return SegmentInfo(name, tuple(shape), codec, raw_len, enc_len, itemsize)
+
+
+def decode_tensor(info: SegmentInfo, payload: memoryview) -> torch.Tensor:
+    """A new writable contiguous tensor from one segment payload (len(payload) == enc_len)."""
+    name = info.dtype_name
+    if info.raw_len == 0:
+        decode_payload(info.codec, payload, 0, info.itemsize)
+        return torch.empty(info.shape, dtype=DTYPES[name])
+    buf = decode_payload(info.codec, payload, info.raw_len, info.itemsize)
+    if name == "bool" and np.frombuffer(buf, dtype=np.uint8).max() > 1:
+        raise BadTensorError("bool tensor holds bytes other than 0x00 and 0x01")
+    tensor = torch.from_numpy(np.frombuffer(buf, dtype=_NUMPY[name]).reshape(info.shape))
+    return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor

@@ -1,0 +1,162 @@
+"""Codec round trips are bit-exact for every dtype; the codec choice follows the cost model."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    ALL_CODECS,
+    Codec,
+    CodecPolicy,
+    DecompressionError,
+    ForwardResult,
+    FrameDecoder,
+    UnknownCodecError,
+    choose_codec,
+    codec_for_id,
+    encode_message_bytes,
+)
+from protocol.codecs import decode_payload, encode_payload, shuffle, unshuffle_into
+from protocol.tensors import DTYPE_NAMES, ITEMSIZE, raw_bytes
+from tests.protocol.helpers import assert_bit_exact, tensors
+
+
+def roundtrip(t: torch.Tensor, policy: CodecPolicy | None) -> torch.Tensor:
+    dec = FrameDecoder()
+    dec.feed(encode_message_bytes(ForwardResult(1, t), policy))
+    msg = dec.next_message()
+    assert isinstance(msg, ForwardResult)
+    return msg.hidden
+
+
+@settings(max_examples=150, deadline=None)
+@given(t=tensors(), codec=st.sampled_from(ALL_CODECS))
+def test_frame_roundtrip_any_dtype_shape_codec(t: torch.Tensor, codec: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = roundtrip(t, CodecPolicy(force=codec))
+        got.add_(0) if got.dtype != torch.bool else got.logical_not_()  # writable
+        got = roundtrip(t, CodecPolicy(force=codec))
+    assert_bit_exact(got, t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(t=tensors(), codec=st.sampled_from(list(Codec)))
+def test_payload_roundtrip_without_fallback(t: torch.Tensor, codec: Codec) -> None:
+    _, name, raw = raw_bytes(t)
+    itemsize = ITEMSIZE[name]
+    for float_planes in (True, False):
+        enc = encode_payload(codec, raw, itemsize, 1, float_planes)
+        out = decode_payload(codec, memoryview(bytes(enc)), len(raw), itemsize)
+        assert bytes(out) == raw.tobytes()
+
+
+SPECIAL = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-40, 65504.0, 3.4e38]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("codec", ALL_CODECS)
+def test_special_floats_and_nan_payloads_are_bit_exact(dtype: torch.dtype, codec: str) -> None:
+    t = torch.tensor(SPECIAL * 50, dtype=torch.float64).to(dtype)
+    bits = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    bits[0] = bits[4] | 1  # NaN with a payload
+    bits[1] = bits[4] ^ (1 << (8 * t.element_size() - 1))  # negative NaN
+    got = roundtrip(t, CodecPolicy(force=codec))
+    assert_bit_exact(got, t)
+    assert torch.signbit(got[3]) == torch.signbit(t[3])
+
+
+@pytest.mark.parametrize("codec", ALL_CODECS)
+def test_real_compressible_bf16_really_compresses(codec: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = (torch.randn(64, 576, generator=gen) * 3).to(torch.bfloat16)
+    frame = encode_message_bytes(ForwardResult(1, t), CodecPolicy(force=codec))
+    if codec in ("zstd", "shuffle-zstd", "planes-zstd"):
+        assert len(frame) < t.nbytes * 0.9
+    assert_bit_exact(roundtrip(t, CodecPolicy(force=codec)), t)
+
+
+def test_shuffle_definition() -> None:
+    raw = bytes(range(12))  # 3 elements of 4 bytes
+    planes = shuffle(memoryview(raw), 4)
+    assert planes.tobytes() == bytes([0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
+    out = bytearray(12)
+    unshuffle_into(planes, out, 4)
+    assert bytes(out) == raw
+
+
+def test_codec_ids_and_names_are_stable() -> None:
+    assert [(int(c), c.wire_name) for c in Codec] == [
+        (0, "none"),
+        (1, "lz4"),
+        (2, "zstd"),
+        (3, "shuffle-lz4"),
+        (4, "shuffle-zstd"),
+        (5, "planes-zstd"),
+    ]
+    assert Codec.from_name("planes-zstd") is Codec.PLANES_ZSTD
+    with pytest.raises(UnknownCodecError):
+        codec_for_id(6)
+    with pytest.raises(UnknownCodecError):
+        Codec.from_name("brotli")
+
+
+def test_decoded_tensor_is_writable_and_owns_its_memory() -> None:
+    t = torch.arange(10, dtype=torch.int64)
+    got = roundtrip(t, None)
+    got[0] = 99
+    assert t[0] == 0
+    assert isinstance(got.numpy(), np.ndarray)
+
+
+# --- codec choice ---------------------------------------------------------------------------------
+
+BIG_BF16 = torch.zeros(512, 576, dtype=torch.bfloat16)
+
+
+def test_default_policy_never_compresses() -> None:
+    assert choose_codec(BIG_BF16, CodecPolicy()) is Codec.NONE
+
+
+def test_small_tensors_are_sent_raw_even_on_slow_links() -> None:
+    small = torch.zeros(1, 576, dtype=torch.bfloat16)
+    assert choose_codec(small, CodecPolicy(link_bytes_per_s=1e6)) is Codec.NONE
+
+
+def test_slow_link_compresses_bf16_and_fast_link_does_not() -> None:
+    assert choose_codec(BIG_BF16, CodecPolicy(link_bytes_per_s=12.5e6)) is Codec.PLANES_ZSTD
+    assert choose_codec(BIG_BF16, CodecPolicy(link_bytes_per_s=10e9)) is Codec.NONE
+
+
+def test_choice_respects_negotiated_codecs_and_dtype() -> None:
+    slow = CodecPolicy(link_bytes_per_s=1e6, allowed=frozenset({"none", "lz4"}))
+    assert choose_codec(BIG_BF16, slow) is Codec.NONE
+    ints = torch.zeros(512, 576, dtype=torch.int64)
+    assert choose_codec(ints, CodecPolicy(link_bytes_per_s=1e6)) is Codec.NONE
+
+
+def test_dtype_table_is_complete() -> None:
+    for dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.bool,
+        torch.uint8,
+    ):
+        assert dtype in DTYPE_NAMES
+
+
+def test_decompression_error_on_garbage() -> None:
+    with pytest.raises(DecompressionError):
+        decode_payload(Codec.ZSTD, memoryview(b"\x28\xb5\x2f\xfd" + b"\xff" * 20), 100, 1)
+    with pytest.raises(DecompressionError):
+        decode_payload(Codec.LZ4, memoryview(b"\xff" * 20), 100, 1)
