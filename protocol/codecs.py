@@ -5,13 +5,17 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import lz4.block
 import numpy as np
-import torch
 import zstandard
 
+from protocol.dtypes import wire_name
 from protocol.errors import DecompressionError, UnknownCodecError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Codec(IntEnum):
@@ -68,7 +72,9 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
         cache = _local.zc = {}
     comp = cache.get(level)
     if comp is None:
-        comp = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        comp = cache[level] = zstandard.ZstdCompressor(
+            level=level, write_content_size=True, write_checksum=True
+        )
     return comp
 
 
@@ -273,10 +279,10 @@ class CodecEstimate:
 
 # Measured by bench/codecs.py on SmolLM2-135M prefill activations (docs/performance.md), rounded
 # down. Only codecs worth choosing are listed; other dtypes are always sent raw.
-ESTIMATES: dict[tuple[torch.dtype, Codec], CodecEstimate] = {
-    (torch.bfloat16, Codec.PLANES_ZSTD): CodecEstimate(1.6, 550e6, 1000e6),
-    (torch.float16, Codec.PLANES_ZSTD): CodecEstimate(1.14, 1000e6, 1500e6),
-    (torch.float32, Codec.PLANES_ZSTD): CodecEstimate(1.22, 700e6, 1200e6),
+ESTIMATES: dict[tuple[str, Codec], CodecEstimate] = {
+    ("bfloat16", Codec.PLANES_ZSTD): CodecEstimate(1.6, 550e6, 1000e6),
+    ("float16", Codec.PLANES_ZSTD): CodecEstimate(1.14, 1000e6, 1500e6),
+    ("float32", Codec.PLANES_ZSTD): CodecEstimate(1.22, 700e6, 1200e6),
 }
 
 
@@ -297,7 +303,7 @@ class CodecPolicy:
     # Use this codec for every tensor regardless of cost (tests, benchmarks); None = cost model.
     force: str | None = None
     # Per-(dtype, codec) estimates used by the cost model.
-    estimates: dict[tuple[torch.dtype, Codec], CodecEstimate] = field(
+    estimates: dict[tuple[str, Codec], CodecEstimate] = field(
         default_factory=lambda: dict(ESTIMATES), hash=False, compare=False
     )
 
@@ -313,7 +319,7 @@ def estimated_seconds(nbytes: int, est: CodecEstimate | None, link_bytes_per_s: 
     )
 
 
-def choose_codec(tensor: torch.Tensor, policy: CodecPolicy) -> Codec:
+def choose_codec(tensor: torch.Tensor, policy: CodecPolicy, dtype_name: str | None = None) -> Codec:
     """The codec with the least estimated end-to-end time for this tensor on this link."""
     if policy.force is not None:
         return Codec.from_name(policy.force)
@@ -323,11 +329,15 @@ def choose_codec(tensor: torch.Tensor, policy: CodecPolicy) -> Codec:
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes < policy.min_compress_bytes:
         return Codec.NONE
+    if dtype_name is None:
+        dtype_name = wire_name(tensor.dtype)
+        if dtype_name is None:
+            return Codec.NONE
     best = Codec.NONE
     best_s = estimated_seconds(nbytes, None, bw)
     for name in policy.allowed:
         codec = _BY_NAME.get(name)
-        est = policy.estimates.get((tensor.dtype, codec)) if codec is not None else None
+        est = policy.estimates.get((dtype_name, codec)) if codec is not None else None
         if codec is None or est is None:
             continue
         seconds = estimated_seconds(nbytes, est, bw) * (1.0 + policy.margin)

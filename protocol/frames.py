@@ -5,10 +5,9 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import torch
 
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
@@ -27,6 +26,9 @@ from protocol.errors import (
 from protocol.limits import Limits
 from protocol.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Kind, Message, message_spec
 from protocol.tensors import SegmentInfo, decode_tensor, encode_tensor, parse_descriptor
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"BEED"
 # magic, protocol version, flags (reserved, 0), header length, payload length; little-endian.

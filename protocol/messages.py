@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import typing
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
-from typing import Any, ClassVar, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from protocol.codecs import ALL_CODECS
 from protocol.errors import (
@@ -17,6 +14,9 @@ from protocol.errors import (
     error_class_for_code,
 )
 from protocol.limits import Limits
+
+if TYPE_CHECKING:
+    import torch
 
 # Version of the frame layout and message set; equal versions are required (docs/protocol.md).
 PROTOCOL_VERSION = 1
@@ -38,16 +38,17 @@ class Kind(Enum):
     TENSORS = "tuple of tensors"
 
 
-_KINDS: dict[Any, Kind] = {
-    int: Kind.INT,
-    float: Kind.FLOAT,
-    str: Kind.STR,
-    bool: Kind.BOOL,
-    tuple[str, ...]: Kind.STRS,
-    dict[str, Any]: Kind.DICT,
-    torch.Tensor: Kind.TENSOR,
-    torch.Tensor | None: Kind.OPT_TENSOR,
-    tuple[torch.Tensor, ...]: Kind.TENSORS,
+# Field annotations (strings: torch is never imported here) -> kind.
+_KINDS: dict[str, Kind] = {
+    "int": Kind.INT,
+    "float": Kind.FLOAT,
+    "str": Kind.STR,
+    "bool": Kind.BOOL,
+    "tuple[str, ...]": Kind.STRS,
+    "dict[str, Any]": Kind.DICT,
+    "torch.Tensor": Kind.TENSOR,
+    "torch.Tensor | None": Kind.OPT_TENSOR,
+    "tuple[torch.Tensor, ...]": Kind.TENSORS,
 }
 TENSOR_KINDS = frozenset({Kind.TENSOR, Kind.OPT_TENSOR, Kind.TENSORS})
 
@@ -84,12 +85,11 @@ _M = TypeVar("_M", bound=type[Message])
 def _register(cls: _M) -> _M:
     if cls.TYPE in MESSAGE_TYPES:
         raise RuntimeError(f"duplicate message type {cls.TYPE}")  # pragma: no cover
-    hints = typing.get_type_hints(cls)
     specs = []
     for f in fields(cls):
-        kind = _KINDS.get(hints[f.name])
+        kind = _KINDS.get(str(f.type))
         if kind is None:  # pragma: no cover - a programming error in this module
-            raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type {hints[f.name]}")
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type {f.type}")
         required = f.default is MISSING and f.default_factory is MISSING
         specs.append(FieldSpec(f.name, kind, required))
     MESSAGE_TYPES[cls.TYPE] = cls

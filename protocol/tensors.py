@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
 from protocol.codecs import Codec, CodecPolicy, choose_codec, codec_for_id, decode_payload
 from protocol.codecs import encode_payload as _encode_payload
+from protocol.dtypes import FLOAT_DTYPES, ITEMSIZE, NUMPY, torch_dtype, wire_name
 from protocol.errors import BadTensorError, TensorTooLargeError
 from protocol.limits import Limits
 
-# Wire dtype names (docs/protocol.md, "Dtypes"); element bytes are little-endian.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
-ITEMSIZE: dict[str, int] = {
-    name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()
-}
-# numpy dtype holding each wire dtype's bytes (numpy has no bfloat16: its bits travel as int16).
-_NUMPY: dict[str, np.dtype[Any]] = {
-    name: np.dtype(np.int16) if dt is torch.bfloat16 else torch.empty(0, dtype=dt).numpy().dtype
-    for name, dt in DTYPES.items()
-}
+if TYPE_CHECKING:
+    import torch
+
 _EMPTY = memoryview(b"")
 
 
@@ -50,9 +31,11 @@ class SegmentInfo(NamedTuple):
 
 def raw_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, str, memoryview]:
     """A contiguous CPU view-or-copy of tensor, its wire dtype name and a flat view of its bytes."""
-    name = DTYPE_NAMES.get(tensor.dtype)
+    import torch
+
+    name = wire_name(tensor.dtype)
     if name is None:
-        raise BadTensorError(f"cannot send dtype {tensor.dtype}; supported: {sorted(DTYPES)}")
+        raise BadTensorError(f"cannot send dtype {tensor.dtype}; supported: {sorted(ITEMSIZE)}")
     if tensor.layout != torch.strided:
         raise BadTensorError(f"cannot send a {tensor.layout} tensor; only strided tensors")
     t = tensor.detach() if tensor.requires_grad else tensor
@@ -76,7 +59,7 @@ def encode_tensor(
     raw_len = len(raw)
     if policy is None:
         return [name, list(t.shape), 0, raw_len, raw_len], raw
-    return _encode_with(t, name, raw, choose_codec(t, policy), policy.zstd_level)
+    return _encode_with(t, name, raw, choose_codec(t, policy, name), policy.zstd_level)
 
 
 def encode_tensor_with(
@@ -92,7 +75,7 @@ def _encode_with(
 ) -> tuple[list[Any], bytes | memoryview]:
     payload: bytes | memoryview = raw
     if codec is not Codec.NONE:
-        payload = _encode_payload(codec, raw, ITEMSIZE[name], zstd_level, t.dtype.is_floating_point)
+        payload = _encode_payload(codec, raw, ITEMSIZE[name], zstd_level, name in FLOAT_DTYPES)
         if len(payload) >= len(raw):
             codec, payload = Codec.NONE, raw
     return [name, list(t.shape), int(codec), len(raw), len(payload)], payload
@@ -103,7 +86,7 @@ def parse_descriptor(desc: object, limits: Limits) -> SegmentInfo:
     if not isinstance(desc, list) or len(desc) != 5:
         raise BadTensorError(f"tensor descriptor must be a 5-element array, got {desc!r:.80}")
     name, shape, codec_id, raw_len, enc_len = desc
-    if not isinstance(name, str) or name not in DTYPES:
+    if not isinstance(name, str) or name not in ITEMSIZE:
         raise BadTensorError(f"unknown tensor dtype {name!r:.40}")
     if not isinstance(shape, list) or len(shape) > limits.max_tensor_ndim:
         raise BadTensorError(
@@ -140,9 +123,13 @@ def decode_tensor(info: SegmentInfo, payload: memoryview) -> torch.Tensor:
     name = info.dtype_name
     if info.raw_len == 0:
         decode_payload(info.codec, payload, 0, info.itemsize)
-        return torch.empty(info.shape, dtype=DTYPES[name])
+        import torch
+
+        return torch.empty(info.shape, dtype=torch_dtype(name))
     buf = decode_payload(info.codec, payload, info.raw_len, info.itemsize)
     if name == "bool" and np.frombuffer(buf, dtype=np.uint8).max() > 1:
         raise BadTensorError("bool tensor holds bytes other than 0x00 and 0x01")
-    tensor = torch.from_numpy(np.frombuffer(buf, dtype=_NUMPY[name]).reshape(info.shape))
+    import torch
+
+    tensor = torch.from_numpy(np.frombuffer(buf, dtype=NUMPY[name]).reshape(info.shape))
     return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor

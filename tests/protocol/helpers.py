@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from protocol.tensors import DTYPES, ITEMSIZE, raw_bytes
+from protocol.dtypes import ITEMSIZE, torch_dtype
+from protocol.tensors import raw_bytes
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -21,7 +22,7 @@ def assert_bit_exact(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def tensor_from_bytes(data: bytes, dtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    dtype = DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     if not data:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
@@ -31,7 +32,7 @@ SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
 
 
 @st.composite
-def tensors(draw: st.DrawFn, dtypes: tuple[str, ...] = tuple(DTYPES)) -> torch.Tensor:
+def tensors(draw: st.DrawFn, dtypes: tuple[str, ...] = tuple(ITEMSIZE)) -> torch.Tensor:
     """Any supported dtype and shape (0-d and empty included), arbitrary bits, maybe strided."""
     name = draw(st.sampled_from(dtypes))
     shape = draw(SHAPES)
