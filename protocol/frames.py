@@ -38,6 +38,7 @@ MAX_STREAM_ID = (1 << 32) - 1
 _U32 = (1 << 32) - 1
 _TENSOR_KINDS = (Kind.TENSOR, Kind.OPT_TENSOR, Kind.TENSORS)
 _local = threading.local()
+_ABSENT = object()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -232,12 +233,15 @@ class FrameDecoder:
             for info in self._segments:
                 tensors.append(decode_tensor(info, view[pos : pos + info.enc_len]))
                 pos += info.enc_len
-        self._pos = pos
         self._prefix = None
         self._header = None
         self._segments = []
-        if len(self._buf) > self._pos:
+        if len(self._buf) > pos:
+            self._pos = pos
             self._check_magic()
+        else:  # everything consumed: drop the buffer (it may have held a large frame)
+            self._buf = bytearray()
+            self._pos = 0
         return Frame(header["type"], header["stream_id"], header, tensors)
 
     def _parse_header(self, raw: memoryview, payload_len: int) -> dict[str, Any]:
@@ -259,13 +263,15 @@ class FrameDecoder:
                 f"{limits.max_tensors_per_frame}"
             )
         segments = [parse_descriptor(d, limits) for d in descs]
-        raw_total = sum(s.raw_len for s in segments)
+        raw_total = enc_total = 0
+        for seg in segments:
+            raw_total += seg.raw_len
+            enc_total += seg.enc_len
         if raw_total > limits.max_decompressed_bytes:
             raise TensorTooLargeError(
                 f"frame tensors decompress to {raw_total} bytes, max_decompressed_bytes="
                 f"{limits.max_decompressed_bytes}"
             )
-        enc_total = sum(s.enc_len for s in segments)
         if enc_total != payload_len:
             raise BadTensorError(
                 f"tensor encoded lengths add up to {enc_total}, prefix says payload is "
@@ -284,30 +290,28 @@ def message_from_frame(frame: Frame) -> Message:
     if cls is None:
         raise UnknownMessageTypeError(f"unknown message type {frame.type}")
     header = frame.header
-    tensors = frame.tensors
     kwargs: dict[str, Any] = {}
-    for spec in message_spec(cls):
-        name = spec.name
-        if name not in header:
-            if spec.required:
+    for name, kind, required in message_spec(cls):
+        value = header.get(name, _ABSENT)
+        if value is _ABSENT:
+            if required:
                 raise MalformedHeaderError(f"{cls.__name__} header lacks field {name!r}")
-            continue
-        kwargs[name] = _field_value(cls.__name__, name, spec.kind, header[name], tensors)
+        elif kind is Kind.INT and type(value) is int:
+            kwargs[name] = value
+        else:
+            kwargs[name] = _field_value(cls.__name__, name, kind, value, frame.tensors)
     return cls(**kwargs)
 
 
 def _field_value(
     cls_name: str, name: str, kind: Kind, value: Any, tensors: list[torch.Tensor]
 ) -> Any:
-    ok = True
-    if kind is Kind.INT:
-        ok = type(value) is int
-    elif kind is Kind.STR:
+    ok = False
+    if kind is Kind.STR:
         ok = type(value) is str
     elif kind is Kind.TENSOR or (kind is Kind.OPT_TENSOR and value is not None):
         if type(value) is int and 0 <= value < len(tensors):
             return tensors[value]
-        ok = False
     elif kind is Kind.OPT_TENSOR:
         return None
     elif kind is Kind.FLOAT:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from protocol.codecs import ALL_CODECS
 from protocol.errors import (
@@ -53,8 +53,7 @@ _KINDS: dict[str, Kind] = {
 TENSOR_KINDS = frozenset({Kind.TENSOR, Kind.OPT_TENSOR, Kind.TENSORS})
 
 
-@dataclass(frozen=True, slots=True)
-class FieldSpec:
+class FieldSpec(NamedTuple):
     """One message field: its name, kind and whether the header may omit it."""
 
     name: str
