@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -63,6 +64,182 @@ def bootstrap(
         sys.stdout.flush()
 
     sys.exit(asyncio.run(run_bootstrap(host, port, identity_path, initial_peers, on_ready)))
+
+
+def _parse_block_indices(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        start_text, end_text = value.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected START:END, e.g. 0:15", ctx, param) from None
+    if not 0 <= start < end:
+        raise click.BadParameter(f"{value!r}: need 0 <= START < END (END excluded)", ctx, param)
+    return start, end
+
+
+@main.command()
+@click.option(
+    "--model",
+    default="smollm2-135m",
+    show_default=True,
+    help="Embedded model name, local model directory, or Hugging Face id in the local cache.",
+)
+@click.option(
+    "--blocks",
+    "num_blocks",
+    type=click.IntRange(1),
+    default=None,
+    help="Serve this many blocks, placed where the swarm needs them most.",
+)
+@click.option(
+    "--block-indices",
+    callback=_parse_block_indices,
+    default=None,
+    help="Serve exactly blocks START:END (END excluded), e.g. 0:15.",
+)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind (TCP and UDP).")
+@click.option(
+    "--port",
+    default=31337,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port for activations (0 picks a free one).",
+)
+@click.option(
+    "--dht-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="UDP port of the DHT node [default: the TCP port's number].",
+)
+@click.option(
+    "--public-host", default=None, help="Address announced to clients [default: derived]."
+)
+@click.option(
+    "--initial-peers",
+    multiple=True,
+    callback=initial_peers_callback,
+    help="DHT peers to join through, HOST:PORT, repeated or comma-separated.",
+)
+@click.option(
+    "--identity",
+    "identity_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ed25519 key file; created with mode 0600 if missing.",
+)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda:0.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="dtype the blocks run in.",
+)
+@click.option("--num-threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@click.option(
+    "--kv-budget-tokens",
+    type=click.IntRange(0),
+    default=None,
+    help="KV cache tokens for all sessions together [default: a quarter of free memory].",
+)
+@click.option(
+    "--max-session-length",
+    type=click.IntRange(1),
+    default=8192,
+    show_default=True,
+    help="Longest session (prompt + generated tokens) a client may open.",
+)
+@click.option(
+    "--session-timeout",
+    type=click.FloatRange(1.0),
+    default=300.0,
+    show_default=True,
+    help="Seconds an idle session keeps its cache.",
+)
+@click.option(
+    "--announce-period",
+    type=click.FloatRange(0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between DHT announcements (records live 3x as long).",
+)
+def serve(
+    model: str,
+    num_blocks: int | None,
+    block_indices: tuple[int, int] | None,
+    host: str,
+    port: int,
+    dht_port: int | None,
+    public_host: str | None,
+    initial_peers: list[tuple[str, int]],
+    identity_path: Path | None,
+    device: str,
+    dtype: str,
+    num_threads: int | None,
+    kv_budget_tokens: int | None,
+    max_session_length: int,
+    session_timeout: float,
+    announce_period: float,
+) -> None:
+    """Load a span of a model's blocks and serve it to the swarm.
+
+    Prints one line to stdout when ready: `ready HOST:PORT blocks START:END peer_id ID`.
+    SIGTERM drains running sessions, announces offline and exits 0.
+    """
+    from beed.dht.config import DHTConfig
+    from beed.server.config import ServerConfig
+    from beed.server.server import BlockServer, Ready
+    from protocol.errors import BeeError
+
+    if num_blocks is not None and block_indices is not None:
+        raise click.UsageError("give either --blocks or --block-indices, not both")
+    config = ServerConfig(
+        model=model,
+        block_indices=block_indices,
+        num_blocks=num_blocks,
+        host=host,
+        port=port,
+        dht_port=dht_port,
+        public_host=public_host,
+        initial_peers=tuple(initial_peers),
+        identity_path=identity_path,
+        device=device,
+        dtype=dtype,
+        num_threads=num_threads,
+        kv_budget_tokens=kv_budget_tokens,
+        max_session_length=max_session_length,
+        session_timeout_s=session_timeout,
+        announce_period_s=announce_period,
+        record_ttl_s=3 * announce_period,
+        dht=DHTConfig(default_ttl_s=3 * announce_period),
+    )
+
+    def on_ready(ready: Ready) -> None:
+        click.echo(
+            f"ready {ready.host}:{ready.port} blocks {ready.span[0]}:{ready.span[1]} "
+            f"peer_id {ready.peer_id} model {ready.model_name} fingerprint {ready.fingerprint}"
+        )
+        sys.stdout.flush()
+
+    try:
+        _run(BlockServer(config).run(on_ready))
+    except BeeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+
+
+def _run(coro: Any) -> Any:
+    """asyncio.run on uvloop where it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""The Python API, in the style transformers users know.
+
+```python
+from beectl import AutoDistributedModelForCausalLM
+model = AutoDistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=["127.0.0.1:31340"])
+ids = model.tokenizer("A cat", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=20)
+with model.inference_session(max_length=512) as session:   # multi-turn: the past stays cached
+    out = model.generate(ids, max_new_tokens=20, session=session)
+    out = model.generate(torch.cat([out, more_ids], 1), max_new_tokens=20, session=session)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from beectl.config import ClientConfig
+from beectl.generation import GenerationOutput, SamplingConfig, generate
+from beectl.model import RemoteModel
+from beectl.runner import LoopThread
+from beectl.session import InferenceSession
+from beed.dht.peers import parse_initial_peers
+from protocol.errors import BadRequestError
+
+_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None}
+
+
+class Session:
+    """A synchronous handle on an InferenceSession that remembers the ids it has cached."""
+
+    def __init__(self, model: DistributedModelForCausalLM, inner: InferenceSession) -> None:
+        self._model = model
+        self.inner = inner
+        self.cached_ids: torch.Tensor | None = None
+
+    @property
+    def position(self) -> int:
+        return self.inner.position
+
+    def __enter__(self) -> Session:
+        self._model._loop.run(self.inner.open())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._model._loop.run(self.inner.aclose())
+
+
+class DistributedModelForCausalLM:
+    """A causal LM whose blocks run in the swarm. `generate` takes the usual arguments."""
+
+    def __init__(self, remote: RemoteModel, loop: LoopThread) -> None:
+        self._remote = remote
+        self._loop = loop
+        self.tokenizer = remote.tokenizer
+        self.config = remote.head.config
+        self.generation_config = remote.generation_config
+        self.fingerprint = remote.files.fingerprint
+
+    def inference_session(self, *, max_length: int, batch_size: int = 1) -> Session:
+        """A session to reuse across `generate` calls (`with model.inference_session(...) as s`)."""
+        return Session(
+            self, self._remote.inference_session(max_length=max_length, batch_size=batch_size)
+        )
+
+    def _sampling(self, batch: int, kwargs: dict[str, Any]) -> SamplingConfig:
+        for name, neutral in _UNSUPPORTED.items():
+            if kwargs.pop(name, neutral) != neutral:
+                raise BadRequestError(f"{name} is not supported by distributed generate yet")
+        gc = self.generation_config
+        eos = kwargs.pop("eos_token_id", gc.eos_token_id)
+        eos_ids: tuple[int, ...] = (
+            () if eos is None else tuple(eos) if isinstance(eos, Iterable) else (int(eos),)
+        )
+        pad = kwargs.pop("pad_token_id", gc.pad_token_id)
+        if pad is None:
+            pad = eos_ids[0] if eos_ids else 0
+        stop = kwargs.pop("stop_strings", None) or ()
+        config = SamplingConfig(
+            max_new_tokens=int(kwargs.pop("max_new_tokens", None) or gc.max_new_tokens or 20),
+            do_sample=bool(kwargs.pop("do_sample", False)),
+            temperature=float(kwargs.pop("temperature", None) or 1.0),
+            top_k=int(kwargs.pop("top_k", None) or 0),
+            top_p=float(kwargs.pop("top_p", None) or 1.0),
+            repetition_penalty=float(kwargs.pop("repetition_penalty", None) or 1.0),
+            seed=kwargs.pop("seed", None),
+            eos_token_ids=eos_ids,
+            pad_token_id=int(pad),
+            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
+        )
+        for ignored in ("use_cache", "return_dict_in_generate", "output_logits"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(kwargs))}")
+        return config
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        session: Session | None = None,
+        streamer: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Generate after `input_ids`; returns the sequences tensor [batch, prompt + new].
+
+        With `return_dict_in_generate=True` returns a GenerationOutput (sequences, logits when
+        `output_logits=True`, timings). With `session=`, the session's cached past is reused and
+        `input_ids` must start with everything that session has seen.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        want_dict = bool(kwargs.get("return_dict_in_generate", False))
+        output_logits = bool(kwargs.get("output_logits", False))
+        sampling = self._sampling(input_ids.shape[0], dict(kwargs))
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        def on_tokens(ids: torch.Tensor) -> None:
+            if streamer is not None:
+                streamer.put(ids.cpu())
+
+        async def run(inner: InferenceSession, cached: torch.Tensor | None) -> GenerationOutput:
+            return await generate(
+                self._remote.head,
+                inner,
+                input_ids,
+                sampling,
+                attention_mask=attention_mask,
+                cached_ids=cached,
+                on_tokens=on_tokens,
+                decode_text=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                output_logits=output_logits,
+            )
+
+        if session is not None:
+            out = self._loop.run(run(session.inner, session.cached_ids))
+            # The last generated token was never fed to the servers: it is not cached.
+            session.cached_ids = out.sequences[:, : session.inner.position]
+        else:
+            max_length = input_ids.shape[1] + sampling.max_new_tokens
+
+            async def fresh() -> GenerationOutput:
+                async with self._remote.inference_session(
+                    max_length=max_length, batch_size=input_ids.shape[0]
+                ) as inner:
+                    return await run(inner, None)
+
+            out = self._loop.run(fresh())
+        if streamer is not None:
+            streamer.end()
+        return out if want_dict else out.sequences
+
+    def close(self) -> None:
+        self._loop.run(self._remote.aclose())
+        self._loop.close()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AutoDistributedModelForCausalLM:
+    """Factory: `AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=[...])`."""
+
+    @staticmethod
+    def from_pretrained(
+        model: str,
+        initial_peers: Sequence[str] | str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        **config: Any,
+    ) -> DistributedModelForCausalLM:
+        """Load the tokenizer and head of `model` locally and join the swarm at `initial_peers`.
+
+        Extra keyword arguments set ClientConfig fields (e.g. `step_timeout_s=30`).
+        """
+        peers = [initial_peers] if isinstance(initial_peers, str) else list(initial_peers)
+        client_config = dataclasses.replace(
+            ClientConfig(initial_peers=tuple(parse_initial_peers(peers))), **config
+        )
+        loop = LoopThread()
+        try:
+            remote = loop.run(RemoteModel.load(model, client_config, dtype=dtype))
+        except BaseException:
+            loop.close()
+            raise
+        return DistributedModelForCausalLM(remote, loop)

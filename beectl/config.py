@@ -1,0 +1,21 @@
+"""ClientConfig: every setting of one beectl client, with units in the field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from beed.dht.config import DHTConfig
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client finds servers and how long it waits for them; built by the CLI or the API."""
+
+    initial_peers: tuple[tuple[str, int], ...] = ()  # DHT nodes to join through
+    connect_timeout_s: float = 5.0  # TCP connect plus Hello exchange with one server
+    open_timeout_s: float = 30.0  # OpenSession answer (the server may wait for cache memory)
+    step_timeout_s: float = 60.0  # one step's answer from one server (prefill included)
+    close_timeout_s: float = 2.0  # Close answer when a session ends; then we just drop it
+    discovery_timeout_s: float = 10.0  # one DHT read of the servers of a model
+    session_timeout_s: float = 300.0  # idle lifetime we ask servers to keep our session for
+    dht: DHTConfig = field(default_factory=DHTConfig)

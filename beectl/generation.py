@@ -1,0 +1,174 @@
+"""Token generation through an inference session: greedy or sampled, batched, streamed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from beectl.head import LocalHead
+from beectl.session import InferenceSession
+from protocol.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The usual generation arguments, with transformers' meaning."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False  # greedy unless True
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    seed: int | None = None  # sampling seed; None: nondeterministic
+    eos_token_ids: tuple[int, ...] = ()  # a row ends after producing one of these
+    pad_token_id: int = 0  # fills finished rows
+    stop_strings: tuple[str, ...] = ()  # a row ends once its new text contains one
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise BadRequestError("max_new_tokens must be >= 0")
+        if self.do_sample and self.temperature <= 0:
+            raise BadRequestError("temperature must be > 0 when sampling")
+        if not 0 < self.top_p <= 1:
+            raise BadRequestError("top_p must be in (0, 1]")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise BadRequestError("top_k must be >= 0 and repetition_penalty > 0")
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [batch, prompt + new] token ids (finished rows padded)
+    num_new_tokens: int  # generated positions (the longest row)
+    prefill_s: float  # time to the first token
+    decode_s: float  # time for the rest
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab] if asked
+
+
+TokenCallback = Callable[[torch.Tensor], None]
+
+
+async def generate(
+    head: LocalHead,
+    session: InferenceSession,
+    input_ids: torch.Tensor,
+    sampling: SamplingConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    cached_ids: torch.Tensor | None = None,
+    on_tokens: TokenCallback | None = None,
+    decode_text: Callable[[list[int]], str] | None = None,
+    output_logits: bool = False,
+) -> GenerationOutput:
+    """Generate up to `max_new_tokens` after `input_ids` [batch, tokens].
+
+    `cached_ids` are the ids the session already holds (a reused session): `input_ids` must start
+    with them, and only the rest is sent. `attention_mask` marks left padding (0) in a batch.
+    `on_tokens` gets each step's new tokens [batch].
+    """
+    batch, total = input_ids.shape
+    past = 0 if cached_ids is None else cached_ids.shape[1]
+    if past != session.position:
+        raise BadRequestError(
+            f"the session holds {session.position} tokens but {past} cached ids were given"
+        )
+    if past and not torch.equal(input_ids[:, :past], cached_ids):
+        raise BadRequestError(
+            "input_ids do not continue the session's history; start a new session instead"
+        )
+    if past >= total:
+        raise BadRequestError("input_ids add no new token to the session's history")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise BadRequestError("attention_mask must have the shape of input_ids")
+    padded = bool((attention_mask == 0).any())
+    processors = sampling.processors()
+    generator = None
+    if sampling.do_sample and sampling.seed is not None:
+        generator = torch.Generator().manual_seed(sampling.seed)
+    eos = torch.tensor(sampling.eos_token_ids, dtype=torch.long)
+    unfinished = torch.ones(batch, dtype=torch.bool)
+    sequences = input_ids.clone()
+    mask = attention_mask.clone()
+    new_ids = input_ids[:, past:]
+    logits_out: list[torch.Tensor] = []
+    began = time.perf_counter()
+    prefill_s = 0.0
+    steps = 0
+    for steps in range(1, sampling.max_new_tokens + 1):
+        position_ids = None
+        step_mask = None
+        if padded:
+            # As transformers does for left padding: count real tokens; pads get position 1.
+            full = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            position_ids = full[:, -new_ids.shape[1] :]
+            step_mask = mask
+        hidden = head.embed(new_ids)
+        hidden = await session.step(hidden, attention_mask=step_mask, position_ids=position_ids)
+        scores = head.logits(hidden[:, -1:, :])[:, -1, :]
+        if output_logits:
+            logits_out.append(scores.clone())
+        scores = processors(sequences, scores)
+        if sampling.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_ids = scores.argmax(dim=-1)
+        next_ids = torch.where(
+            unfinished, next_ids, torch.full_like(next_ids, sampling.pad_token_id)
+        )
+        sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+        if steps == 1:
+            prefill_s = time.perf_counter() - began
+        if on_tokens is not None:
+            on_tokens(next_ids)
+        if eos.numel():
+            unfinished &= ~torch.isin(next_ids, eos)
+        if sampling.stop_strings and decode_text is not None:
+            for row in range(batch):
+                if unfinished[row]:
+                    text = decode_text(sequences[row, total:].tolist())
+                    if any(s in text for s in sampling.stop_strings):
+                        unfinished[row] = False
+        if not unfinished.any() or steps == sampling.max_new_tokens:
+            break
+        if session.position + 1 > session.max_length:
+            log.info("generate.max_length session=%d", session.max_length)
+            break
+        new_ids = next_ids[:, None]
+    elapsed = time.perf_counter() - began
+    return GenerationOutput(
+        sequences=sequences,
+        num_new_tokens=steps if sampling.max_new_tokens else 0,
+        prefill_s=prefill_s,
+        decode_s=elapsed - prefill_s,
+        logits=logits_out,
+    )

@@ -1,0 +1,111 @@
+"""The client's view of the swarm: a client-mode DHT node, server discovery and connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from beectl.config import ClientConfig
+from beectl.connection import PeerConnection
+from beectl.routing import Hop, find_route
+from beed.dht.node import DHTNode
+from beed.dht.records import ModelEntry, ServerRecord
+from protocol.errors import ModelMismatchError, NoRouteError, PeerUnreachableError
+
+log = logging.getLogger(__name__)
+
+
+class Swarm:
+    """Finds servers of a model in the DHT and keeps one connection per server."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.dht = DHTNode(config.dht, client_mode=True)
+        self._connections: dict[str, PeerConnection] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self.rtt_s: dict[str, float] = {}
+
+    async def start(self) -> None:
+        if not self.config.initial_peers:
+            raise PeerUnreachableError(
+                "no --initial-peers given: pass the address printed by `beed bootstrap`"
+            )
+        await self.dht.start("0.0.0.0", 0)
+        await self.dht.bootstrap(list(self.config.initial_peers))
+
+    async def servers(self, fingerprint: str, num_blocks: int) -> list[ServerRecord]:
+        async with asyncio.timeout(self.config.discovery_timeout_s):
+            return await self.dht.get_servers(fingerprint, 0, num_blocks)
+
+    async def models(self) -> list[ModelEntry]:
+        async with asyncio.timeout(self.config.discovery_timeout_s):
+            return await self.dht.list_models()
+
+    async def route(
+        self,
+        fingerprint: str,
+        model_name: str,
+        num_blocks: int,
+        *,
+        start: int = 0,
+        banned: set[str] | frozenset[str] = frozenset(),
+        needed_kv_tokens: int = 0,
+    ) -> list[Hop]:
+        """The cheapest chain of online servers for blocks [start, num_blocks)."""
+        servers = await self.servers(fingerprint, num_blocks)
+        if not servers:
+            await self._explain_missing(fingerprint, model_name)
+        try:
+            return find_route(
+                servers,
+                start,
+                num_blocks,
+                rtt_s=self.rtt_s,
+                banned=banned,
+                needed_kv_tokens=needed_kv_tokens,
+            )
+        except NoRouteError as exc:
+            raise NoRouteError(
+                f"{exc}. Start a server for the missing blocks: "
+                f"beed serve --model {model_name} --blocks N --initial-peers ..."
+            ) from None
+
+    async def _explain_missing(self, fingerprint: str, model_name: str) -> None:
+        models = await self.models()
+        same_name = [
+            m for m in models if m.model_name == model_name and m.fingerprint != fingerprint
+        ]
+        if same_name:
+            other = ", ".join(m.fingerprint for m in same_name)
+            raise ModelMismatchError(
+                f"servers announce {model_name!r} with other weights (fingerprint {other}; "
+                f"yours is {fingerprint}); the client and servers must use the same model files"
+            )
+        present = ", ".join(sorted({m.model_name for m in models})) or "none"
+        raise NoRouteError(
+            f"no server serves {model_name!r} (fingerprint {fingerprint}); models in the swarm: "
+            f"{present}"
+        )
+
+    async def connection(self, server: ServerRecord) -> PeerConnection:
+        """A connected PeerConnection to this server (reused while it is healthy)."""
+        conn = self._connections.get(server.peer_id)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._connecting.setdefault(server.peer_id, asyncio.Lock())
+        async with lock:
+            conn = self._connections.get(server.peer_id)
+            if conn is not None and not conn.closed:
+                return conn
+            conn = PeerConnection(server.host, server.port, peer_id=server.peer_id)
+            began = time.perf_counter()
+            await conn.connect(self.config.connect_timeout_s)
+            self.rtt_s[server.peer_id] = time.perf_counter() - began
+            self._connections[server.peer_id] = conn
+            return conn
+
+    async def aclose(self) -> None:
+        conns, self._connections = list(self._connections.values()), {}
+        await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+        await self.dht.aclose()

@@ -1,0 +1,36 @@
+"""ServerConfig: every setting of one `beed serve` process, with units in the field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from beed.dht.config import DHTConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one block server; only the CLI reads argv and environment to build it."""
+
+    model: str  # embedded name, local directory or hub id
+    block_indices: tuple[int, int] | None = None  # pinned span [start, end); None: choose one
+    num_blocks: int | None = None  # span length to choose when block_indices is None
+    host: str = "0.0.0.0"  # TCP (and DHT UDP) bind address
+    port: int = 31337  # TCP port for activations; 0 picks a free one
+    dht_port: int | None = None  # UDP port of the DHT node; None: same number as the TCP port
+    public_host: str | None = None  # address announced to clients; None: derived from host
+    initial_peers: tuple[tuple[str, int], ...] = ()  # DHT peers to join through
+    identity_path: Path | None = None  # Ed25519 key file; None: a fresh identity per start
+    device: str = "cpu"  # torch device of the blocks
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    kv_budget_tokens: int | None = None  # KV cache tokens for all sessions; None: from memory
+    kv_memory_fraction: float = 0.25  # share of free memory for KV when kv_budget_tokens is None
+    max_session_length: int = 8192  # longest max_length a session may ask for, in tokens
+    session_timeout_s: float = 300.0  # cap on a session's idle lifetime (client may ask less)
+    announce_period_s: float = 60.0  # refresh interval of the DHT record
+    record_ttl_s: float = 180.0  # lifetime of each announced record (about 3x the period)
+    drain_grace_s: float = 30.0  # SIGTERM: how long running sessions may finish
+    write_timeout_s: float = 30.0  # one reply's drain to a slow client
+    hello_timeout_s: float = 10.0  # a new connection must say Hello within this
+    dht: DHTConfig = field(default_factory=DHTConfig)

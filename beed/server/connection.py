@@ -1,0 +1,247 @@
+"""One client (or peer server) connection: handshake, then requests dispatched by stream id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from beed.dht.tasks import TaskOwner
+from beed.server.backend import BlockBackend
+from beed.server.config import ServerConfig
+from beed.server.sessions import SessionRegistry
+from beed.wire import ConnectionClosed, FramedStream
+from protocol.codecs import CodecPolicy
+from protocol.errors import (
+    BadRequestError,
+    BeeError,
+    DrainingError,
+    InternalServerError,
+    ModelMismatchError,
+    PhaseTimeoutError,
+    ProtocolError,
+    SpanNotServedError,
+    UnknownSessionError,
+)
+from protocol.messages import (
+    Ack,
+    Backward,
+    BackwardResult,
+    Close,
+    Error,
+    Forward,
+    ForwardResult,
+    GetInfo,
+    Hello,
+    Info,
+    Message,
+    OpenSession,
+    Ping,
+    Pong,
+    SessionOpened,
+    Step,
+    StepResult,
+    Truncate,
+    negotiate,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    """What every connection of a server shares."""
+
+    config: ServerConfig
+    backend: BlockBackend
+    sessions: SessionRegistry
+    fingerprint: str
+    hello: Hello
+    run_compute: Callable[[Callable[[], Any]], Awaitable[Any]]  # runs blocking work off-loop
+    info: Callable[[], dict[str, Any]]
+    draining: bool = False
+
+
+class ServerConnection:
+    """Serves one TCP connection until it closes; its sessions close with it."""
+
+    def __init__(self, state: ServerState, stream: FramedStream, connection_id: int) -> None:
+        self.state = state
+        self.stream = stream
+        self.id = connection_id
+        self._tasks = TaskOwner(f"conn-{connection_id}")
+
+    async def run(self) -> None:
+        prefix = SessionRegistry.key(self.id, 0)[:-1]  # "c{id}/s"
+        try:
+            await self._handshake()
+            while True:
+                msg = await self.stream.read()
+                self._dispatch(msg)
+        except ConnectionClosed:
+            pass
+        except PhaseTimeoutError as exc:
+            log.info("conn.timeout id=%d peer=%s error=%s", self.id, self.stream.peername, exc)
+        except (ProtocolError, BadHandshake) as exc:
+            log.warning(
+                "conn.protocol_error id=%d peer=%s error=%s", self.id, self.stream.peername, exc
+            )
+            try:
+                await self.stream.send(Error.from_exception(0, exc), timeout_s=1.0)
+            except BeeError:
+                pass
+        finally:
+            await self._tasks.aclose()
+            closed = self.state.sessions.close_prefix(prefix, "disconnect")
+            await self.stream.aclose()
+            log.debug("conn.closed id=%d sessions=%d", self.id, closed)
+
+    async def _handshake(self) -> None:
+        msg = await self.stream.read(timeout_s=self.state.config.hello_timeout_s)
+        if not isinstance(msg, Hello):
+            raise BadHandshake(f"the first message must be Hello, got {type(msg).__name__}")
+        _version, codecs = negotiate(self.state.hello, msg)
+        self.stream.codec_policy = CodecPolicy(allowed=frozenset(codecs))
+        reply = Hello(
+            stream_id=0,
+            protocol_version=self.state.hello.protocol_version,
+            software_version=self.state.hello.software_version,
+            codecs=codecs,
+            peer_id=self.state.hello.peer_id,
+        )
+        await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
+
+    def _dispatch(self, msg: Message) -> None:
+        """Answer cheap requests inline; run compute requests as owned tasks."""
+        sid = msg.stream_id
+        if isinstance(msg, Ping):
+            self._reply(Pong(sid, msg.nonce))
+        elif isinstance(msg, GetInfo):
+            self._reply(Info(sid, self.state.info()))
+        elif isinstance(msg, Step | Truncate | Close | OpenSession | Forward | Backward):
+            self._tasks.spawn(self._guarded(sid, self._handle(msg)), name=f"s{sid}")
+        else:
+            self._reply(
+                Error.from_exception(sid, BadRequestError(f"unexpected {type(msg).__name__}"))
+            )
+
+    def _reply(self, msg: Message) -> None:
+        try:
+            self.stream.send_nowait(msg)
+        except ConnectionClosed:
+            pass
+
+    async def _guarded(self, sid: int, work: Awaitable[Message]) -> None:
+        """Run one request; any failure becomes an Error frame on its stream, never a crash."""
+        try:
+            reply = await work
+        except BeeError as exc:
+            reply = Error.from_exception(sid, exc)
+        except Exception as exc:
+            log.exception("request.failed stream=%d", sid)
+            reply = Error.from_exception(sid, InternalServerError(f"internal error: {exc!r}"))
+        try:
+            await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
+        except BeeError:
+            pass
+
+    async def _handle(self, msg: Message) -> Message:
+        st = self.state
+        key = SessionRegistry.key(self.id, msg.stream_id)
+        if isinstance(msg, OpenSession):
+            return self._open(key, msg)
+        if isinstance(msg, Step):
+            session = st.sessions.get(key)
+            async with session.lock:
+                if session.cache is None:
+                    raise UnknownSessionError("the session was closed while this step waited")
+                tokens = msg.hidden.shape[1] if msg.hidden.dim() == 3 else 0
+                if msg.position + tokens > session.max_length:
+                    raise BadRequestError(
+                        f"step at {msg.position} with {tokens} tokens exceeds the session's "
+                        f"max_length {session.max_length}"
+                    )
+                if msg.hidden.dim() == 3 and msg.hidden.shape[0] != session.batch_size:
+                    raise BadRequestError(
+                        f"batch {msg.hidden.shape[0]} != session batch {session.batch_size}"
+                    )
+                cache = session.cache
+                out = await st.run_compute(
+                    lambda: st.backend.step(
+                        cache,
+                        session.blocks,
+                        msg.hidden,
+                        msg.position,
+                        msg.attention_mask,
+                        msg.position_ids,
+                    )
+                )
+                session.length = msg.position + tokens
+                session.touch()
+            return StepResult(msg.stream_id, msg.step_id, out)
+        if isinstance(msg, Truncate):
+            session = st.sessions.get(key)
+            async with session.lock:
+                st.backend.truncate(session.cache, session.blocks, msg.position)
+                session.length = msg.position
+                session.touch()
+            return Ack(msg.stream_id)
+        if isinstance(msg, Close):
+            st.sessions.close(key, "client")
+            return Ack(msg.stream_id)
+        if isinstance(msg, Forward):
+            blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
+            out = await st.run_compute(
+                lambda: st.backend.forward(blocks, msg.hidden, msg.attention_mask)
+            )
+            return ForwardResult(msg.stream_id, out)
+        if isinstance(msg, Backward):
+            blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
+            grad = await st.run_compute(
+                lambda: st.backend.backward(blocks, msg.hidden, msg.grad_output, msg.attention_mask)
+            )
+            return BackwardResult(msg.stream_id, grad)
+        raise BadRequestError(f"unexpected {type(msg).__name__}")  # pragma: no cover
+
+    def _check_span(self, fingerprint: str, start: int, end: int) -> range:
+        st = self.state
+        if fingerprint != st.fingerprint:
+            raise ModelMismatchError(
+                f"this server holds model {st.fingerprint}, the request is for {fingerprint}"
+            )
+        info = st.backend.info
+        if not info.start <= start < end <= info.end:
+            raise SpanNotServedError(
+                f"blocks {start}:{end} are not served here (this server has {info.start}:{info.end})"
+            )
+        return st.backend.blocks(start, end)
+
+    def _open(self, key: str, msg: OpenSession) -> Message:
+        st = self.state
+        if st.draining:
+            raise DrainingError("this server is shutting down; open the session elsewhere")
+        blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
+        if not 0 < msg.max_length <= st.config.max_session_length:
+            raise BadRequestError(
+                f"max_length must be in 1..{st.config.max_session_length}, got {msg.max_length}"
+            )
+        if not 0 < msg.batch_size <= 1024:
+            raise BadRequestError(f"batch_size must be in 1..1024, got {msg.batch_size}")
+        timeout_s = min(max(msg.timeout_s, 1.0), st.config.session_timeout_s)
+        st.sessions.open(
+            key,
+            blocks=blocks,
+            span=(msg.span_start, msg.span_end),
+            max_length=msg.max_length,
+            batch_size=msg.batch_size,
+            timeout_s=timeout_s,
+            cache=st.backend.new_cache(),
+        )
+        return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)
+
+
+class BadHandshake(BadRequestError):
+    """The peer did not start with Hello."""

@@ -1,0 +1,321 @@
+"""BlockServer: the lifetime of one `beed serve` process, from model resolution to clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import beed
+from beed.dht.identity import Identity
+from beed.dht.node import DHTNode
+from beed.dht.peers import reachable_host
+from beed.dht.records import ServerRecord, ServerState
+from beed.dht.tasks import TaskOwner
+from beed.models.adapters import load_config, num_blocks
+from beed.models.fingerprint import model_fingerprint
+from beed.models.registry import cache_dir, resolve_model
+from beed.server.backend import BlockBackend
+from beed.server.config import ServerConfig
+from beed.server.connection import ServerConnection
+from beed.server.connection import ServerState as SharedState
+from beed.server.kv_budget import KVBudget
+from beed.server.placement import choose_span
+from beed.server.sessions import SessionRegistry
+from beed.wire import FramedStream
+from protocol.codecs import ALL_CODECS
+from protocol.errors import BadRequestError
+from protocol.messages import PROTOCOL_VERSION, Hello
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ready:
+    """Reported once the server accepts connections and has announced itself."""
+
+    host: str
+    port: int
+    dht_port: int
+    span: tuple[int, int]
+    peer_id: str
+    model_name: str
+    fingerprint: str
+
+
+class BlockServer:
+    """Serves one span of one model until `stop()` (or SIGTERM/SIGINT) and exits cleanly."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._stop = asyncio.Event()
+        self._tasks = TaskOwner("server")
+        self._connections = TaskOwner("connections")
+        self._next_connection = 0
+        self.state: SharedState | None = None
+        self.dht: DHTNode | None = None
+        self._record: ServerRecord | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[Ready], None] | None = None) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        source = await asyncio.to_thread(resolve_model, cfg.model)
+        fingerprint = await asyncio.to_thread(
+            model_fingerprint, source.path, cache_dir() / "fingerprints.json"
+        )
+        total = num_blocks(await asyncio.to_thread(load_config, source.path))
+        identity = (
+            await asyncio.to_thread(Identity.load_or_create, cfg.identity_path)
+            if cfg.identity_path
+            else Identity.generate()
+        )
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="beed-compute")
+        tcp: asyncio.Server | None = None
+        self.dht = dht = DHTNode(cfg.dht, identity)
+        try:
+            tcp_sock = _bind_tcp(cfg.host, cfg.port)
+            port = tcp_sock.getsockname()[1]
+            dht_port = await _start_dht(
+                dht, cfg.host, cfg.dht_port if cfg.dht_port is not None else port
+            )
+            if cfg.initial_peers:
+                await dht.bootstrap(list(cfg.initial_peers))
+            span = await self._choose_span(dht, fingerprint, total)
+            public_host = cfg.public_host or reachable_host(cfg.host)
+            base = ServerRecord(
+                peer_id=identity.peer_id,
+                state=ServerState.JOINING,
+                span_start=span[0],
+                span_end=span[1],
+                host=public_host,
+                port=port,
+                model_fingerprint=fingerprint,
+                model_name=source.name,
+                num_blocks=total,
+                dtype=cfg.dtype,
+                protocol_version=PROTOCOL_VERSION,
+                codecs=tuple(ALL_CODECS),
+                software_version=beed.__version__,
+            )
+            self._record = base
+            await dht.announce(base, ttl_s=cfg.record_ttl_s)
+            backend = await asyncio.to_thread(
+                BlockBackend, source.path, span[0], span[1], dtype=cfg.dtype, device=cfg.device
+            )
+            per_block_tps = await asyncio.to_thread(_measure_block_throughput, backend)
+            budget = KVBudget(self._kv_budget_tokens(backend), backend.info.kv_bytes_per_token)
+            log.info(
+                "server.kv_budget tokens=%d bytes=%d",
+                budget.capacity_tokens,
+                budget.capacity_tokens * budget.bytes_per_token,
+            )
+
+            def run_compute(fn: Callable[[], Any]) -> asyncio.Future[Any]:
+                return loop.run_in_executor(executor, fn)
+
+            hello = Hello(
+                protocol_version=PROTOCOL_VERSION,
+                software_version=beed.__version__,
+                peer_id=identity.peer_id,
+            )
+            self.state = SharedState(
+                config=cfg,
+                backend=backend,
+                sessions=SessionRegistry(budget),
+                fingerprint=fingerprint,
+                hello=hello,
+                run_compute=run_compute,
+                info=lambda: self._info(),
+            )
+            tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock, limit=1 << 20)
+            self._record = dataclasses.replace(
+                base, state=ServerState.ONLINE, compute_tokens_per_s=per_block_tps
+            )
+            await self._announce()
+            self._tasks.spawn(self._announce_loop(), "announce")
+            self._tasks.spawn(self._reap_loop(), "reap")
+            ready = Ready(
+                public_host, port, dht_port, span, identity.peer_id, source.name, fingerprint
+            )
+            log.info(
+                "server.ready host=%s port=%d span=%d:%d peer_id=%s",
+                public_host,
+                port,
+                span[0],
+                span[1],
+                identity.peer_id,
+            )
+            if on_ready is not None:
+                on_ready(ready)
+            _sd_notify("READY=1")
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            _sd_notify("STOPPING=1")
+            await self._tasks.aclose()
+            if tcp is not None:
+                tcp.close()
+            await self._connections.aclose()
+            if self._record is not None and self.state is not None:
+                self._record = dataclasses.replace(self._record, state=ServerState.OFFLINE)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._announce(), timeout=5.0)
+            await dht.aclose()
+            executor.shutdown(wait=False, cancel_futures=True)
+            log.info("server.stopped")
+
+    async def _choose_span(self, dht: DHTNode, fingerprint: str, total: int) -> tuple[int, int]:
+        cfg = self.config
+        if cfg.block_indices is not None:
+            start, end = cfg.block_indices
+            if not 0 <= start < end <= total:
+                raise BadRequestError(
+                    f"--block-indices {start}:{end} is outside the model's blocks 0:{total}"
+                )
+            return start, end
+        servers = await dht.get_servers(fingerprint, 0, total)
+        return choose_span(servers, total, cfg.num_blocks or total, exclude_peer=dht.peer_id)
+
+    def _kv_budget_tokens(self, backend: BlockBackend) -> int:
+        if self.config.kv_budget_tokens is not None:
+            return self.config.kv_budget_tokens
+        if backend.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(backend.device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(free * self.config.kv_memory_fraction) // backend.info.kv_bytes_per_token
+
+    def _info(self) -> dict[str, Any]:
+        if self.state is None or self._record is None:
+            return {}
+        rec = self._record
+        return {
+            "peer_id": rec.peer_id,
+            "model_name": rec.model_name,
+            "model_fingerprint": rec.model_fingerprint,
+            "span_start": rec.span_start,
+            "span_end": rec.span_end,
+            "num_blocks": rec.num_blocks,
+            "dtype": rec.dtype,
+            "state": "draining" if self.state.draining else rec.state.value,
+            "free_kv_tokens": self.state.sessions.budget.free_tokens,
+            "used_kv_bytes": self.state.sessions.budget.used_bytes,
+            "sessions": len(self.state.sessions),
+            "compute_tokens_per_s": rec.compute_tokens_per_s,
+            "software_version": beed.__version__,
+        }
+
+    async def _announce(self) -> None:
+        if self.dht is None or self._record is None:
+            return
+        record = self._record
+        if self.state is not None:
+            record = dataclasses.replace(
+                record, free_kv_tokens=self.state.sessions.budget.free_tokens
+            )
+        await self.dht.announce(record, ttl_s=self.config.record_ttl_s)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.announce_period_s)
+            try:
+                await self._announce()
+            except Exception as exc:  # a failed refresh is retried next period
+                log.warning("announce.failed error=%r", exc)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.state is not None:
+                self.state.sessions.expire()
+
+    async def _drain(self) -> None:
+        """Refuse new sessions, announce draining, let running sessions finish (bounded)."""
+        if self.state is None or self._record is None:
+            return
+        self.state.draining = True
+        self._record = dataclasses.replace(self._record, state=ServerState.DRAINING)
+        log.info("server.draining sessions=%d", len(self.state.sessions))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._announce(), timeout=5.0)
+        if not await self.state.sessions.wait_empty(self.config.drain_grace_s):
+            log.warning("server.drain_timeout sessions=%d", len(self.state.sessions))
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self.state is None:
+            writer.close()
+            return
+        self._next_connection += 1
+        conn = ServerConnection(self.state, FramedStream(reader, writer), self._next_connection)
+        task = self._connections.spawn(conn.run(), f"conn-{conn.id}")
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    """Bind the TCP socket first (port 0 picks one), so the DHT can reuse its number."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def _start_dht(dht: DHTNode, host: str, port: int) -> int:
+    try:
+        return (await dht.start(host, port))[1]
+    except OSError:
+        log.warning("dht.port_taken port=%d: using a free one", port)
+        return (await dht.start(host, 0))[1]
+
+
+def _measure_block_throughput(backend: BlockBackend, repeats: int = 5) -> float:
+    """Tokens per second per block of one-token steps, measured on this device."""
+    info = backend.info
+    blocks = backend.blocks(info.start, info.end)
+    cache = backend.new_cache()
+    hidden = torch.zeros(1, 1, info.hidden_size)
+    backend.step(cache, blocks, hidden, 0)
+    start = time.perf_counter()
+    for i in range(repeats):
+        backend.step(cache, blocks, hidden, i + 1)
+    seconds = (time.perf_counter() - start) / repeats
+    return (info.end - info.start) / seconds if seconds > 0 else 0.0
+
+
+def _sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(state.encode(), address)

@@ -1,0 +1,122 @@
+"""Inference sessions held by a server: their caches, reservations and idle deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from beed.server.kv_budget import KVBudget
+from protocol.errors import BadRequestError, UnknownSessionError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """One client's inference session on this server's blocks."""
+
+    key: str  # registry key: connection id and stream id
+    blocks: range  # local block indices of the span's blocks this session runs
+    span: tuple[int, int]  # the same as global [start, end)
+    max_length: int  # positions the session may fill
+    batch_size: int
+    timeout_s: float  # idle lifetime
+    cache: Any  # the backend's cache object
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    length: int = 0  # positions filled
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def expired(self, now: float) -> bool:
+        return now - self.last_used > self.timeout_s and not self.lock.locked()
+
+
+class SessionRegistry:
+    """All open sessions of a server; each holds a KV reservation until it is closed."""
+
+    def __init__(self, budget: KVBudget) -> None:
+        self.budget = budget
+        self._sessions: dict[str, Session] = {}
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @staticmethod
+    def key(connection_id: int, stream_id: int) -> str:
+        return f"c{connection_id}/s{stream_id}"
+
+    def open(
+        self,
+        key: str,
+        *,
+        blocks: range,
+        span: tuple[int, int],
+        max_length: int,
+        batch_size: int,
+        timeout_s: float,
+        cache: Any,
+    ) -> Session:
+        if key in self._sessions:
+            raise BadRequestError(f"a session is already open on this stream ({key})")
+        self.budget.reserve(key, max_length * batch_size)
+        session = Session(key, blocks, span, max_length, batch_size, timeout_s, cache)
+        self._sessions[key] = session
+        self._empty.clear()
+        log.info(
+            "session.open key=%s span=%d:%d max_length=%d batch=%d",
+            key,
+            span[0],
+            span[1],
+            max_length,
+            batch_size,
+        )
+        return session
+
+    def get(self, key: str) -> Session:
+        session = self._sessions.get(key)
+        if session is None:
+            raise UnknownSessionError(
+                f"no open session on this stream ({key}): closed or timed out"
+            )
+        return session
+
+    def close(self, key: str, reason: str) -> bool:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            return False
+        self.budget.release(key)
+        session.cache = None
+        if not self._sessions:
+            self._empty.set()
+        log.info("session.close key=%s reason=%s length=%d", key, reason, session.length)
+        return True
+
+    def close_prefix(self, prefix: str, reason: str) -> int:
+        """Close every session whose key starts with `prefix` (all of one connection)."""
+        keys = [k for k in self._sessions if k.startswith(prefix)]
+        for k in keys:
+            self.close(k, reason)
+        return len(keys)
+
+    async def wait_empty(self, timeout_s: float) -> bool:
+        """Wait until no session is open; False if some are still open after timeout_s."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def expire(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        keys = [k for k, s in self._sessions.items() if s.expired(now)]
+        for k in keys:
+            self.close(k, "timeout")
+        return len(keys)
