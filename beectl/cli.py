@@ -1,0 +1,361 @@
+"""The `beectl` command line: generate text through a swarm, run a local demo swarm, list servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import click
+
+from beectl.config import ClientConfig
+from beed.dht.peers import initial_peers_callback
+from protocol.errors import BeeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("kademlia", "rpcudp", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Verbosity of the log on stderr.",
+)
+def main(log_level: str) -> None:
+    """beectl: run a large language model through a beed swarm."""
+    _setup_logging(log_level)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _peers_option(f: Any) -> Any:
+    return click.option(
+        "--initial-peers",
+        multiple=True,
+        callback=initial_peers_callback,
+        envvar="BEED_INITIAL_PEERS",
+        help="DHT address printed by `beed bootstrap`, HOST:PORT (repeated or comma-separated; "
+        "env BEED_INITIAL_PEERS).",
+    )(f)
+
+
+def _generation_options(f: Any) -> Any:
+    options = [
+        click.option(
+            "--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path."
+        ),
+        click.option("--max-new-tokens", type=click.IntRange(0), default=64, show_default=True),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Sample with this temperature (default: greedy).",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(0),
+            default=None,
+            help="Sample from the k most likely tokens.",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="Sample from the smallest set with this probability mass.",
+        ),
+        click.option(
+            "--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None
+        ),
+        click.option(
+            "--seed", type=int, default=None, help="Seed for sampling (implies sampling)."
+        ),
+        click.option(
+            "--raw", is_flag=True, help="Send the prompt as is, without the chat template."
+        ),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print one JSON object with the text and timings.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("prompt")
+@_peers_option
+@_generation_options
+def generate(prompt: str, initial_peers: list[tuple[str, int]], **kwargs: Any) -> None:
+    """Generate text after PROMPT through the swarm; text streams to stdout as it is produced."""
+    config = ClientConfig(initial_peers=tuple(initial_peers))
+    _run_cli(_generate(prompt, config, **kwargs))
+
+
+async def _generate(
+    prompt: str,
+    config: ClientConfig,
+    *,
+    model: str,
+    max_new_tokens: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    raw: bool,
+    as_json: bool,
+) -> None:
+    from beectl.generation import SamplingConfig
+    from beectl.generation import generate as run_generation
+    from beectl.model import RemoteModel
+
+    began = time.perf_counter()
+    remote = await RemoteModel.load(model, config)
+    try:
+        tokenizer = remote.tokenizer
+        if not raw and tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )["input_ids"]
+        else:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+        gc = remote.generation_config
+        eos = gc.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        do_sample = any(v is not None for v in (temperature, top_k, top_p, seed))
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature or 1.0,
+            top_k=top_k or 0,
+            top_p=top_p or 1.0,
+            repetition_penalty=repetition_penalty or 1.0,
+            seed=seed,
+            eos_token_ids=tuple(sorted(eos_ids)),
+            pad_token_id=gc.pad_token_id if gc.pad_token_id is not None else 0,
+        )
+        load_s = time.perf_counter() - began
+        streamer = _TextStream(tokenizer, enabled=not as_json)
+        async with remote.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
+            route = [
+                (h.start, h.end, h.server.host, h.server.port, h.peer_id) for h in session.route
+            ]
+            out = await run_generation(remote.head, session, ids, sampling, on_tokens=streamer.put)
+        streamer.end()
+        new_ids = out.sequences[0, ids.shape[1] :].tolist()
+        eos_set = set(sampling.eos_token_ids)
+        text_ids = [t for t in new_ids if t not in eos_set]
+        if as_json:
+            decode_tokens = max(out.num_new_tokens - 1, 0)
+            click.echo(
+                json.dumps(
+                    {
+                        "model": remote.files.name,
+                        "fingerprint": remote.files.fingerprint,
+                        "prompt": prompt,
+                        "text": tokenizer.decode(text_ids, skip_special_tokens=True),
+                        "prompt_tokens": ids.shape[1],
+                        "new_tokens": out.num_new_tokens,
+                        "token_ids": new_ids,
+                        "route": [
+                            {"blocks": [s, e], "host": h, "port": p, "peer_id": pid}
+                            for s, e, h, p, pid in route
+                        ],
+                        "timings": {
+                            "load_s": round(load_s, 4),
+                            "prefill_s": round(out.prefill_s, 4),
+                            "decode_s": round(out.decode_s, 4),
+                            "decode_tokens_per_s": round(decode_tokens / out.decode_s, 3)
+                            if out.decode_s > 0
+                            else None,
+                            "ms_per_token": round(1000 * out.decode_s / decode_tokens, 3)
+                            if decode_tokens
+                            else None,
+                        },
+                    }
+                )
+            )
+    finally:
+        await remote.aclose()
+
+
+class _TextStream:
+    """Prints newly decoded text as tokens arrive (whole characters only)."""
+
+    def __init__(self, tokenizer: Any, *, enabled: bool) -> None:
+        self.tokenizer = tokenizer
+        self.enabled = enabled
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def put(self, ids: Any) -> None:
+        if not self.enabled:
+            return
+        self.ids.append(int(ids[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the next token
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+@main.command()
+@_peers_option
+@click.option("--model", default=None, help="Show only this model's servers (name).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def swarm(initial_peers: list[tuple[str, int]], model: str | None, as_json: bool) -> None:
+    """List the models in the swarm and which servers serve which blocks."""
+    config = ClientConfig(initial_peers=tuple(initial_peers))
+    _run_cli(_swarm(config, model, as_json))
+
+
+async def _swarm(config: ClientConfig, model_name: str | None, as_json: bool) -> None:
+    from beectl.routing import uncovered_blocks
+    from beectl.swarm import Swarm
+
+    swarm_client = Swarm(config)
+    try:
+        await swarm_client.start()
+        models = [m for m in await swarm_client.models() if model_name in (None, m.model_name)]
+        result = []
+        for m in models:
+            servers = await swarm_client.servers(m.fingerprint, m.num_blocks)
+            result.append((m, servers, uncovered_blocks(servers, m.num_blocks)))
+    finally:
+        await swarm_client.aclose()
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "model": m.model_name,
+                        "fingerprint": m.fingerprint,
+                        "num_blocks": m.num_blocks,
+                        "uncovered_blocks": gaps,
+                        "servers": [
+                            {
+                                "peer_id": s.peer_id,
+                                "host": s.host,
+                                "port": s.port,
+                                "blocks": [s.span_start, s.span_end],
+                                "state": s.state.value,
+                                "dtype": s.dtype,
+                                "compute_tokens_per_s": s.compute_tokens_per_s,
+                                "free_kv_tokens": s.free_kv_tokens,
+                                "software_version": s.software_version,
+                            }
+                            for s in servers
+                        ],
+                    }
+                    for m, servers, gaps in result
+                ],
+                indent=2,
+            )
+        )
+        return
+    if not result:
+        click.echo(
+            "no models are served in this swarm"
+            + (f" under the name {model_name!r}" if model_name else "")
+        )
+        return
+    for m, servers, gaps in result:
+        status = "all blocks covered" if not gaps else f"UNCOVERED blocks: {_ranges(gaps)}"
+        click.echo(f"{m.model_name}  fingerprint {m.fingerprint}  {m.num_blocks} blocks  {status}")
+        click.echo(
+            f"  {'blocks':>9}  {'state':<8} {'address':<22} {'dtype':<9} {'tok/s/blk':>9} {'free KV':>9}  peer"
+        )
+        for s in servers:
+            click.echo(
+                f"  {s.span_start:>4}:{s.span_end:<4}  {s.state.value:<8} {s.host + ':' + str(s.port):<22} "
+                f"{s.dtype:<9} {s.compute_tokens_per_s:>9.0f} {s.free_kv_tokens:>9}  {s.peer_id}"
+            )
+
+
+def _ranges(blocks: list[int]) -> str:
+    out: list[str] = []
+    start = prev = blocks[0]
+    for b in [*blocks[1:], None]:
+        if b is not None and b == prev + 1:
+            prev = b
+            continue
+        out.append(f"{start}:{prev + 1}")
+        if b is not None:
+            start = prev = b
+    return ", ".join(out)
+
+
+@main.command()
+@click.argument("prompt", default="Why is the sky blue?")
+@_generation_options
+@click.option(
+    "--servers",
+    type=click.IntRange(1, 8),
+    default=2,
+    show_default=True,
+    help="How many servers to split the blocks over.",
+)
+def demo(prompt: str, servers: int, **kwargs: Any) -> None:
+    """Start a bootstrap node and servers on this machine, generate once, and tear down.
+
+    Everything runs on 127.0.0.1 with free ports; the processes are stopped at the end.
+    """
+    from beectl.local_swarm import LocalSwarm
+
+    model = kwargs["model"]
+    click.echo(
+        f"demo: starting a bootstrap node and {servers} servers for {model} on 127.0.0.1 ...",
+        err=True,
+    )
+    with LocalSwarm(model=model, num_servers=servers) as local:
+        for line in local.describe():
+            click.echo(f"demo: {line}", err=True)
+        config = ClientConfig(initial_peers=tuple(local.initial_peers))
+        _run_cli(_generate(prompt, config, **kwargs))
+    click.echo("demo: swarm stopped", err=True)
+
+
+def _run_cli(coro: Any) -> None:
+    """Run a command's coroutine; user-facing errors become one line, Ctrl-C exits 130."""
+    try:
+        asyncio.run(coro)
+    except BeeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; sessions closed", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

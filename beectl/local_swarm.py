@@ -1,0 +1,207 @@
+"""A swarm on this machine: a bootstrap node and block servers as subprocesses (demo and tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from beed.dht.peers import parse_initial_peers
+from protocol.errors import BeeError
+
+START_TIMEOUT_S = 300.0  # the first start converts the embedded model
+
+
+class LocalSwarmError(BeeError):
+    code = 306
+
+
+@dataclass
+class Daemon:
+    """One `beed` subprocess and the first line it printed on stdout."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[str] | None = None
+    ready_line: str = ""
+    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def start(self, env: dict[str, str]) -> None:
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "beed.cli", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        log.close()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_ready(self, timeout_s: float) -> str:
+        try:
+            line = self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            raise LocalSwarmError(
+                f"{self.name} printed nothing in {timeout_s:.0f} s; log:\n{self.tail()}"
+            ) from None
+        if line is None:
+            raise LocalSwarmError(f"{self.name} exited before it was ready; log:\n{self.tail()}")
+        self.ready_line = line
+        return line
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        if self.process is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+class LocalSwarm:
+    """`with LocalSwarm(model="smollm2-135m", num_servers=2) as swarm:` — servers split the
+    blocks evenly with --block-indices; `swarm.initial_peers` is what clients pass."""
+
+    def __init__(
+        self,
+        *,
+        model: str = "smollm2-135m",
+        num_servers: int = 2,
+        spans: list[tuple[int, int]] | None = None,
+        extra_args: list[str] | None = None,
+        dtype: str = "float32",
+        num_threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.num_servers = num_servers
+        self.spans = spans
+        self.extra_args = extra_args or []
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self._tmp = tempfile.TemporaryDirectory(prefix="beed-swarm-")
+        self.bootstrap: Daemon | None = None
+        self.servers: list[Daemon] = []
+        self.initial_peers: list[tuple[str, int]] = []
+        self.env = dict(os.environ)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+
+    def _split(self) -> list[tuple[int, int]]:
+        if self.spans is not None:
+            return self.spans
+        from beed.models.adapters import load_config, num_blocks
+        from beed.models.registry import resolve_model
+
+        total = num_blocks(load_config(resolve_model(self.model).path))
+        n = min(self.num_servers, total)
+        bounds = [round(i * total / n) for i in range(n + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+    def __enter__(self) -> LocalSwarm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        tmp = Path(self._tmp.name)
+        spans = self._split()  # converts the embedded model once, before servers race for it
+        self.bootstrap = Daemon(
+            "bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0"], tmp / "bootstrap.log"
+        )
+        self.bootstrap.start(self.env)
+        line = self.bootstrap.wait_ready(60.0)
+        self.initial_peers = parse_initial_peers([line.split()[-1]])
+        peers = line.split()[-1]
+        for i, (start, end) in enumerate(spans):
+            self.add_server(f"{start}:{end}", name=f"server{i}", peers=peers)
+        for server in self.servers:
+            server.wait_ready(START_TIMEOUT_S)
+
+    def add_server(
+        self,
+        block_indices: str,
+        *,
+        name: str | None = None,
+        peers: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> Daemon:
+        """Start one more server (not waited for: call `wait_ready` on the result)."""
+        tmp = Path(self._tmp.name)
+        name = name or f"server{len(self.servers)}"
+        args = [
+            "serve",
+            "--model",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--initial-peers",
+            peers or ",".join(f"{h}:{p}" for h, p in self.initial_peers),
+            "--dtype",
+            self.dtype,
+            *self.extra_args,
+            *(extra_args or []),
+        ]
+        if block_indices:
+            args += ["--block-indices", block_indices]
+        if self.num_threads:
+            args += ["--num-threads", str(self.num_threads)]
+        daemon = Daemon(name, args, tmp / f"{name}.log")
+        daemon.start(self.env)
+        self.servers.append(daemon)
+        return daemon
+
+    def describe(self) -> list[str]:
+        lines = [f"bootstrap --initial-peers {','.join(f'{h}:{p}' for h, p in self.initial_peers)}"]
+        lines += [f"{s.name}: {' '.join(s.ready_line.split()[:4])}" for s in self.servers]
+        return lines
+
+    def stop(self) -> None:
+        for daemon in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
+            daemon.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20.0
+        for daemon in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
+            if daemon.process is None:
+                continue
+            try:
+                daemon.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
+        self._tmp.cleanup()
