@@ -22,7 +22,9 @@ from protocol.frames import MAGIC, PREFIX, PREFIX_SIZE
 from tests.protocol.test_messages import EXAMPLES
 
 CASES = 24_000
-LIMITS = Limits(max_frame_bytes=1 << 20, max_decompressed_bytes=1 << 20, max_tensor_elements=1 << 18)
+LIMITS = Limits(
+    max_frame_bytes=1 << 20, max_decompressed_bytes=1 << 20, max_tensor_elements=1 << 18
+)
 ODD_VALUES: list[object] = [
     None, -1, 0, 1, 2**32, 2**64 - 1, -(2**63), 1.5, float("nan"), True, "", "x" * 300,
     b"\x00\xff", [], [0], [[0]], {}, {"a": 1}, ["float32", [1], 0, 4, 4],
@@ -117,5 +119,6 @@ def test_fuzz_decoder_raises_only_protocol_errors() -> None:
         try:
             run_decoder(rng, data)
         except Exception as exc:
-            raise AssertionError(f"case {case}: {type(exc).__name__}: {exc}\ndata={data.hex()}")
+            msg = f"case {case}: {type(exc).__name__}: {exc}\ndata={data.hex()}"
+            raise AssertionError(msg) from exc
     assert time.monotonic() - started < 60
