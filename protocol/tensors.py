@@ -57,7 +57,10 @@ def encode_tensor(
     """Descriptor [dtype, shape, codec id, raw length, encoded length] and the encoded payload."""
     t, name, raw = raw_bytes(tensor)
     raw_len = len(raw)
-    if policy is None:
+    if policy is None or (
+        policy.force is None
+        and (policy.link_bytes_per_s is None or raw_len < policy.min_compress_bytes)
+    ):  # the common case: no compression, no cost model
         return [name, list(t.shape), 0, raw_len, raw_len], raw
     return _encode_with(t, name, raw, choose_codec(t, policy, name), policy.zstd_level)
 
