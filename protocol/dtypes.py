@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+if sys.byteorder != "little":  # pragma: no cover - element bytes are sent as they lie in memory
+    raise ImportError("protocol needs a little-endian host (docs/protocol.md, section 4)")
 
 # Wire dtype name -> bytes per element (docs/protocol.md, "Dtypes"); element bytes are little-endian.
 ITEMSIZE: dict[str, int] = {
