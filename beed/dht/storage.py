@@ -14,6 +14,7 @@ from beed.dht.envelope import Order, SignedEntry
 
 log = logging.getLogger(__name__)
 
+CULL_PERIOD_S = 1.0  # a full sweep of expired entries at most this often; reads cull their key
 # Per-entry overhead in a msgpack page beyond the value and subkey (array, float, signature).
 _ENTRY_OVERHEAD_BYTES = 90
 
@@ -46,13 +47,14 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
         self._clock = clock
         self.data: OrderedDict[bytes, dict[str, StoredEntry]] = OrderedDict()
         self._last_merge: dict[bytes, float] = {}  # monotonic time of the last accepted entry
+        self._last_cull = float("-inf")
 
     # --- our interface -----------------------------------------------------------------------
 
     def merge(self, key: bytes, entry: SignedEntry, order: Order) -> bool:
         """Store `entry` under `key` unless an entry with an equal or larger order is held."""
         now = self._clock()
-        self.cull(now)
+        self._cull_now_and_then(now)
         deadline = min(entry.expires_at, now + self.max_ttl_s)
         if deadline <= now:
             return False
@@ -74,8 +76,16 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
 
     def entries(self, key: bytes) -> list[SignedEntry]:
         """Unexpired entries under `key`, sorted by subkey."""
-        self.cull(self._clock())
-        subkeys = self.data.get(key, {})
+        now = self._clock()
+        self._cull_now_and_then(now)
+        subkeys = self.data.get(key)
+        if not subkeys:
+            return []
+        for subkey in [s for s, stored in subkeys.items() if stored.deadline <= now]:
+            del subkeys[subkey]
+        if not subkeys:
+            del self.data[key]
+            self._last_merge.pop(key, None)
         return [subkeys[s].entry for s in sorted(subkeys)]
 
     def page(
@@ -98,9 +108,14 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
         if key in self.data:
             self._last_merge[key] = time.monotonic()
 
+    def _cull_now_and_then(self, now: float) -> None:
+        if now - self._last_cull >= CULL_PERIOD_S or now < self._last_cull:
+            self.cull(now)
+
     def cull(self, now: float | None = None) -> None:
         """Drop entries past their deadline, and keys left empty."""
         now = self._clock() if now is None else now
+        self._last_cull = now
         for key in list(self.data):
             subkeys = self.data[key]
             for subkey in [s for s, stored in subkeys.items() if stored.deadline <= now]:
