@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import time
 
 import pytest
 from kademlia.utils import digest
 
-from beed.dht import ClientModeError, DHTConfig, DHTNode, ServerState
+from beed.dht import (
+    ClientModeError,
+    DHTConfig,
+    DHTNode,
+    ServerState,
+    format_initial_peers,
+    parse_initial_peers,
+)
 from beed.dht.keys import keys_for_record
 
 from .conftest import FAST, RawPeer, SwarmFactory, server_record
@@ -212,3 +220,28 @@ async def _signed_entry(node: DHTNode, record):  # type: ignore[no-untyped-def]
     signed = with_signing_fields(record, node.identity.public_key_bytes, now, now + 30)
     key = keys_for_record(signed)[0]
     return sign_entry(node.identity, key, encode_record(signed), signed.expires_at), signed
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6(swarm: SwarmFactory) -> None:
+    nodes = [DHTNode(FAST), DHTNode(FAST), DHTNode(FAST, client_mode=True)]
+    try:
+        seed = await nodes[0].start("::1", 0)
+        for node in nodes[1:]:
+            await node.start("::1", 0)
+            await node.bootstrap(parse_initial_peers([format_initial_peers([seed])]))
+        await nodes[1].announce(server_record(nodes[1], 0, 8, host="::1"))
+        (record,) = await nodes[2].get_servers("fp-test", 0, 8)
+        assert record.host == "::1"
+    finally:
+        for node in nodes:
+            await node.aclose()
