@@ -38,7 +38,14 @@ class Daemon:
     def start(self, env: dict[str, str]) -> None:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "beed.cli", *self.args],
+            [
+                sys.executable,
+                "-m",
+                "beed.cli",
+                "--log-level",
+                env.get("BEED_LOG_LEVEL", "INFO"),
+                *self.args,
+            ],
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -67,11 +67,12 @@ class RemoteModel:
         cls, model: str, config: ClientConfig, *, dtype: torch.dtype = torch.float32
     ) -> RemoteModel:
         """Resolve the model, load the head and tokenizer, and join the swarm."""
-        files = await asyncio.to_thread(load_model_files, model)
-        head, tokenizer = await asyncio.gather(
-            asyncio.to_thread(LocalHead, files.path, dtype=dtype),
-            asyncio.to_thread(AutoTokenizer.from_pretrained, files.path),
-        )
+        # Model conversion and the head run torch on this (the event loop's) thread, the one that
+        # computes logits later: a second thread doing torch work gets its own OpenMP team, and
+        # more OpenMP threads than cores make libgomp stop spin-waiting (every op gets slower).
+        files = load_model_files(model)
+        head = LocalHead(files.path, dtype=dtype)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, files.path)
         swarm = Swarm(config)
         try:
             await swarm.start()

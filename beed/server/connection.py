@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -169,6 +170,7 @@ class ServerConnection:
                         f"batch {msg.hidden.shape[0]} != session batch {session.batch_size}"
                     )
                 cache = session.cache
+                began = time.perf_counter()
                 out = await st.run_compute(
                     lambda: st.backend.step(
                         cache,
@@ -178,6 +180,13 @@ class ServerConnection:
                         msg.attention_mask,
                         msg.position_ids,
                     )
+                )
+                log.debug(
+                    "session.step key=%s position=%d tokens=%d compute_ms=%.2f",
+                    key,
+                    msg.position,
+                    tokens,
+                    1000 * (time.perf_counter() - began),
                 )
                 session.length = msg.position + tokens
                 session.touch()
