@@ -87,32 +87,36 @@ async def bench_beed(args: argparse.Namespace, layout: list[tuple[int, int]]) ->
     for node in nodes[1:]:
         await node.bootstrap([seed])
     began = time.perf_counter()
-    stores = await asyncio.gather(
-        *(
-            node.announce(
-                ServerRecord(
-                    peer_id=node.peer_id,
-                    state=ServerState.ONLINE,
-                    span_start=start,
-                    span_end=end,
-                    host="127.0.0.1",
-                    port=40000 + i,
-                    model_fingerprint=FINGERPRINT,
-                    model_name="bench-model",
-                    num_blocks=args.blocks,
-                    dtype="bfloat16",
-                    compute_tokens_per_s=1000.0,
-                    network_bytes_per_s=1e8,
-                    free_kv_tokens=8192,
-                    codecs=("none", "lz4", "zstd"),
-                    software_version="bench",
-                )
-            )
-            for i, (node, (start, end)) in enumerate(zip(nodes, layout, strict=False))
+    # Servers announce in waves of 10: all nodes share one event loop here, and hundreds of
+    # simultaneous announcements overflow the UDP buffers (real servers start at different times).
+    records = [
+        (
+            node,
+            ServerRecord(
+                peer_id=node.peer_id,
+                state=ServerState.ONLINE,
+                span_start=start,
+                span_end=end,
+                host="127.0.0.1",
+                port=40000 + i,
+                model_fingerprint=FINGERPRINT,
+                model_name="bench-model",
+                num_blocks=args.blocks,
+                dtype="bfloat16",
+                compute_tokens_per_s=1000.0,
+                network_bytes_per_s=1e8,
+                free_kv_tokens=8192,
+                codecs=("none", "lz4", "zstd"),
+                software_version="bench",
+            ),
         )
-    )
+        for i, (node, (start, end)) in enumerate(zip(nodes, layout, strict=False))
+    ]
+    stores = []
+    for wave in range(0, len(records), 10):
+        stores += await asyncio.gather(*(n.announce(r) for n, r in records[wave : wave + 10]))
     announce_s = time.perf_counter() - began
-    times, rpcs, complete = [], [], 0
+    times, rpcs, complete, seen = [], [], 0, []
     rng = random.Random(1)
     for _ in range(args.trials):
         client = await started(config, delay_s, client_mode=True)
@@ -125,12 +129,14 @@ async def bench_beed(args: argparse.Namespace, layout: list[tuple[int, int]]) ->
         times.append(time.perf_counter() - t0)
         rpcs.append(calls[0])
         complete += len(found) == len(layout)
+        seen.append(len(found))
         await client.aclose()
     await asyncio.gather(*(node.aclose() for node in nodes))
     return {
         "times": times,
         "rpcs": statistics.median(rpcs),
         "complete": complete,
+        "seen": min(seen),
         "announce_s": announce_s,
         "stores": sum(stores),
     }
@@ -205,7 +211,11 @@ async def main() -> None:
         f"{ours['stores']} remote stores"
     )
     print(f"{'':28} {'median ms':>10} {'p95 ms':>10} {'servers found':>14}")
-    seen = f"{ours['complete']}/{args.trials} all"
+    seen = (
+        f"{ours['complete']}/{args.trials} all"
+        if ours["complete"] == args.trials
+        else (f"{ours['complete']}/{args.trials} all, min {ours['seen']}")
+    )
     print(
         f"{'beed get_servers(0, 30)':28} {statistics.median(ms):10.1f} {percentile(ms, 0.95):10.1f}"
         f" {seen:>14}   rpcs/lookup={ours['rpcs']:.0f}"

@@ -25,3 +25,4 @@ class DHTConfig:
     republish_s: float = 3600.0  # re-store held entries not refreshed by their writer for this long
     max_subkeys_per_key: int = 4096  # entries one key may hold on one storing node
     max_keys: int = 65536  # keys one storing node holds
+    socket_buffer_bytes: int = 1 << 20  # UDP send/receive buffer asked of the kernel (capped by it)

@@ -86,6 +86,13 @@ class DHTNode:
             local_addr=(host, port),
         )
         self._transport, self._protocol = transport, protocol
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # bursts of reply pages must not overflow the kernel's buffer
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, self.config.socket_buffer_bytes)
+                except OSError as exc:
+                    log.debug("dht.sockopt_failed option=%s error=%s", option, exc)
         sockname = transport.get_extra_info("sockname")
         self.address = (str(sockname[0]), int(sockname[1]))
         self._tasks.spawn(self._maintain(), "maintain")
@@ -145,6 +152,9 @@ class DHTNode:
         try:
             async with asyncio.timeout(timeout_s):
                 await spider.find()
+                # As the paper says (kademlia does not): refresh every bucket after joining,
+                # so this node and the nodes it meets learn the swarm's far regions too.
+                await self._refresh_buckets(older_than_s=0.0)
         except TimeoutError:
             log.warning("dht.bootstrap_slow timeout_s=%g", timeout_s)
         log.info("dht.bootstrapped peers=%d contacts=%d", len(contacts), self.routing_table_size())
@@ -222,12 +232,13 @@ class DHTNode:
                 self.protocol, target, nearest, self.config.ksize, self.config.alpha
             )
             nodes = await spider.find()
-        # kademlia's set() takes max() of this list and fails when every neighbour is dead.
-        farthest = max((n.distance_to(target) for n in nodes), default=None)
-        if len(nodes) < self.config.ksize or (
-            farthest is not None and self.node.distance_to(target) < farthest
-        ):
+        # The k nearest of the nodes found and this one: every writer picks the same set, so
+        # holders agree (kademlia's set() also takes max() of an empty list when all are dead).
+        nodes = sorted([*nodes, self.node], key=lambda n: n.distance_to(target))
+        nodes = nodes[: self.config.ksize]
+        if any(n.id == self.node.id for n in nodes):
             self._store_locally(key, entry)
+            nodes = [n for n in nodes if n.id != self.node.id]
         results = await asyncio.gather(*(self.protocol.call_store(n, key, entry) for n in nodes))
         stored[slot] = sum(1 for ok, accepted in results if ok and accepted)
 
@@ -343,8 +354,12 @@ class DHTNode:
             if not self.client_mode:
                 await self._republish()
 
-    async def _refresh_buckets(self) -> None:
-        limit = time.monotonic() - self.config.table_refresh_s
+    async def _refresh_buckets(self, older_than_s: float | None = None) -> None:
+        """Look up a random id in each bucket not looked up for `older_than_s` (default: the
+        refresh period)."""
+        if older_than_s is None:
+            older_than_s = self.config.table_refresh_s
+        limit = time.monotonic() - older_than_s
         targets = [
             Node(random.randint(*b.range).to_bytes(20, "big"))
             for b in self.protocol.router.buckets

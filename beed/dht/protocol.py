@@ -216,7 +216,8 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
             return self.rpc_find_node(sender, nodeid, key)
         self._source(sender, nodeid)
         page, cursor = self.storage.page(key, after, self.config.max_page_bytes)
-        return {"value": [e.to_wire() for e in page], "next": cursor}
+        count, digest = self.storage.summary(key)
+        return {"value": [e.to_wire() for e in page], "next": cursor, "n": count, "sum": digest}
 
     # --- requests we make ----------------------------------------------------------------------
 
@@ -251,7 +252,10 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
     async def call_find_value(
         self, node_to_ask: Node, node_to_find: Node, after: str | None = None
     ) -> RpcResult:
-        """(True, node list) or (True, {"value": [(entry, record)...], "next": cursor})."""
+        """(True, node list) or (True, {"value": [(entry, record)...], "next", "sum"}).
+
+        `sum` identifies the holder's whole subkey set ((count, digest)), or is None if absent.
+        """
         address = (node_to_ask.ip, node_to_ask.port)
         args: list[Any] = [self.wire_id, node_to_find.id] + ([after] if after else [])
         result = await self._call(address, "find_value", *args)
@@ -292,7 +296,15 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
                 verified.append((entry, check_entry(key, entry, now)))
             except RecordError as exc:
                 log.debug("dht.entry_rejected reason=%s", exc)
-        return {"value": verified, "next": cursor if isinstance(cursor, str) else None}
+        count, digest = reply.get("n"), reply.get("sum")
+        summary = None
+        if isinstance(count, int) and isinstance(digest, bytes) and len(digest) == 8:
+            summary = (count, digest)
+        return {
+            "value": verified,
+            "next": cursor if isinstance(cursor, str) else None,
+            "sum": summary,
+        }
 
     # --- routing table maintenance --------------------------------------------------------------
 

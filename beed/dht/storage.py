@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -17,6 +18,11 @@ log = logging.getLogger(__name__)
 CULL_PERIOD_S = 1.0  # a full sweep of expired entries at most this often; reads cull their key
 # Per-entry overhead in a msgpack page beyond the value and subkey (array, float, signature).
 _ENTRY_OVERHEAD_BYTES = 90
+
+
+def subkey_digest(subkeys: Iterable[str]) -> bytes:
+    """SHA-256 of the sorted subkeys joined by newlines, first 8 bytes (a set's fingerprint)."""
+    return hashlib.sha256("\n".join(sorted(subkeys)).encode()).digest()[:8]
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,11 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
     def _cull_now_and_then(self, now: float) -> None:
         if now - self._last_cull >= CULL_PERIOD_S or now < self._last_cull:
             self.cull(now)
+
+    def summary(self, key: bytes) -> tuple[int, bytes]:
+        """How many entries `key` holds and an 8-byte digest of their subkeys (sorted)."""
+        subkeys = [e.subkey for e in self.entries(key)]
+        return len(subkeys), subkey_digest(subkeys)
 
     def cull(self, now: float | None = None) -> None:
         """Drop entries past their deadline, and keys left empty."""
