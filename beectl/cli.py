@@ -107,6 +107,7 @@ def _generation_options(f: Any) -> Any:
 @_generation_options
 def generate(prompt: str, initial_peers: list[tuple[str, int]], **kwargs: Any) -> None:
     """Generate text after PROMPT through the swarm; text streams to stdout as it is produced."""
+    _require_peers(initial_peers)
     config = ClientConfig(initial_peers=tuple(initial_peers))
     _run_cli(_generate(prompt, config, **kwargs))
 
@@ -236,6 +237,7 @@ class _TextStream:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def swarm(initial_peers: list[tuple[str, int]], model: str | None, as_json: bool) -> None:
     """List the models in the swarm and which servers serve which blocks."""
+    _require_peers(initial_peers)
     config = ClientConfig(initial_peers=tuple(initial_peers))
     _run_cli(_swarm(config, model, as_json))
 
@@ -344,6 +346,14 @@ def demo(prompt: str, servers: int, **kwargs: Any) -> None:
         config = ClientConfig(initial_peers=tuple(local.initial_peers))
         _run_cli(_generate(prompt, config, **kwargs))
     click.echo("demo: swarm stopped", err=True)
+
+
+def _require_peers(initial_peers: list[tuple[str, int]]) -> None:
+    if not initial_peers:
+        raise click.UsageError(
+            "no --initial-peers given: pass the address printed by `beed bootstrap` "
+            "(or run `beectl demo` for a swarm on this machine)"
+        )
 
 
 def _run_cli(coro: Any) -> None:

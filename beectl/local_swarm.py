@@ -73,6 +73,12 @@ class Daemon:
         self.ready_line = line
         return line
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """HOST, PORT from a server's ready line (`ready HOST:PORT blocks ...`)."""
+        host, _, port = self.ready_line.split()[1].rpartition(":")
+        return host, int(port)
+
     def tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])

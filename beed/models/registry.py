@@ -43,7 +43,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 class ModelSource:
     """A model resolved to a local directory with config.json and safetensors weights."""
 
-    name: str  # what the user typed, or the embedded name
+    name: str  # the embedded name, a local directory's name, or the hub id
     path: Path
 
 
@@ -66,7 +66,9 @@ def resolve_model(name_or_path: str, *, cache: Path | None = None) -> ModelSourc
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ModelNotFoundError(f"{local} is a directory but has no config.json")
-        return ModelSource(name_or_path, local.resolve())
+        resolved = local.resolve()
+        # The name announced in the DHT: the directory's name, not this machine's path to it.
+        return ModelSource(resolved.name, resolved)
     if "/" in name_or_path and not name_or_path.startswith((".", "/")):
         hub = _hub_cache_path(name_or_path)
         if hub is not None:

@@ -1,0 +1,72 @@
+"""Distributed generation equals local transformers (float32, greedy), through real daemons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from beectl import AutoDistributedModelForCausalLM
+from beectl.local_swarm import LocalSwarm
+from tests.conftest import STORY, peers_of
+
+NEW_TOKENS = 64
+
+
+def reference(local_model, ids: torch.Tensor, new_tokens: int):
+    return local_model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
+def check_same(local_model, tokenizer, peers: list[str]) -> None:
+    ids = tokenizer(STORY, return_tensors="pt").input_ids
+    ref = reference(local_model, ids, NEW_TOKENS)
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        "smollm2-135m", initial_peers=peers
+    ) as model:
+        out = model.generate(
+            ids,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    assert out.sequences.shape == (1, ids.shape[1] + NEW_TOKENS)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.logits) == NEW_TOKENS
+    # The first logits come from the prefill, the others from single-token decode steps.
+    for step, (ours, theirs) in enumerate(zip(out.logits, ref.logits, strict=True)):
+        diff = (ours - theirs).abs().max().item()
+        assert diff <= 1e-4, f"step {step}: logits differ by {diff}"
+
+
+def test_two_daemons_equal_local(swarm2, local_model, tokenizer):
+    check_same(local_model, tokenizer, peers_of(swarm2))
+
+
+def test_three_daemons_equal_local(local_model, tokenizer):
+    with LocalSwarm(spans=[(0, 7), (7, 19), (19, 30)]) as swarm:
+        check_same(local_model, tokenizer, peers_of(swarm))
+
+
+def test_reused_session_equals_one_long_generation(swarm2, local_model, tokenizer):
+    ids = tokenizer(STORY, return_tensors="pt").input_ids
+    ref = reference(local_model, ids, 2 * 20)
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        "smollm2-135m", initial_peers=peers_of(swarm2)
+    ) as model:
+        with model.inference_session(max_length=ids.shape[1] + 64) as session:
+            first = model.generate(ids, max_new_tokens=20, eos_token_id=None, session=session)
+            # The second call sends only what the servers have not cached yet.
+            assert session.position == first.shape[1] - 1
+            second = model.generate(first, max_new_tokens=20, eos_token_id=None, session=session)
+        assert torch.equal(second, ref.sequences)
+        with pytest.raises(Exception, match="continue the session"):
+            with model.inference_session(max_length=200) as session:
+                model.generate(ids, max_new_tokens=2, eos_token_id=None, session=session)
+                model.generate(ids.flip(1), max_new_tokens=2, eos_token_id=None, session=session)

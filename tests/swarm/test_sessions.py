@@ -1,0 +1,112 @@
+"""Server-side session lifetime: the KV budget returns to zero on close, timeout and disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from beectl.connection import PeerConnection
+from beectl.local_swarm import Daemon
+from beed.models.fingerprint import model_fingerprint
+from beed.models.registry import cache_dir
+from protocol.errors import BadRequestError, UnknownSessionError
+from protocol.messages import Close, GetInfo, Info, OpenSession, SessionOpened, Step, StepResult
+
+
+async def info(daemon: Daemon) -> dict:
+    conn = PeerConnection(*daemon.address)
+    await conn.connect(5.0)
+    try:
+        reply = await conn.request(GetInfo(conn.new_stream_id()), 5.0)
+        assert isinstance(reply, Info)
+        return reply.info
+    finally:
+        await conn.aclose()
+
+
+async def wait_sessions(daemon: Daemon, count: int, timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = await info(daemon)
+        if current["sessions"] == count or time.monotonic() > deadline:
+            return current
+        await asyncio.sleep(0.2)
+
+
+async def open_session(
+    conn: PeerConnection, fingerprint: str, span, timeout_s: float = 60.0
+) -> int:
+    sid = conn.new_stream_id()
+    reply = await conn.request(
+        OpenSession(sid, fingerprint, span[0], span[1], max_length=64, timeout_s=timeout_s), 10.0
+    )
+    assert isinstance(reply, SessionOpened)
+    return sid
+
+
+async def test_budget_returns_to_zero_on_close_timeout_and_disconnect(swarm2, model_path):
+    fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+    server = swarm2.servers[0]
+    span = (0, 15)
+    before = await info(server)
+    assert before["sessions"] == 0 and before["used_kv_bytes"] == 0
+
+    # 1. explicit Close
+    conn = PeerConnection(*server.address)
+    await conn.connect(5.0)
+    sid = await open_session(conn, fingerprint, span)
+    reply = await conn.request(Step(sid, 1, 0, torch.randn(1, 5, 576)), 30.0)
+    assert isinstance(reply, StepResult) and reply.hidden.shape == (1, 5, 576)
+    during = await info(server)
+    assert during["sessions"] == 1 and during["used_kv_bytes"] > 0
+    await conn.request(Close(sid), 5.0)
+    assert (await info(server))["used_kv_bytes"] == 0
+
+    # 2. idle timeout (the server reaps once a second)
+    sid = await open_session(conn, fingerprint, span, timeout_s=1.0)
+    assert (await info(server))["sessions"] == 1
+    after = await wait_sessions(server, 0)
+    assert after["sessions"] == 0 and after["used_kv_bytes"] == 0
+    try:
+        await conn.request(Step(sid, 1, 0, torch.randn(1, 1, 576)), 10.0)
+    except UnknownSessionError as exc:
+        assert "closed or timed out" in str(exc)
+    else:
+        raise AssertionError("a step on a timed-out session must fail")
+
+    # 3. the client disconnects without closing
+    await open_session(conn, fingerprint, span)
+    await open_session(conn, fingerprint, span)
+    assert (await info(server))["sessions"] == 2
+    await conn.aclose()
+    after = await wait_sessions(server, 0)
+    assert after["sessions"] == 0 and after["used_kv_bytes"] == 0
+
+
+async def test_bad_requests_get_errors_and_the_connection_survives(swarm2, model_path):
+    fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+    server = swarm2.servers[1]
+    conn = PeerConnection(*server.address)
+    await conn.connect(5.0)
+    try:
+        sid = await open_session(conn, fingerprint, (15, 30))
+        for bad in (
+            Step(sid, 1, 0, torch.randn(1, 3, 100)),  # wrong hidden size
+            Step(sid, 1, 5, torch.randn(1, 3, 576)),  # position past the cached end
+            Step(sid, 1, 0, torch.randn(1, 65, 576)),  # beyond max_length
+            Step(sid, 1, 0, torch.randn(2, 3, 576)),  # batch differs from the session's
+        ):
+            try:
+                await conn.request(bad, 10.0)
+            except BadRequestError:
+                pass
+            else:
+                raise AssertionError(f"{bad} must be refused")
+        # The session is intact after the refusals.
+        reply = await conn.request(Step(sid, 2, 0, torch.randn(1, 3, 576)), 10.0)
+        assert isinstance(reply, StepResult)
+        await conn.request(Close(sid), 5.0)
+    finally:
+        await conn.aclose()
