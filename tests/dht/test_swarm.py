@@ -245,3 +245,29 @@ async def test_ipv6(swarm: SwarmFactory) -> None:
     finally:
         for node in nodes:
             await node.aclose()
+
+
+async def test_many_servers_per_key_page_within_the_datagram_limit(swarm: SwarmFactory) -> None:
+    nodes = await swarm(40)
+    for wave in range(0, 40, 10):
+        await asyncio.gather(
+            *(
+                n.announce(server_record(n, 0, 30, model_name="m" * 100))
+                for n in nodes[wave : wave + 10]
+            )
+        )
+    (client,) = await swarm(1, client_mode=True)
+    sizes: list[int] = []
+    for node in nodes:
+        send = node.protocol.transport.sendto
+
+        def recording(data: bytes, addr: object, send=send) -> None:  # type: ignore[no-untyped-def]
+            sizes.append(len(data))
+            send(data, addr)
+
+        node.protocol.transport.sendto = recording
+    found = await client.get_servers("fp-test", 0, 30)
+    assert {r.peer_id for r in found} == {n.peer_id for n in nodes}
+    assert 6000 < max(sizes) <= 8192  # full pages were sent, none over the limit
+    (model,) = await client.list_models()
+    assert model.num_servers == 40
