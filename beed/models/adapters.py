@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -92,11 +93,12 @@ class Span(nn.Module):
         super().__init__()
         self.start, self.end = start, end
         self.config = span_config(config, start, end)
-        with torch.device("meta"):
+        # Parameters on the meta device (the blocks' weights are assigned later, the embeddings
+        # never exist here); buffers such as rotary tables are computed on the CPU as usual.
+        with init_empty_weights(include_buffers=False):
             base = AutoModel.from_config(self.config)
         self.layers: nn.ModuleList = base.layers
-        # Rotary tables are non-persistent buffers computed at construction: build them for real.
-        self.rotary_emb = type(base.rotary_emb)(config=self.config).to(device)
+        self.rotary_emb = base.rotary_emb.to(device)
         self._typed_rotary = _rotary_takes_layer_type(self.rotary_emb)
         self.layer_types: list[str] | None = getattr(self.config, "layer_types", None)
 
@@ -110,6 +112,7 @@ class Span(nn.Module):
                     local[f"layers.{i - self.start}.{name[len(prefix) :]}"] = tensor
         missing, unexpected = self.load_state_dict(local, strict=False, assign=True)
         missing = [m for m in missing if not m.startswith("rotary_emb.")]
+        missing += [n for n, p in self.named_parameters() if p.is_meta and n not in missing]
         if missing or unexpected:
             raise ValueError(
                 f"span weights do not match: missing={missing} unexpected={unexpected}"
@@ -166,7 +169,8 @@ class Span(nn.Module):
 
 
 def build_head_model(config: PretrainedConfig) -> nn.Module:
-    """A causal-LM module with zero blocks, on the meta device: embeddings, final norm and head."""
+    """A causal-LM module with zero blocks: parameters on the meta device (to be assigned), buffers
+    computed on the CPU (e.g. Gemma's embedding scale)."""
     headless = span_config(config, 0, 0)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(headless)

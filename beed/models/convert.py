@@ -40,6 +40,8 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, *, source_id: str
     with _exclusive_lock(target.parent / f".{target.name}.lock"):
         if (target / CONVERTED_MARKER).exists():
             return target
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
         log.info("model.convert source=%s target=%s", source_id, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:

@@ -51,6 +51,7 @@ class BlockBackend:
         )
         self.span = Span(config, start, end, self.device)
         self.span.load_blocks(tensors, family)
+        self.span.to(self.device)  # buffers computed at construction (weights are there already)
         self.span.eval().requires_grad_(False)
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

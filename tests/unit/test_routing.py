@@ -84,3 +84,17 @@ def test_gap_raises_no_route_naming_the_block():
 def test_partial_range():
     route = find_route([rec("a", 0, 15), rec("b", 15, 30)], 20, 30)
     assert spans(route) == [("b", 20, 30)]
+
+
+def test_placement_fills_the_model_in_order_then_doubles_it():
+    from beed.server.placement import choose_span
+
+    servers: list[ServerRecord] = []
+    chosen = []
+    for i in range(4):
+        span = choose_span(servers, 30, 15)
+        chosen.append(span)
+        servers.append(rec(f"s{i}", *span))
+    assert chosen == [(0, 15), (15, 30), (0, 15), (15, 30)]
+    assert choose_span([rec("a", 0, 10)], 30, 50) == (0, 30)
+    assert choose_span([rec("a", 0, 12)], 30, 8) == (12, 20)
