@@ -70,7 +70,7 @@ def test_a_killed_conversion_leaves_no_directory(tmp_path: Path):
 def test_unknown_models_name_what_is_accepted(tmp_path: Path):
     with pytest.raises(ModelNotFoundError, match="smollm2-135m"):
         resolve_model("nope")
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         resolve_model(str(tmp_path))
 
 
