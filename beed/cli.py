@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: libgomp lets each OpenMP worker spin ~4 ms after every parallel region
+# by default. Between the processes of a swarm sharing cores, that spinning steals the CPU from
+# whichever process computes next (see docs/performance.md); 30000 spins keeps a step's ops fast
+# and stops within about a millisecond of the step's end. An explicit setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
 import asyncio
 import sys
 from pathlib import Path

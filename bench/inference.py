@@ -18,7 +18,12 @@ import subprocess
 import sys
 import time
 
-import torch
+# The client in this process gets the spin setting the beectl CLI uses (servers get it from the
+# beed CLI); the local baseline runs in its own process with the library defaults.
+_BASELINE_ENV = dict(os.environ)
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+import torch  # noqa: E402
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -57,7 +62,7 @@ def local_in_subprocess(args: argparse.Namespace, ids: torch.Tensor) -> tuple[fl
         "--repeats",
         str(args.repeats),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_BASELINE_ENV)
     data = json.loads(result.stdout.strip().splitlines()[-1])
     return data["seconds"], torch.tensor(data["sequences"])
 
