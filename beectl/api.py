@@ -137,7 +137,7 @@ class DistributedModelForCausalLM:
                 attention_mask=attention_mask,
                 cached_ids=cached,
                 on_tokens=on_tokens,
-                decode_text=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                decode_text=lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)),
                 output_logits=output_logits,
             )
 

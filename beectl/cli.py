@@ -134,6 +134,8 @@ async def _generate(
     raw: bool,
     as_json: bool,
 ) -> None:
+    import torch
+
     from beectl.generation import SamplingConfig
     from beectl.generation import generate as run_generation
     from beectl.model import RemoteModel
@@ -141,7 +143,8 @@ async def _generate(
     began = time.perf_counter()
     remote = await RemoteModel.load(model, config)
     try:
-        tokenizer = remote.tokenizer
+        tokenizer: Any = remote.tokenizer
+        ids: torch.Tensor
         if not raw and tokenizer.chat_template:
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}],

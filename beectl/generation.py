@@ -98,7 +98,7 @@ async def generate(
         raise BadRequestError(
             f"the session holds {session.position} tokens but {past} cached ids were given"
         )
-    if past and not torch.equal(input_ids[:, :past], cached_ids):
+    if cached_ids is not None and past and not torch.equal(input_ids[:, :past], cached_ids):
         raise BadRequestError(
             "input_ids do not continue the session's history; start a new session instead"
         )
@@ -135,7 +135,7 @@ async def generate(
         scores = head.logits(hidden[:, -1:, :])[:, -1, :]
         if output_logits:
             logits_out.append(scores.clone())
-        scores = processors(sequences, scores)
+        scores = processors(sequences, scores)  # type: ignore[arg-type]  # LongTensor alias
         if sampling.do_sample:
             probs = torch.softmax(scores, dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from beed.models.adapters import build_head_model, family_of, load_config
 from beed.models.weights import load_tensors
@@ -28,7 +30,7 @@ class LocalHead:
             dtype=dtype,
             device=self.device,
         )
-        model = build_head_model(self.config)
+        model: Any = build_head_model(self.config)  # transformers modules: attributes untyped
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
         if "lm_head.weight" in missing and getattr(self.config, "tie_word_embeddings", False):
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -39,9 +41,9 @@ class LocalHead:
                 f"head weights do not match: missing={missing} unexpected={unexpected}"
             )
         model.eval().requires_grad_(False)
-        self._embed = model.model.embed_tokens
-        self._norm = model.model.norm
-        self._lm_head = model.lm_head
+        self._embed: nn.Module = model.model.embed_tokens
+        self._norm: nn.Module = model.model.norm
+        self._lm_head: nn.Module = model.lm_head
         cap_attr = self.family.logit_softcap_attr
         self._softcap: float | None = getattr(self.config, cap_attr, None) if cap_attr else None
         self.hidden_size = int(self.config.hidden_size)

@@ -11,8 +11,13 @@ import logging
 import socket
 
 from protocol.codecs import CodecPolicy
-from protocol.errors import BeeError, PeerUnreachableError, PhaseTimeoutError
-from protocol.frames import FrameDecoder, encode_message
+from protocol.errors import (
+    BeeError,
+    PeerUnreachableError,
+    PhaseTimeoutError,
+    UnknownMessageTypeError,
+)
+from protocol.frames import FrameDecoder, encode_message, message_from_frame
 from protocol.limits import Limits
 from protocol.messages import Message
 
@@ -50,9 +55,13 @@ class FramedStream:
     async def read(self, timeout_s: float | None = None) -> Message:
         """The next message; ConnectionClosed at EOF, PhaseTimeoutError after timeout_s."""
         while True:
-            msg = self.decoder.next_message()
-            if msg is not None:
-                return msg
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                try:
+                    return message_from_frame(frame)
+                except UnknownMessageTypeError as exc:
+                    exc.stream_id = frame.stream_id  # type: ignore[attr-defined]  # to answer on
+                    raise
             try:
                 async with asyncio.timeout(timeout_s):
                     data = await self.reader.read(READ_CHUNK_BYTES)

@@ -33,4 +33,5 @@ class ServerConfig:
     drain_grace_s: float = 30.0  # SIGTERM: how long running sessions may finish
     write_timeout_s: float = 30.0  # one reply's drain to a slow client
     hello_timeout_s: float = 10.0  # a new connection must say Hello within this
+    max_streams_per_connection: int = 256  # open sessions and requests on one connection
     dht: DHTConfig = field(default_factory=DHTConfig)

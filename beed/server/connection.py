@@ -23,8 +23,12 @@ from protocol.errors import (
     PhaseTimeoutError,
     ProtocolError,
     SpanNotServedError,
+    StreamStateError,
+    TooManyStreamsError,
+    UnknownMessageTypeError,
     UnknownSessionError,
 )
+from protocol.limits import StreamTable
 from protocol.messages import (
     Ack,
     Backward,
@@ -74,19 +78,25 @@ class ServerConnection:
         self.stream = stream
         self.id = connection_id
         self._tasks = TaskOwner(f"conn-{connection_id}")
+        self._streams = StreamTable(state.config.max_streams_per_connection)
 
     async def run(self) -> None:
         prefix = SessionRegistry.key(self.id, 0)[:-1]  # "c{id}/s"
         try:
             await self._handshake()
             while True:
-                msg = await self.stream.read()
+                try:
+                    msg = await self.stream.read()
+                except UnknownMessageTypeError as exc:
+                    # A newer peer's message: refused on its stream, the connection stays (spec §8).
+                    self._reply(Error.from_exception(getattr(exc, "stream_id", 0), exc))
+                    continue
                 self._dispatch(msg)
         except ConnectionClosed:
             pass
         except PhaseTimeoutError as exc:
             log.info("conn.timeout id=%d peer=%s error=%s", self.id, self.stream.peername, exc)
-        except (ProtocolError, BadHandshake) as exc:
+        except ProtocolError as exc:
             log.warning(
                 "conn.protocol_error id=%d peer=%s error=%s", self.id, self.stream.peername, exc
             )
@@ -103,7 +113,7 @@ class ServerConnection:
     async def _handshake(self) -> None:
         msg = await self.stream.read(timeout_s=self.state.config.hello_timeout_s)
         if not isinstance(msg, Hello):
-            raise BadHandshake(f"the first message must be Hello, got {type(msg).__name__}")
+            raise StreamStateError(f"the first frame must be Hello, got {type(msg).__name__}")
         _version, codecs = negotiate(self.state.hello, msg)
         self.stream.codec_policy = CodecPolicy(allowed=frozenset(codecs))
         reply = Hello(
@@ -116,12 +126,25 @@ class ServerConnection:
         await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
 
     def _dispatch(self, msg: Message) -> None:
-        """Answer cheap requests inline; run compute requests as owned tasks."""
+        """Answer cheap requests inline; run compute requests as owned tasks.
+
+        Requests that open a stream (OpenSession, GetInfo, Forward, Backward) count against the
+        connection's stream limit; one too many is refused on its stream (115, retryable), a
+        stream id reused while open is a protocol violation (116) that closes the connection.
+        """
         sid = msg.stream_id
         if isinstance(msg, Ping):
             self._reply(Pong(sid, msg.nonce))
-        elif isinstance(msg, GetInfo):
+            return
+        if isinstance(msg, GetInfo | OpenSession | Forward | Backward):
+            try:
+                self._streams.open(sid)
+            except TooManyStreamsError as exc:
+                self._reply(Error.from_exception(sid, exc))
+                return
+        if isinstance(msg, GetInfo):
             self._reply(Info(sid, self.state.info()))
+            self._streams.close(sid)
         elif isinstance(msg, Step | Truncate | Close | OpenSession | Forward | Backward):
             self._tasks.spawn(self._guarded(sid, self._handle(msg)), name=f"s{sid}")
         else:
@@ -141,9 +164,15 @@ class ServerConnection:
             reply = await work
         except BeeError as exc:
             reply = Error.from_exception(sid, exc)
+
         except Exception as exc:
             log.exception("request.failed stream=%d", sid)
             reply = Error.from_exception(sid, InternalServerError(f"internal error: {exc!r}"))
+            # A bug may have left the session's cache half-updated: drop it (spec §8, 299).
+            self.state.sessions.close(SessionRegistry.key(self.id, sid), "internal-error")
+        if SessionRegistry.key(self.id, sid) not in self.state.sessions:
+            # One-shot answers, Close's Ack, refused opens and gone sessions end the stream.
+            self._streams.close(sid)
         try:
             await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
         except BeeError:
@@ -250,7 +279,3 @@ class ServerConnection:
             cache=st.backend.new_cache(),
         )
         return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)
-
-
-class BadHandshake(BadRequestError):
-    """The peer did not start with Hello."""

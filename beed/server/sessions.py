@@ -48,6 +48,9 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._sessions
+
     @staticmethod
     def key(connection_id: int, stream_id: int) -> str:
         return f"c{connection_id}/s{stream_id}"
