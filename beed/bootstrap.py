@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from beed.dht import DHTConfig, DHTNode, Identity, format_initial_peers
 from beed.dht.errors import PeerUnreachableError
 from beed.dht.peers import reachable_host
+from beed.systemd import notify_systemd
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ async def run_bootstrap(
         bound = await node.start(host, port)
         advertised = format_initial_peers([(reachable_host(bound[0]), bound[1])])
         on_ready(advertised)
-        _notify_systemd(f"READY=1\nSTATUS=serving the DHT at {advertised}")
+        notify_systemd(f"READY=1\nSTATUS=serving the DHT at {advertised}")
         if initial_peers:
             try:
                 await node.bootstrap(initial_peers)
@@ -59,23 +58,9 @@ async def run_bootstrap(
                     len(node.storage),
                 )
         log.info("bootstrap.stopping")
-        _notify_systemd("STOPPING=1")
+        notify_systemd("STOPPING=1")
     finally:
         await node.aclose()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     return 0
-
-
-def _notify_systemd(message: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as exc:
-        log.debug("bootstrap.notify_failed error=%s", exc)

@@ -32,6 +32,7 @@ from beed.server.connection import ServerState as SharedState
 from beed.server.kv_budget import KVBudget
 from beed.server.placement import choose_span
 from beed.server.sessions import SessionRegistry
+from beed.systemd import notify_systemd
 from beed.wire import FramedStream
 from protocol.codecs import ALL_CODECS
 from protocol.errors import BadRequestError
@@ -170,11 +171,11 @@ class BlockServer:
             )
             if on_ready is not None:
                 on_ready(ready)
-            _sd_notify("READY=1")
+            notify_systemd("READY=1")
             await self._stop.wait()
             await self._drain()
         finally:
-            _sd_notify("STOPPING=1")
+            notify_systemd("STOPPING=1")
             await self._tasks.aclose()
             if tcp is not None:
                 tcp.close()
@@ -313,14 +314,3 @@ def _measure_block_throughput(backend: BlockBackend, repeats: int = 5) -> float:
         backend.step(cache, blocks, hidden, i + 1)
     seconds = (time.perf_counter() - start) / repeats
     return (info.end - info.start) / seconds if seconds > 0 else 0.0
-
-
-def _sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(state.encode(), address)
