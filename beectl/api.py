@@ -179,9 +179,12 @@ class AutoDistributedModelForCausalLM:
         initial_peers: Sequence[str] | str,
         *,
         dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
         **config: Any,
     ) -> DistributedModelForCausalLM:
         """Load the tokenizer and head of `model` locally and join the swarm at `initial_peers`.
+
+        `dtype` and `device` are those of the local embeddings and LM head (e.g. "cuda").
 
         Extra keyword arguments set ClientConfig fields (e.g. `step_timeout_s=30`).
         """
@@ -191,7 +194,7 @@ class AutoDistributedModelForCausalLM:
         )
         loop = LoopThread()
         try:
-            remote = loop.run(RemoteModel.load(model, client_config, dtype=dtype))
+            remote = loop.run(RemoteModel.load(model, client_config, dtype=dtype, device=device))
         except BaseException:
             loop.close()
             raise

@@ -55,10 +55,11 @@ class LocalHead:
             return self._embed(input_ids.to(self.device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states after the last block -> float32 logits over the vocabulary."""
+        """Hidden states after the last block -> float32 logits over the vocabulary, on the CPU
+        (sampling runs there; one row of logits is a small copy)."""
         with torch.inference_mode():
             hidden = self._norm(hidden.to(self.device, self.dtype))
             logits = self._lm_head(hidden)
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
-            return logits.float()
+            return logits.float().cpu()

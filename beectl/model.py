@@ -64,14 +64,19 @@ class RemoteModel:
 
     @classmethod
     async def load(
-        cls, model: str, config: ClientConfig, *, dtype: torch.dtype = torch.float32
+        cls,
+        model: str,
+        config: ClientConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
     ) -> RemoteModel:
         """Resolve the model, load the head and tokenizer, and join the swarm."""
         # Model conversion and the head run torch on this (the event loop's) thread, the one that
         # computes logits later: a second thread doing torch work gets its own OpenMP team, and
         # more OpenMP threads than cores make libgomp stop spin-waiting (every op gets slower).
         files = load_model_files(model)
-        head = LocalHead(files.path, dtype=dtype)
+        head = LocalHead(files.path, dtype=dtype, device=device)
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, files.path)
         swarm = Swarm(config)
         try:

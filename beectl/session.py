@@ -128,6 +128,7 @@ class InferenceSession:
                 f"{tokens} new tokens"
             )
         self._step_id += 1
+        hidden = hidden.cpu()  # the wire carries host memory (no-op for a CPU head)
         for open_hop in self._hops:
             reply = await open_hop.conn.request(
                 Step(

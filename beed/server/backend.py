@@ -134,7 +134,8 @@ class BlockBackend:
                     f"attention mask must be [batch, past + new] = [{batch}, {position + tokens}], "
                     f"got {list(attention_mask.shape)}"
                 )
-        return self.span(hidden, position_ids, cache, attention_mask, blocks)
+        # Outputs leave on the CPU: the wire encodes host memory (a no-op on a CPU server).
+        return self.span(hidden, position_ids, cache, attention_mask, blocks).cpu()
 
     @torch.inference_mode()
     def forward(
@@ -144,7 +145,7 @@ class BlockBackend:
         hidden = self._check_hidden(hidden)
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
-        return self.span(hidden, position_ids, None, attention_mask, blocks)
+        return self.span(hidden, position_ids, None, attention_mask, blocks).cpu()
 
     def backward(
         self,
@@ -164,4 +165,4 @@ class BlockBackend:
         with torch.enable_grad():
             out = self.span(hidden, position_ids, None, attention_mask, blocks)
             (grad_input,) = torch.autograd.grad(out, hidden, grad_output.to(out.device, out.dtype))
-        return grad_input
+        return grad_input.cpu()

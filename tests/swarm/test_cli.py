@@ -84,3 +84,46 @@ def test_servers_load_only_their_blocks():
         small, large = (rss_mb(s.process.pid) for s in swarm.servers)
     assert large - small > 0.8 * 26 * 14.2, (small, large)
     assert small < large - 300, (small, large)
+
+
+def test_blocks_takes_the_first_span_not_served_and_dtypes():
+    with LocalSwarm(spans=[(0, 15)]) as swarm:
+        auto = swarm.add_server("", extra_args=["--blocks", "15", "--dtype", "bfloat16"])
+        auto.wait_ready(300)
+        assert " blocks 15:30 " in auto.ready_line
+        peers = peers_of(swarm)[0]
+        result = beectl(
+            "generate",
+            "The capital of France is",
+            "--raw",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--initial-peers",
+            peers,
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(json.loads(result.stdout)["token_ids"]) >= 1
+        # Sampling with a seed is reproducible; different seeds differ somewhere.
+        runs = [
+            json.loads(
+                beectl(
+                    "generate",
+                    "Once upon a time",
+                    "--raw",
+                    "--max-new-tokens",
+                    "12",
+                    "--temperature",
+                    "1.5",
+                    "--top-k",
+                    "50",
+                    "--seed",
+                    str(seed),
+                    "--json",
+                    "--initial-peers",
+                    peers,
+                ).stdout
+            )["token_ids"]
+            for seed in (1, 1, 2)
+        ]
+        assert runs[0] == runs[1] != runs[2]

@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import torch
 
 from beectl.connection import PeerConnection
 from beectl.local_swarm import Daemon
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir
-from protocol.errors import BadRequestError, UnknownSessionError
+from protocol.errors import (
+    BadRequestError,
+    ModelMismatchError,
+    SpanNotServedError,
+    UnknownSessionError,
+)
 from protocol.messages import Close, GetInfo, Info, OpenSession, SessionOpened, Step, StepResult
 
 
@@ -110,3 +116,53 @@ async def test_bad_requests_get_errors_and_the_connection_survives(swarm2, model
         await conn.request(Close(sid), 5.0)
     finally:
         await conn.aclose()
+
+
+async def test_stateless_forward_and_backward(swarm2, model_path, local_model, tokenizer):
+    from protocol.messages import Backward, BackwardResult, Forward, ForwardResult
+
+    fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+    ids = tokenizer("Forward passes for training", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = local_model(ids, output_hidden_states=True).hidden_states
+    hidden = ref[0]
+    conns = []
+    try:
+        for server, (start, end) in zip(swarm2.servers, [(0, 15), (15, 30)], strict=True):
+            conn = PeerConnection(*server.address)
+            await conn.connect(5.0)
+            conns.append(conn)
+            reply = await conn.request(
+                Forward(conn.new_stream_id(), fingerprint, start, end, hidden), 30.0
+            )
+            assert isinstance(reply, ForwardResult)
+            hidden = reply.hidden
+            if end == 15:  # transformers' hidden_states[15] is the output of block 14
+                assert (hidden - ref[15]).abs().max().item() < 1e-4
+        grad_out = torch.randn_like(hidden)
+        reply = await conns[1].request(
+            Backward(conns[1].new_stream_id(), fingerprint, 15, 30, ref[15], grad_out), 30.0
+        )
+        assert isinstance(reply, BackwardResult) and reply.grad_input.shape == ref[15].shape
+        assert torch.isfinite(reply.grad_input).all() and reply.grad_input.abs().sum() > 0
+        # The gradient is that of the served blocks: check it against a finite difference.
+        direction = torch.randn_like(ref[15]) * 1e-2
+        outs = []
+        for sign in (1, -1):
+            fwd = await conns[1].request(
+                Forward(conns[1].new_stream_id(), fingerprint, 15, 30, ref[15] + sign * direction),
+                30.0,
+            )
+            outs.append((fwd.hidden * grad_out).sum().item())
+        numeric = (outs[0] - outs[1]) / 2
+        analytic = (reply.grad_input * direction).sum().item()
+        assert abs(numeric - analytic) <= 0.05 * abs(analytic) + 1e-3
+        with pytest.raises(ModelMismatchError):
+            await conns[0].request(Forward(conns[0].new_stream_id(), "0" * 24, 0, 15, ref[0]), 30.0)
+        with pytest.raises(SpanNotServedError):
+            await conns[0].request(
+                Forward(conns[0].new_stream_id(), fingerprint, 0, 16, ref[0]), 30.0
+            )
+    finally:
+        for conn in conns:
+            await conn.aclose()
