@@ -369,8 +369,11 @@ def _require_peers(initial_peers: list[tuple[str, int]]) -> None:
 
 def _run_cli(coro: Any) -> None:
     """Run a command's coroutine; user-facing errors become one line, Ctrl-C exits 130."""
+    from beectl.runner import new_event_loop
+
     try:
-        asyncio.run(coro)
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(coro)
     except BeeError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
