@@ -18,4 +18,6 @@ class ClientConfig:
     close_timeout_s: float = 2.0  # Close answer when a session ends; then we just drop it
     discovery_timeout_s: float = 10.0  # one DHT read of the servers of a model
     session_timeout_s: float = 300.0  # idle lifetime we ask servers to keep our session for
+    failover_timeout_s: float = 60.0  # how long a session keeps looking for a replacement server
+    retry_delay_s: float = 0.2  # first pause between failover attempts (doubles, max 5 s)
     dht: DHTConfig = field(default_factory=DHTConfig)

@@ -79,6 +79,12 @@ class Daemon:
         host, _, port = self.ready_line.split()[1].rpartition(":")
         return host, int(port)
 
+    @property
+    def peer_id(self) -> str:
+        """The peer id from a server's ready line (`... peer_id ID ...`)."""
+        words = self.ready_line.split()
+        return words[words.index("peer_id") + 1]
+
     def tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])

@@ -1,19 +1,27 @@
-"""An inference session through a route of servers: open, step, truncate, close."""
+"""An inference session through a route of servers: open, step, truncate, fail over, close.
+
+Each hop keeps the inputs it was sent (its history). When a hop's server dies, times out, loses
+the session or announces that it is draining, the session bans it, finds a replacement route for
+exactly that hop's blocks, replays the history there in one step, and carries on: the caller sees
+a pause, never an error or a different result.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
+from beectl.bans import is_server_failure
 from beectl.config import ClientConfig
 from beectl.connection import PeerConnection
 from beectl.routing import Hop
 from beectl.swarm import Swarm
-from protocol.errors import BadRequestError, BeeError
+from protocol.errors import BadRequestError, BeeError, NoRouteError
 from protocol.messages import Close, OpenSession, SessionOpened, Step, StepResult, Truncate
 
 log = logging.getLogger(__name__)
@@ -29,10 +37,69 @@ class ModelRef:
 
 
 @dataclass
+class _Chunk:
+    """One step's input to a hop: tokens [position, position + hidden.shape[1])."""
+
+    position: int
+    hidden: torch.Tensor
+    position_ids: torch.Tensor | None
+
+
+@dataclass
+class _History:
+    """Everything a hop was sent, so that another server can be brought to the same state."""
+
+    chunks: list[_Chunk] = field(default_factory=list)
+    attention_mask: torch.Tensor | None = None  # the last step's mask covers all positions
+
+    def truncate(self, position: int) -> None:
+        kept: list[_Chunk] = []
+        for chunk in self.chunks:
+            if chunk.position >= position:
+                break
+            cut = position - chunk.position
+            if cut < chunk.hidden.shape[1]:
+                ids = None if chunk.position_ids is None else chunk.position_ids[:, :cut]
+                chunk = _Chunk(chunk.position, chunk.hidden[:, :cut], ids)
+            kept.append(chunk)
+        self.chunks = kept
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[:, :position]
+
+    def add(
+        self,
+        position: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> None:
+        self.truncate(position)
+        self.chunks.append(_Chunk(position, hidden, position_ids))
+        if mask is not None:
+            self.attention_mask = mask
+
+    def replay(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """All inputs as one step from position 0: hidden, attention mask, position ids."""
+        hidden = torch.cat([c.hidden for c in self.chunks], dim=1)
+        ids = None
+        if any(c.position_ids is not None for c in self.chunks):
+            ids = torch.cat([_ids_of(c) for c in self.chunks], dim=1)
+        return hidden, self.attention_mask, ids
+
+
+def _ids_of(chunk: _Chunk) -> torch.Tensor:
+    if chunk.position_ids is not None:
+        return chunk.position_ids
+    batch, tokens = chunk.hidden.shape[:2]
+    return torch.arange(chunk.position, chunk.position + tokens).unsqueeze(0).expand(batch, -1)
+
+
+@dataclass
 class _OpenHop:
     hop: Hop
     conn: PeerConnection
     stream_id: int
+    history: _History = field(default_factory=_History)
 
 
 class InferenceSession:
@@ -61,6 +128,7 @@ class InferenceSession:
         self._hops: list[_OpenHop] = []
         self._step_id = 0
         self._closed = False
+        self.recoveries = 0  # hops replaced after a failure or a drain notice
 
     @property
     def route(self) -> list[Hop]:
@@ -74,42 +142,136 @@ class InferenceSession:
         await self.aclose()
 
     async def open(self) -> None:
-        route = await self.swarm.route(
-            self.model.fingerprint,
-            self.model.name,
-            self.model.num_blocks,
-            needed_kv_tokens=self.max_length * self.batch_size,
-        )
         try:
-            for hop in route:
-                self._hops.append(await self._open_hop(hop))
+            self._hops, _ = await self._open_span(0, self.model.num_blocks, replay=None, wait=False)
         except BaseException:
             await self.aclose()
             raise
         log.info(
             "session.open route=%s max_length=%d",
-            " ".join(f"{h.start}:{h.end}@{h.peer_id[:8]}" for h in route),
+            " ".join(f"{h.start}:{h.end}@{h.peer_id[:8]}" for h in self.route),
             self.max_length,
         )
 
+    async def _open_span(
+        self, start: int, end: int, *, replay: _History | None, wait: bool
+    ) -> tuple[list[_OpenHop], torch.Tensor | None]:
+        """Open sessions covering [start, end), moving on to other servers while some fail.
+
+        With `replay`, the new hops are brought to the state of the hop they replace: its history
+        runs through them as one step (and becomes their history); the replay's output is
+        returned. With `wait`, a missing server is waited for (a replica may start, a ban may
+        end) until `failover_timeout_s`; without, the last server failure (or the gap) is raised.
+        """
+        deadline = time.monotonic() + self.config.failover_timeout_s
+        delay = self.config.retry_delay_s
+        last_failure: BeeError | None = None
+        while True:
+            opened: list[_OpenHop] = []
+            try:
+                route = await self.swarm.route(
+                    self.model.fingerprint,
+                    self.model.name,
+                    self.model.num_blocks,
+                    start=start,
+                    end=end,
+                    needed_kv_tokens=self.max_length * self.batch_size,
+                )
+                for hop in route:
+                    opened.append(await self._open_hop(hop))
+                output = None
+                if replay is not None and replay.chunks:
+                    output = await self._replay(opened, replay)
+                for h in opened:
+                    self.swarm.bans.succeeded(h.hop.peer_id)
+                return opened, output
+            except BeeError as exc:
+                await asyncio.gather(*(self._close_hop(h) for h in opened))
+                failed = getattr(exc, "failed_peer", None)
+                if failed is not None and is_server_failure(exc):
+                    self.swarm.bans.ban(failed)
+                    last_failure = exc
+                    log.info("session.server_failed peer=%s error=%s", failed[:8], exc)
+                    continue  # the next route leaves that server out
+                if not isinstance(exc, NoRouteError):
+                    raise
+                if not wait or time.monotonic() + delay > deadline:
+                    raise (last_failure or exc) from None
+                log.info("session.waiting span=%d:%d error=%s", start, end, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def _open_hop(self, hop: Hop) -> _OpenHop:
-        conn = await self.swarm.connection(hop.server)
-        stream_id = conn.new_stream_id()
-        reply = await conn.request(
-            OpenSession(
-                stream_id,
-                model_fingerprint=self.model.fingerprint,
-                span_start=hop.start,
-                span_end=hop.end,
-                max_length=self.max_length,
-                batch_size=self.batch_size,
-                timeout_s=self.config.session_timeout_s,
-            ),
-            self.config.open_timeout_s,
-        )
+        try:
+            conn = await self.swarm.connection(hop.server)
+            stream_id = conn.new_stream_id()
+            reply = await conn.request(
+                OpenSession(
+                    stream_id,
+                    model_fingerprint=self.model.fingerprint,
+                    span_start=hop.start,
+                    span_end=hop.end,
+                    max_length=self.max_length,
+                    batch_size=self.batch_size,
+                    timeout_s=self.config.session_timeout_s,
+                ),
+                self.config.open_timeout_s,
+            )
+        except BeeError as exc:
+            exc.failed_peer = hop.peer_id  # type: ignore[attr-defined]
+            raise
         if not isinstance(reply, SessionOpened):
             raise BadRequestError(f"server answered OpenSession with {type(reply).__name__}")
         return _OpenHop(hop, conn, stream_id)
+
+    async def _send(
+        self,
+        h: _OpenHop,
+        position: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> StepResult:
+        """One Step on one hop, remembered in its history; failures name the hop's server."""
+        h.history.add(position, hidden, mask, position_ids)
+        try:
+            reply = await h.conn.request(
+                Step(h.stream_id, self._step_id, position, hidden, mask, position_ids),
+                self.config.step_timeout_s,
+            )
+        except BeeError as exc:
+            exc.failed_peer = h.hop.peer_id  # type: ignore[attr-defined]
+            raise
+        if not isinstance(reply, StepResult):
+            raise BadRequestError(f"server answered Step with {type(reply).__name__}")
+        return reply
+
+    async def _replay(self, hops: list[_OpenHop], history: _History) -> torch.Tensor:
+        hidden, mask, position_ids = history.replay()
+        for h in hops:
+            hidden = (await self._send(h, 0, hidden, mask, position_ids)).hidden
+        return hidden
+
+    async def _replace(self, index: int, *, wait: bool) -> tuple[int, torch.Tensor | None]:
+        """Swap hop `index` for new hops over the same blocks, replaying its history there.
+
+        Returns how many hops took its place and the replay's output."""
+        old = self._hops[index]
+        new, output = await self._open_span(
+            old.hop.start, old.hop.end, replay=old.history, wait=wait
+        )
+        self._hops[index : index + 1] = new
+        self.recoveries += 1
+        await self._close_hop(old)
+        log.info(
+            "session.replaced span=%d:%d old=%s new=%s history=%d",
+            old.hop.start,
+            old.hop.end,
+            old.hop.peer_id[:8],
+            ",".join(h.hop.peer_id[:8] for h in new),
+            sum(c.hidden.shape[1] for c in old.history.chunks),
+        )
+        return len(new), output
 
     async def step(
         self,
@@ -118,7 +280,11 @@ class InferenceSession:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run `hidden` [batch, new_tokens, hidden_size] at the current position through all hops."""
+        """Run `hidden` [batch, new_tokens, hidden_size] at the current position through all hops.
+
+        A hop whose server fails is replaced (history replayed elsewhere) and the step goes on; a
+        hop whose server announces it is draining is moved after it answered.
+        """
         if self._closed:
             raise BadRequestError("the inference session is closed")
         tokens = hidden.shape[1]
@@ -129,21 +295,44 @@ class InferenceSession:
             )
         self._step_id += 1
         hidden = hidden.cpu()  # the wire carries host memory (no-op for a CPU head)
-        for open_hop in self._hops:
-            reply = await open_hop.conn.request(
-                Step(
-                    open_hop.stream_id,
-                    step_id=self._step_id,
-                    position=self.position,
-                    hidden=hidden,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                ),
-                self.config.step_timeout_s,
-            )
-            if not isinstance(reply, StepResult):
-                raise BadRequestError(f"server answered Step with {type(reply).__name__}")
+        index = 0
+        while index < len(self._hops):
+            h = self._hops[index]
+            try:
+                reply = await self._send(h, self.position, hidden, attention_mask, position_ids)
+            except BeeError as exc:
+                if not is_server_failure(exc):
+                    raise
+                log.warning(
+                    "session.failover span=%d:%d peer=%s error=%s",
+                    h.hop.start,
+                    h.hop.end,
+                    h.hop.peer_id[:8],
+                    exc,
+                )
+                self.swarm.bans.ban(h.hop.peer_id)
+                count, output = await self._replace(index, wait=True)
+                if output is None:  # pragma: no cover - the history holds at least this step
+                    raise
+                hidden = output[:, -tokens:]
+                index += count
+                continue
             hidden = reply.hidden
+            if reply.draining:
+                # The server is shutting down: move this hop now, while it still answers. The
+                # answer is kept; the new hops replay the history, this step included.
+                log.info(
+                    "session.drain span=%d:%d peer=%s", h.hop.start, h.hop.end, h.hop.peer_id[:8]
+                )
+                self.swarm.bans.ban(h.hop.peer_id, seconds=self.config.failover_timeout_s)
+                try:
+                    count, _ = await self._replace(index, wait=False)
+                except BeeError as exc:  # nowhere to go yet: stay until it closes
+                    log.info("session.drain_stay span=%d:%d error=%s", h.hop.start, h.hop.end, exc)
+                    count = 1
+                index += count
+                continue
+            index += 1
         self.position += tokens
         return hidden
 
@@ -151,11 +340,25 @@ class InferenceSession:
         """Forget cached tokens from `position` on, on every hop (rollback)."""
         if not 0 <= position <= self.position:
             raise BadRequestError(f"cannot truncate to {position}: {self.position} tokens cached")
-        for open_hop in self._hops:
-            await open_hop.conn.request(
-                Truncate(open_hop.stream_id, position), self.config.step_timeout_s
-            )
+        index = 0
+        while index < len(self._hops):
+            h = self._hops[index]
+            h.history.truncate(position)
+            try:
+                await h.conn.request(Truncate(h.stream_id, position), self.config.step_timeout_s)
+            except BeeError as exc:
+                if not is_server_failure(exc):
+                    raise
+                self.swarm.bans.ban(h.hop.peer_id)
+                count, _ = await self._replace(index, wait=True)
+                index += count
+                continue
+            index += 1
         self.position = position
+
+    async def _close_hop(self, h: _OpenHop) -> None:
+        with contextlib.suppress(BeeError, TimeoutError):
+            await h.conn.request(Close(h.stream_id), self.config.close_timeout_s)
 
     async def aclose(self) -> None:
         """Close every hop's server session (bounded wait); safe to call twice."""
@@ -163,9 +366,4 @@ class InferenceSession:
             return
         self._closed = True
         hops, self._hops = self._hops, []
-
-        async def close_one(h: _OpenHop) -> None:
-            with contextlib.suppress(BeeError, TimeoutError):
-                await h.conn.request(Close(h.stream_id), self.config.close_timeout_s)
-
-        await asyncio.gather(*(close_one(h) for h in hops))
+        await asyncio.gather(*(self._close_hop(h) for h in hops))

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from beectl.bans import BanList
 from beectl.config import ClientConfig
 from beectl.connection import PeerConnection
 from beectl.routing import Hop, find_route
@@ -25,6 +26,7 @@ class Swarm:
         self._connections: dict[str, PeerConnection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self.rtt_s: dict[str, float] = {}
+        self.bans = BanList()  # shared by every session of this client
 
     async def start(self) -> None:
         if not self.config.initial_peers:
@@ -49,10 +51,10 @@ class Swarm:
         num_blocks: int,
         *,
         start: int = 0,
-        banned: set[str] | frozenset[str] = frozenset(),
+        end: int | None = None,
         needed_kv_tokens: int = 0,
     ) -> list[Hop]:
-        """The cheapest chain of online servers for blocks [start, num_blocks)."""
+        """The cheapest chain of online, unbanned servers for blocks [start, end)."""
         servers = await self.servers(fingerprint, num_blocks)
         if not servers:
             await self._explain_missing(fingerprint, model_name)
@@ -60,9 +62,9 @@ class Swarm:
             return find_route(
                 servers,
                 start,
-                num_blocks,
+                num_blocks if end is None else end,
                 rtt_s=self.rtt_s,
-                banned=banned,
+                banned=self.bans.banned(),
                 needed_kv_tokens=needed_kv_tokens,
             )
         except NoRouteError as exc:

@@ -175,6 +175,20 @@ def _parse_block_indices(
     show_default=True,
     help="Seconds between DHT announcements (records live 3x as long).",
 )
+@click.option(
+    "--rebalance-period",
+    type=click.FloatRange(0.0),
+    default=120.0,
+    show_default=True,
+    help="Seconds between placement re-checks of a --blocks server (0: never move).",
+)
+@click.option(
+    "--drain-grace",
+    type=click.FloatRange(0.0),
+    default=30.0,
+    show_default=True,
+    help="Seconds running sessions get to move off on SIGTERM or when the server moves.",
+)
 def serve(
     model: str,
     num_blocks: int | None,
@@ -192,6 +206,8 @@ def serve(
     max_session_length: int,
     session_timeout: float,
     announce_period: float,
+    rebalance_period: float,
+    drain_grace: float,
 ) -> None:
     """Load a span of a model's blocks and serve it to the swarm.
 
@@ -222,6 +238,8 @@ def serve(
         max_session_length=max_session_length,
         session_timeout_s=session_timeout,
         announce_period_s=announce_period,
+        rebalance_period_s=rebalance_period,
+        drain_grace_s=drain_grace,
         record_ttl_s=3 * announce_period,
         dht=DHTConfig(default_ttl_s=3 * announce_period),
     )

@@ -231,9 +231,12 @@ class Step(Message):
 @_register
 @dataclass(frozen=True, slots=True, eq=False)
 class StepResult(Message):
+    """`draining`: the server is shutting down (or retiring these blocks); move the session."""
+
     TYPE: ClassVar[int] = 13
     step_id: int
     hidden: torch.Tensor
+    draining: bool = False
 
 
 @_register

@@ -30,7 +30,8 @@ class ServerConfig:
     session_timeout_s: float = 300.0  # cap on a session's idle lifetime (client may ask less)
     announce_period_s: float = 60.0  # refresh interval of the DHT record
     record_ttl_s: float = 180.0  # lifetime of each announced record (about 3x the period)
-    drain_grace_s: float = 30.0  # SIGTERM: how long running sessions may finish
+    drain_grace_s: float = 30.0  # SIGTERM or a move: how long running sessions may finish
+    rebalance_period_s: float = 120.0  # how often a --blocks server re-checks its placement
     write_timeout_s: float = 30.0  # one reply's drain to a slow client
     hello_timeout_s: float = 10.0  # a new connection must say Hello within this
     max_streams_per_connection: int = 256  # open sessions and requests on one connection

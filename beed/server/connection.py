@@ -201,7 +201,7 @@ class ServerConnection:
                 cache = session.cache
                 began = time.perf_counter()
                 out = await st.run_compute(
-                    lambda: st.backend.step(
+                    lambda: session.backend.step(
                         cache,
                         session.blocks,
                         msg.hidden,
@@ -219,11 +219,13 @@ class ServerConnection:
                 )
                 session.length = msg.position + tokens
                 session.touch()
-            return StepResult(msg.stream_id, msg.step_id, out)
+            # A drain notice: the server is shutting down, or moved and retires these blocks.
+            draining = st.draining or session.backend is not st.backend
+            return StepResult(msg.stream_id, msg.step_id, out, draining=draining)
         if isinstance(msg, Truncate):
             session = st.sessions.get(key)
             async with session.lock:
-                st.backend.truncate(session.cache, session.blocks, msg.position)
+                session.backend.truncate(session.cache, session.blocks, msg.position)
                 session.length = msg.position
                 session.touch()
             return Ack(msg.stream_id)
@@ -277,5 +279,6 @@ class ServerConnection:
             batch_size=msg.batch_size,
             timeout_s=timeout_s,
             cache=st.backend.new_cache(),
+            backend=st.backend,
         )
         return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)

@@ -8,10 +8,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from beed.server.config import ServerConfig
 from beed.server.connection import ServerConnection
 from beed.server.connection import ServerState as SharedState
 from beed.server.kv_budget import KVBudget
-from beed.server.placement import choose_span
+from beed.server.placement import better_span, choose_span
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
 from beed.wire import FramedStream
@@ -158,6 +160,10 @@ class BlockServer:
             await self._announce()
             self._tasks.spawn(self._announce_loop(), "announce")
             self._tasks.spawn(self._reap_loop(), "reap")
+            if cfg.block_indices is None and cfg.rebalance_period_s > 0:
+                self._tasks.spawn(
+                    self._rebalance_loop(source.path, fingerprint, total, run_compute), "rebalance"
+                )
             ready = Ready(
                 public_host, port, dht_port, span, identity.peer_id, source.name, fingerprint
             )
@@ -198,7 +204,91 @@ class BlockServer:
                 )
             return start, end
         servers = await dht.get_servers(fingerprint, 0, total)
-        return choose_span(servers, total, cfg.num_blocks or total, exclude_peer=dht.peer_id)
+        # Our throughput is measured after loading; until then assume we are a typical server.
+        rates = sorted(s.compute_tokens_per_s for s in servers if s.compute_tokens_per_s > 0)
+        own = rates[len(rates) // 2] if rates else 1.0
+        return choose_span(
+            servers, total, cfg.num_blocks or total, exclude_peer=dht.peer_id, own_tps=own
+        )
+
+    async def _rebalance_loop(
+        self,
+        model_dir: Path,
+        fingerprint: str,
+        total: int,
+        run_compute: Callable[[Callable[[], Any]], asyncio.Future[Any]],
+    ) -> None:
+        """Every period (with jitter, so servers do not all move at once), move to a span that
+        clearly raises the swarm's weakest coverage: announce it as joining, load the new blocks
+        while the old ones keep serving, switch, then let sessions on the old blocks move off
+        (they get drain notices) or close within the grace period."""
+        while True:
+            period = self.config.rebalance_period_s
+            await asyncio.sleep(random.uniform(0.5, 1.5) * period)
+            if self.state is None or self._record is None or self.dht is None:
+                continue
+            if self.state.draining:
+                return
+            try:
+                servers = await self.dht.get_servers(fingerprint, 0, total)
+            except Exception as exc:  # a failed read is retried next period
+                log.warning("rebalance.read_failed error=%r", exc)
+                continue
+            current = (self._record.span_start, self._record.span_end)
+            target = better_span(
+                servers,
+                total,
+                current,
+                self_peer=self._record.peer_id,
+                own_tps=self._record.compute_tokens_per_s,
+            )
+            if target is None:
+                continue
+            await self._move(model_dir, target, run_compute)
+
+    async def _move(
+        self,
+        model_dir: Path,
+        target: tuple[int, int],
+        run_compute: Callable[[Callable[[], Any]], asyncio.Future[Any]],
+    ) -> None:
+        if self.state is None or self._record is None:
+            return
+        cfg = self.config
+        old_backend, old_record = self.state.backend, self._record
+        log.info(
+            "rebalance.move from=%d:%d to=%d:%d",
+            old_record.span_start,
+            old_record.span_end,
+            target[0],
+            target[1],
+        )
+        self._record = dataclasses.replace(
+            old_record, state=ServerState.JOINING, span_start=target[0], span_end=target[1]
+        )
+        await self._announce()
+        try:
+            backend = await run_compute(
+                lambda: BlockBackend(
+                    model_dir, target[0], target[1], dtype=cfg.dtype, device=cfg.device
+                )
+            )
+            tps = await run_compute(lambda: _measure_block_throughput(backend))
+        except Exception as exc:
+            log.error("rebalance.load_failed to=%d:%d error=%r", target[0], target[1], exc)
+            self._record = old_record
+            await self._announce()
+            return
+        self.state.backend = backend
+        self._record = dataclasses.replace(
+            self._record, state=ServerState.ONLINE, compute_tokens_per_s=tps
+        )
+        await self._announce()
+        # Sessions on the old blocks get drain notices with each step; close the rest later.
+        await asyncio.sleep(cfg.drain_grace_s)
+        for key in self.state.sessions.on_backend(old_backend):
+            self.state.sessions.close(key, "moved")
+        log.info("rebalance.done span=%d:%d", target[0], target[1])
 
     def _kv_budget_tokens(self, backend: BlockBackend) -> int:
         if self.config.kv_budget_tokens is not None:

@@ -25,6 +25,7 @@ class Session:
     batch_size: int
     timeout_s: float  # idle lifetime
     cache: Any  # the backend's cache object
+    backend: Any  # the BlockBackend the session runs on (an old one after the server moved)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     length: int = 0  # positions filled
@@ -65,11 +66,12 @@ class SessionRegistry:
         batch_size: int,
         timeout_s: float,
         cache: Any,
+        backend: Any,
     ) -> Session:
         if key in self._sessions:
             raise BadRequestError(f"a session is already open on this stream ({key})")
         self.budget.reserve(key, max_length * batch_size)
-        session = Session(key, blocks, span, max_length, batch_size, timeout_s, cache)
+        session = Session(key, blocks, span, max_length, batch_size, timeout_s, cache, backend)
         self._sessions[key] = session
         self._empty.clear()
         log.info(
@@ -100,6 +102,10 @@ class SessionRegistry:
             self._empty.set()
         log.info("session.close key=%s reason=%s length=%d", key, reason, session.length)
         return True
+
+    def on_backend(self, backend: Any) -> list[str]:
+        """Keys of the sessions running on `backend`."""
+        return [k for k, s in self._sessions.items() if s.backend is backend]
 
     def close_prefix(self, prefix: str, reason: str) -> int:
         """Close every session whose key starts with `prefix` (all of one connection)."""

@@ -98,3 +98,26 @@ def test_placement_fills_the_model_in_order_then_doubles_it():
     assert chosen == [(0, 15), (15, 30), (0, 15), (15, 30)]
     assert choose_span([rec("a", 0, 10)], 30, 50) == (0, 30)
     assert choose_span([rec("a", 0, 12)], 30, 8) == (12, 20)
+
+
+def test_placement_weighs_throughput():
+    from beed.server.placement import choose_span
+
+    # A fast server on 0:15 and a slow one on 15:30: the weak half needs help.
+    servers = [rec("fast", 0, 15, tps=3000.0), rec("slow", 15, 30, tps=500.0)]
+    assert choose_span(servers, 30, 15, own_tps=1000.0) == (15, 30)
+
+
+def test_servers_move_only_for_a_clear_gain():
+    from beed.server.placement import better_span
+
+    crowd = [rec(f"s{i}", 0, 15) for i in range(4)]
+    # Four servers on 0:15 and none on 15:30: one of them moves.
+    assert better_span(crowd, 30, (0, 15), self_peer="s0", own_tps=1000.0) == (15, 30)
+    # Two and two: nobody moves, nobody "moves" to the span it has.
+    balanced = [rec("a", 0, 15), rec("b", 0, 15), rec("c", 15, 30), rec("d", 15, 30)]
+    for peer, span in (("a", (0, 15)), ("c", (15, 30))):
+        assert better_span(balanced, 30, span, self_peer=peer, own_tps=1000.0) is None
+    # Three on 0:15 and two on 15:30: moving would only swap which half is weaker.
+    uneven = [*[rec(f"x{i}", 0, 15) for i in range(3)], rec("y0", 15, 30), rec("y1", 15, 30)]
+    assert better_span(uneven, 30, (0, 15), self_peer="x0", own_tps=1000.0) is None
