@@ -83,13 +83,18 @@ class DistributedModelForCausalLM:
         if pad is None:
             pad = eos_ids[0] if eos_ids else 0
         stop = kwargs.pop("stop_strings", None) or ()
+
+        def given(name: str, default: Any) -> Any:
+            value = kwargs.pop(name, None)
+            return default if value is None else value
+
         config = SamplingConfig(
-            max_new_tokens=int(kwargs.pop("max_new_tokens", None) or gc.max_new_tokens or 20),
-            do_sample=bool(kwargs.pop("do_sample", False)),
-            temperature=float(kwargs.pop("temperature", None) or 1.0),
-            top_k=int(kwargs.pop("top_k", None) or 0),
-            top_p=float(kwargs.pop("top_p", None) or 1.0),
-            repetition_penalty=float(kwargs.pop("repetition_penalty", None) or 1.0),
+            max_new_tokens=int(given("max_new_tokens", gc.max_new_tokens or 20)),
+            do_sample=bool(given("do_sample", False)),
+            temperature=float(given("temperature", 1.0)),
+            top_k=int(given("top_k", 0)),
+            top_p=float(given("top_p", 1.0)),
+            repetition_penalty=float(given("repetition_penalty", 1.0)),
             seed=kwargs.pop("seed", None),
             eos_token_ids=eos_ids,
             pad_token_id=int(pad),

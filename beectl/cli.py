@@ -351,11 +351,17 @@ def demo(prompt: str, servers: int, **kwargs: Any) -> None:
         f"demo: starting a bootstrap node and {servers} servers for {model} on 127.0.0.1 ...",
         err=True,
     )
-    with LocalSwarm(model=model, num_servers=servers) as local:
-        for line in local.describe():
-            click.echo(f"demo: {line}", err=True)
-        config = ClientConfig(initial_peers=tuple(local.initial_peers))
-        _run_cli(_generate(prompt, config, **kwargs))
+    try:
+        with LocalSwarm(model=model, num_servers=servers) as local:
+            for line in local.describe():
+                click.echo(f"demo: {line}", err=True)
+            config = ClientConfig(initial_peers=tuple(local.initial_peers))
+            _run_cli(_generate(prompt, config, **kwargs))
+    except BeeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; swarm stopped", err=True)
+        sys.exit(130)
     click.echo("demo: swarm stopped", err=True)
 
 

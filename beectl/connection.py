@@ -63,24 +63,20 @@ class PeerConnection:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         queue = self._waiters.setdefault(msg.stream_id, collections.deque())
         queue.append(future)
+        # The future stays queued even if this call is cancelled: the read loop then takes the
+        # late reply off with it, so it can never be handed to the next request on the stream.
         try:
             await self._stream.send(msg, timeout_s=timeout_s)
             async with asyncio.timeout(timeout_s):
                 reply = await future
-        except TimeoutError as exc:
-            # A late reply would be matched with the next request on this stream: give it up.
-            await self._fail(
-                PhaseTimeoutError(f"{self.host}:{self.port} did not answer in {timeout_s} s")
-            )
-            raise PhaseTimeoutError(
+        except (TimeoutError, PhaseTimeoutError) as exc:
+            # Which reply belongs to which request is lost: this connection is done.
+            error = PhaseTimeoutError(
                 f"server {self.host}:{self.port} did not answer {type(msg).__name__} "
                 f"within {timeout_s} s"
-            ) from exc
-        finally:
-            if future in queue:
-                queue.remove(future)
-            if not queue:
-                self._waiters.pop(msg.stream_id, None)
+            )
+            await self._fail(error)
+            raise error from exc
         if isinstance(reply, Error):
             raise reply.to_exception()
         return reply
@@ -101,10 +97,17 @@ class PeerConnection:
                     )
                     continue
                 future = queue.popleft()
+                if not queue:
+                    del self._waiters[msg.stream_id]
                 if not future.done():
                     future.set_result(msg)
         except BeeError as exc:
             await self._fail(exc)
+        except Exception as exc:  # a bug must not leave every waiter hanging until its timeout
+            log.exception("peer.read_failed host=%s port=%d", self.host, self.port)
+            await self._fail(
+                ConnectionClosed(f"reading from {self.host}:{self.port} failed: {exc!r}")
+            )
 
     async def _fail(self, exc: BeeError) -> None:
         if self._closed is None:

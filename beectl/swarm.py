@@ -12,7 +12,12 @@ from beectl.connection import PeerConnection
 from beectl.routing import Hop, find_route
 from beed.dht.node import DHTNode
 from beed.dht.records import ModelEntry, ServerRecord
-from protocol.errors import ModelMismatchError, NoRouteError, PeerUnreachableError
+from protocol.errors import (
+    ModelMismatchError,
+    NoRouteError,
+    PeerUnreachableError,
+    PhaseTimeoutError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +42,22 @@ class Swarm:
         await self.dht.bootstrap(list(self.config.initial_peers))
 
     async def servers(self, fingerprint: str, num_blocks: int) -> list[ServerRecord]:
-        async with asyncio.timeout(self.config.discovery_timeout_s):
-            return await self.dht.get_servers(fingerprint, 0, num_blocks)
+        try:
+            async with asyncio.timeout(self.config.discovery_timeout_s):
+                return await self.dht.get_servers(fingerprint, 0, num_blocks)
+        except TimeoutError:
+            raise PhaseTimeoutError(
+                f"the DHT did not answer within {self.config.discovery_timeout_s:g} s"
+            ) from None
 
     async def models(self) -> list[ModelEntry]:
-        async with asyncio.timeout(self.config.discovery_timeout_s):
-            return await self.dht.list_models()
+        try:
+            async with asyncio.timeout(self.config.discovery_timeout_s):
+                return await self.dht.list_models()
+        except TimeoutError:
+            raise PhaseTimeoutError(
+                f"the DHT did not answer within {self.config.discovery_timeout_s:g} s"
+            ) from None
 
     async def route(
         self,

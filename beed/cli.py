@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,7 @@ def serve(
 
     if num_blocks is not None and block_indices is not None:
         raise click.UsageError("give either --blocks or --block-indices, not both")
+    _check_device(device)
     config = ServerConfig(
         model=model,
         block_indices=block_indices,
@@ -255,8 +257,27 @@ def serve(
         _run(BlockServer(config).run(on_ready))
     except BeeError as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
+        logging.getLogger(__name__).debug("serve.failed", exc_info=True)
         raise click.ClickException(f"cannot start: {exc}") from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise click.BadParameter(
+            f"{device!r} is not a torch device ({exc})", param_hint="--device"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(
+            f"{device!r}: this torch build has no usable CUDA device", param_hint="--device"
+        )
+    count = torch.cuda.device_count() if parsed.type == "cuda" else 0
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= count:
+        raise click.BadParameter(f"{device!r}: only {count} CUDA device(s)", param_hint="--device")
 
 
 def _run(coro: Any) -> Any:

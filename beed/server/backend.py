@@ -91,8 +91,17 @@ class BlockBackend:
             raise BadRequestError(
                 f"cannot truncate to {position}: the session holds {length} tokens"
             )
-        if position < length:
-            cache.crop(position - length)
+        if position == length:
+            return
+        for i in blocks:
+            layer = cache.layers[i]
+            window = getattr(layer, "sliding_window", None)
+            if window is not None and length >= window:
+                raise BadRequestError(
+                    f"cannot roll back to {position}: block {self.info.start + i} keeps only "
+                    f"the last {window} positions (sliding-window attention)"
+                )
+        cache.crop(position - length)
 
     def _check_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.dim() != 3 or hidden.shape[-1] != self.info.hidden_size:
@@ -103,6 +112,18 @@ class BlockBackend:
         if not hidden.is_floating_point():
             raise BadRequestError(f"hidden states must be floating point, got {hidden.dtype}")
         return hidden.to(self.device, self.dtype)
+
+    def _check_mask(
+        self, mask: torch.Tensor | None, batch: int, length: int
+    ) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if mask.shape != (batch, length) or mask.is_floating_point():
+            raise BadRequestError(
+                f"attention mask must be bool or int of shape [batch, past + new] = "
+                f"[{batch}, {length}], got {mask.dtype} {list(mask.shape)}"
+            )
+        return mask.to(self.device)
 
     @torch.inference_mode()
     def step(
@@ -120,20 +141,22 @@ class BlockBackend:
         failover or a speculative rollback); one past the end is an error.
         """
         hidden = self._check_hidden(hidden)
-        self.truncate(cache, blocks, position)
         batch, tokens = hidden.shape[:2]
+        # Every check comes before the rollback: a refused step leaves the cache as it was.
+        if tokens < 1:
+            raise BadRequestError("a step needs at least one token")
+        attention_mask = self._check_mask(attention_mask, batch, position + tokens)
         if position_ids is None:
             position_ids = torch.arange(position, position + tokens, device=self.device)
             position_ids = position_ids.unsqueeze(0).expand(batch, -1)
         else:
-            position_ids = position_ids.to(self.device, torch.long)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
-            if attention_mask.shape != (batch, position + tokens):
+            if position_ids.shape != (batch, tokens) or position_ids.is_floating_point():
                 raise BadRequestError(
-                    f"attention mask must be [batch, past + new] = [{batch}, {position + tokens}], "
-                    f"got {list(attention_mask.shape)}"
+                    f"position_ids must be integers of shape [{batch}, {tokens}], "
+                    f"got {position_ids.dtype} {list(position_ids.shape)}"
                 )
+            position_ids = position_ids.to(self.device, torch.long)
+        self.truncate(cache, blocks, position)
         # Outputs leave on the CPU: the wire encodes host memory (a no-op on a CPU server).
         return self.span(hidden, position_ids, cache, attention_mask, blocks).cpu()
 
@@ -144,6 +167,7 @@ class BlockBackend:
         """Stateless forward of a whole sequence (training and scoring)."""
         hidden = self._check_hidden(hidden)
         batch, tokens = hidden.shape[:2]
+        attention_mask = self._check_mask(attention_mask, batch, tokens)
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
         return self.span(hidden, position_ids, None, attention_mask, blocks).cpu()
 
@@ -156,7 +180,8 @@ class BlockBackend:
     ) -> torch.Tensor:
         """Gradient of the span's output with respect to its input; weights stay frozen."""
         hidden = self._check_hidden(hidden).detach().requires_grad_(True)
-        if grad_output.shape != hidden.shape:
+        attention_mask = self._check_mask(attention_mask, hidden.shape[0], hidden.shape[1])
+        if grad_output.shape != hidden.shape or not grad_output.is_floating_point():
             raise BadRequestError(
                 f"grad_output shape {list(grad_output.shape)} != hidden shape {list(hidden.shape)}"
             )

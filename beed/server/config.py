@@ -35,4 +35,5 @@ class ServerConfig:
     write_timeout_s: float = 30.0  # one reply's drain to a slow client
     hello_timeout_s: float = 10.0  # a new connection must say Hello within this
     max_streams_per_connection: int = 256  # open sessions and requests on one connection
+    max_inflight_per_connection: int = 64  # requests running at once; past that, stop reading
     dht: DHTConfig = field(default_factory=DHTConfig)

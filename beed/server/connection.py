@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -79,6 +82,7 @@ class ServerConnection:
         self.id = connection_id
         self._tasks = TaskOwner(f"conn-{connection_id}")
         self._streams = StreamTable(state.config.max_streams_per_connection)
+        self._slots = asyncio.Semaphore(state.config.max_inflight_per_connection)
 
     async def run(self) -> None:
         prefix = SessionRegistry.key(self.id, 0)[:-1]  # "c{id}/s"
@@ -89,9 +93,9 @@ class ServerConnection:
                     msg = await self.stream.read()
                 except UnknownMessageTypeError as exc:
                     # A newer peer's message: refused on its stream, the connection stays (spec §8).
-                    self._reply(Error.from_exception(getattr(exc, "stream_id", 0), exc))
+                    await self._answer(Error.from_exception(getattr(exc, "stream_id", 0), exc))
                     continue
-                self._dispatch(msg)
+                await self._dispatch(msg)
         except ConnectionClosed:
             pass
         except PhaseTimeoutError as exc:
@@ -111,7 +115,10 @@ class ServerConnection:
             log.debug("conn.closed id=%d sessions=%d", self.id, closed)
 
     async def _handshake(self) -> None:
-        msg = await self.stream.read(timeout_s=self.state.config.hello_timeout_s)
+        try:
+            msg = await self.stream.read(timeout_s=self.state.config.hello_timeout_s)
+        except UnknownMessageTypeError as exc:
+            raise StreamStateError(f"the first frame must be Hello ({exc})") from exc
         if not isinstance(msg, Hello):
             raise StreamStateError(f"the first frame must be Hello, got {type(msg).__name__}")
         _version, codecs = negotiate(self.state.hello, msg)
@@ -122,61 +129,65 @@ class ServerConnection:
             software_version=self.state.hello.software_version,
             codecs=codecs,
             peer_id=self.state.hello.peer_id,
+            max_streams=self.state.config.max_streams_per_connection,
         )
         await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
 
-    def _dispatch(self, msg: Message) -> None:
+    async def _dispatch(self, msg: Message) -> None:
         """Answer cheap requests inline; run compute requests as owned tasks.
 
         Requests that open a stream (OpenSession, GetInfo, Forward, Backward) count against the
         connection's stream limit; one too many is refused on its stream (115, retryable), a
         stream id reused while open is a protocol violation (116) that closes the connection.
+        At most `max_inflight_per_connection` requests run at once: past that the connection
+        is not read until one finishes (backpressure), and inline answers wait for the peer to
+        read them, so a client that never reads cannot grow the server's buffers.
         """
         sid = msg.stream_id
+        if isinstance(msg, Error | Pong):
+            log.debug("conn.ignored id=%d type=%s", self.id, type(msg).__name__)
+            return  # answers are never answered (two peers would bounce errors forever)
         if isinstance(msg, Ping):
-            self._reply(Pong(sid, msg.nonce))
+            await self._answer(Pong(sid, msg.nonce))
             return
         if isinstance(msg, GetInfo | OpenSession | Forward | Backward):
             try:
                 self._streams.open(sid)
             except TooManyStreamsError as exc:
-                self._reply(Error.from_exception(sid, exc))
+                await self._answer(Error.from_exception(sid, exc))
                 return
         if isinstance(msg, GetInfo):
-            self._reply(Info(sid, self.state.info()))
             self._streams.close(sid)
+            await self._answer(Info(sid, self.state.info()))
         elif isinstance(msg, Step | Truncate | Close | OpenSession | Forward | Backward):
+            await self._slots.acquire()
             self._tasks.spawn(self._guarded(sid, self._handle(msg)), name=f"s{sid}")
         else:
-            self._reply(
-                Error.from_exception(sid, BadRequestError(f"unexpected {type(msg).__name__}"))
-            )
+            error = BadRequestError(f"unexpected {type(msg).__name__} from a client")
+            await self._answer(Error.from_exception(sid, error))
 
-    def _reply(self, msg: Message) -> None:
-        try:
-            self.stream.send_nowait(msg)
-        except ConnectionClosed:
-            pass
+    async def _answer(self, msg: Message) -> None:
+        await self.stream.send(msg, timeout_s=self.state.config.write_timeout_s)
 
     async def _guarded(self, sid: int, work: Awaitable[Message]) -> None:
         """Run one request; any failure becomes an Error frame on its stream, never a crash."""
         try:
-            reply = await work
-        except BeeError as exc:
-            reply = Error.from_exception(sid, exc)
-
-        except Exception as exc:
-            log.exception("request.failed stream=%d", sid)
-            reply = Error.from_exception(sid, InternalServerError(f"internal error: {exc!r}"))
-            # A bug may have left the session's cache half-updated: drop it (spec §8, 299).
-            self.state.sessions.close(SessionRegistry.key(self.id, sid), "internal-error")
-        if SessionRegistry.key(self.id, sid) not in self.state.sessions:
-            # One-shot answers, Close's Ack, refused opens and gone sessions end the stream.
-            self._streams.close(sid)
-        try:
-            await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
-        except BeeError:
-            pass
+            try:
+                reply = await work
+            except BeeError as exc:
+                reply = Error.from_exception(sid, exc)
+            except Exception as exc:
+                log.exception("request.failed stream=%d", sid)
+                reply = Error.from_exception(sid, InternalServerError(f"internal error: {exc!r}"))
+                # A bug may have left the session's cache half-updated: drop it (spec §8, 299).
+                self.state.sessions.close(SessionRegistry.key(self.id, sid), "internal-error")
+            if SessionRegistry.key(self.id, sid) not in self.state.sessions:
+                # One-shot answers, Close's Ack, refused opens and gone sessions end the stream.
+                self._streams.close(sid)
+            with contextlib.suppress(BeeError):
+                await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
+        finally:
+            self._slots.release()
 
     async def _handle(self, msg: Message) -> Message:
         st = self.state
@@ -225,12 +236,16 @@ class ServerConnection:
         if isinstance(msg, Truncate):
             session = st.sessions.get(key)
             async with session.lock:
+                if session.cache is None:
+                    raise UnknownSessionError("the session was closed while this request waited")
                 session.backend.truncate(session.cache, session.blocks, msg.position)
                 session.length = msg.position
                 session.touch()
             return Ack(msg.stream_id)
         if isinstance(msg, Close):
-            st.sessions.close(key, "client")
+            session = st.sessions.get(key)  # 201 if it is gone already
+            async with session.lock:  # after the session's earlier requests: replies stay in order
+                st.sessions.close(key, "client")
             return Ack(msg.stream_id)
         if isinstance(msg, Forward):
             blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
@@ -270,6 +285,8 @@ class ServerConnection:
             )
         if not 0 < msg.batch_size <= 1024:
             raise BadRequestError(f"batch_size must be in 1..1024, got {msg.batch_size}")
+        if not math.isfinite(msg.timeout_s) or msg.timeout_s <= 0:
+            raise BadRequestError(f"timeout_s must be a positive number, got {msg.timeout_s}")
         timeout_s = min(max(msg.timeout_s, 1.0), st.config.session_timeout_s)
         st.sessions.open(
             key,
@@ -280,5 +297,6 @@ class ServerConnection:
             timeout_s=timeout_s,
             cache=st.backend.new_cache(),
             backend=st.backend,
+            on_close=lambda: self._streams.close(msg.stream_id),
         )
         return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)

@@ -186,7 +186,7 @@ class BlockServer:
             if tcp is not None:
                 tcp.close()
             await self._connections.aclose()
-            if self._record is not None and self.state is not None:
+            if self._record is not None:  # also when loading failed after announcing "joining"
                 self._record = dataclasses.replace(self._record, state=ServerState.OFFLINE)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._announce(), timeout=5.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ class Session:
     timeout_s: float  # idle lifetime
     cache: Any  # the backend's cache object
     backend: Any  # the BlockBackend the session runs on (an old one after the server moved)
+    on_close: Callable[[], object] | None = None  # frees the connection's stream slot
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     length: int = 0  # positions filled
@@ -67,11 +69,14 @@ class SessionRegistry:
         timeout_s: float,
         cache: Any,
         backend: Any,
+        on_close: Callable[[], object] | None = None,
     ) -> Session:
         if key in self._sessions:
             raise BadRequestError(f"a session is already open on this stream ({key})")
         self.budget.reserve(key, max_length * batch_size)
-        session = Session(key, blocks, span, max_length, batch_size, timeout_s, cache, backend)
+        session = Session(
+            key, blocks, span, max_length, batch_size, timeout_s, cache, backend, on_close
+        )
         self._sessions[key] = session
         self._empty.clear()
         log.info(
@@ -98,6 +103,8 @@ class SessionRegistry:
             return False
         self.budget.release(key)
         session.cache = None
+        if session.on_close is not None:
+            session.on_close()
         if not self._sessions:
             self._empty.set()
         log.info("session.close key=%s reason=%s length=%d", key, reason, session.length)

@@ -166,3 +166,50 @@ async def test_stateless_forward_and_backward(swarm2, model_path, local_model, t
     finally:
         for conn in conns:
             await conn.aclose()
+
+
+async def test_pipelined_requests_keep_order_and_truncate_rolls_back(swarm2, model_path):
+    from protocol.messages import Ack, Truncate
+
+    fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+    server = swarm2.servers[1]
+    conn = PeerConnection(*server.address)
+    await conn.connect(5.0)
+    torch.manual_seed(3)
+    prompt, more = torch.randn(1, 20, 576), torch.randn(1, 3, 576)
+    try:
+        sid = await open_session(conn, fingerprint, (15, 30))
+        # Sent back to back: a long step, a rollback, a step after it, and Close.
+        replies = await asyncio.gather(
+            conn.request(Step(sid, 1, 0, prompt), 30.0),
+            conn.request(Truncate(sid, 10), 30.0),
+            conn.request(Step(sid, 2, 10, more), 30.0),
+            conn.request(Close(sid), 30.0),
+        )
+        assert [type(r) for r in replies] == [StepResult, Ack, StepResult, Ack]
+        with pytest.raises(UnknownSessionError):
+            await conn.request(Truncate(sid, 0), 10.0)
+
+        # The rolled-back session computes what a fresh one fed the first 10 tokens computes.
+        fresh = await open_session(conn, fingerprint, (15, 30))
+        await conn.request(Step(fresh, 1, 0, prompt[:, :10]), 30.0)
+        expected = await conn.request(Step(fresh, 2, 10, more), 30.0)
+        # (A 20-token prefill cut to 10 and a 10-token prefill differ in float rounding only.)
+        torch.testing.assert_close(replies[2].hidden, expected.hidden, rtol=1e-4, atol=1e-3)
+
+        # Refused steps leave the cache alone.
+        bad_ids = Step(fresh, 3, 5, torch.randn(1, 2, 576), position_ids=torch.zeros(1, 7))
+        with pytest.raises(BadRequestError, match="position_ids"):
+            await conn.request(bad_ids, 10.0)
+        again = await conn.request(Step(fresh, 4, 10, more), 30.0)
+        assert torch.equal(again.hidden, expected.hidden)
+        with pytest.raises(BadRequestError, match="timeout_s"):
+            await conn.request(
+                OpenSession(conn.new_stream_id(), fingerprint, 15, 30, 8, timeout_s=float("nan")),
+                10.0,
+            )
+        await conn.request(Close(fresh), 10.0)
+    finally:
+        await conn.aclose()
+    after = await wait_sessions(server, 0)
+    assert after["sessions"] == 0 and after["used_kv_bytes"] == 0
