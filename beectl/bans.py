@@ -41,7 +41,7 @@ def is_server_failure(exc: BaseException) -> bool:
 class BanList:
     """Servers to leave out of routes until their ban expires."""
 
-    base_s: float = 1.0  # first ban
+    base_s: float = 5.0  # first ban (longer than a DHT lookup that waits for a dead node)
     max_s: float = 60.0  # longest ban
     _failures: dict[str, int] = field(default_factory=dict)
     _until: dict[str, float] = field(default_factory=dict)

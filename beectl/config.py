@@ -18,6 +18,10 @@ class ClientConfig:
     close_timeout_s: float = 2.0  # Close answer when a session ends; then we just drop it
     discovery_timeout_s: float = 10.0  # one DHT read of the servers of a model
     session_timeout_s: float = 300.0  # idle lifetime we ask servers to keep our session for
+    route_cache_s: float = 30.0  # routes may come from a DHT read this old (then a fresh one)
     failover_timeout_s: float = 60.0  # how long a session keeps looking for a replacement server
     retry_delay_s: float = 0.2  # first pause between failover attempts (doubles, max 5 s)
-    dht: DHTConfig = field(default_factory=DHTConfig)
+    # Reads wait for each queried node up to rpc_timeout_s, and a lookup round waits for its
+    # slowest node: right after a server dies its DHT node is still in routing tables, so the
+    # client uses a shorter RPC timeout than servers (1 s is still ~3x a long WAN round trip).
+    dht: DHTConfig = field(default_factory=lambda: DHTConfig(rpc_timeout_s=1.0))

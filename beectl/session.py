@@ -166,6 +166,8 @@ class InferenceSession:
         deadline = time.monotonic() + self.config.failover_timeout_s
         delay = self.config.retry_delay_s
         last_failure: BeeError | None = None
+        # The first try may use the last DHT read (see Swarm.servers); later tries read again.
+        max_age_s = self.config.route_cache_s
         while True:
             opened: list[_OpenHop] = []
             try:
@@ -176,6 +178,7 @@ class InferenceSession:
                     start=start,
                     end=end,
                     needed_kv_tokens=self.max_length * self.batch_size,
+                    max_age_s=max_age_s,
                 )
                 for hop in route:
                     opened.append(await self._open_hop(hop))
@@ -195,6 +198,9 @@ class InferenceSession:
                     continue  # the next route leaves that server out
                 if not isinstance(exc, NoRouteError):
                     raise
+                if max_age_s > 0:
+                    max_age_s = 0.0  # the cached list had no way through: read the DHT
+                    continue
                 if not wait or time.monotonic() + delay > deadline:
                     raise (last_failure or exc) from None
                 log.info("session.waiting span=%d:%d error=%s", start, end, exc)

@@ -32,6 +32,7 @@ class Swarm:
         self._connecting: dict[str, asyncio.Lock] = {}
         self.rtt_s: dict[str, float] = {}
         self.bans = BanList()  # shared by every session of this client
+        self._servers_cache: dict[str, tuple[float, list[ServerRecord]]] = {}
 
     async def start(self) -> None:
         if not self.config.initial_peers:
@@ -41,10 +42,21 @@ class Swarm:
         await self.dht.start("0.0.0.0", 0)
         await self.dht.bootstrap(list(self.config.initial_peers))
 
-    async def servers(self, fingerprint: str, num_blocks: int) -> list[ServerRecord]:
+    async def servers(
+        self, fingerprint: str, num_blocks: int, *, max_age_s: float = 0.0
+    ) -> list[ServerRecord]:
+        """The servers of a model from the DHT, or from the last read if it is fresh enough.
+
+        Failover reads the cache first: a DHT lookup right after a server died waits for that
+        node's RPC timeout, while the replica is usually in the list already."""
+        cached = self._servers_cache.get(fingerprint)
+        if cached is not None and time.monotonic() - cached[0] <= max_age_s:
+            return cached[1]
         try:
             async with asyncio.timeout(self.config.discovery_timeout_s):
-                return await self.dht.get_servers(fingerprint, 0, num_blocks)
+                servers = await self.dht.get_servers(fingerprint, 0, num_blocks)
+                self._servers_cache[fingerprint] = (time.monotonic(), servers)
+                return servers
         except TimeoutError:
             raise PhaseTimeoutError(
                 f"the DHT did not answer within {self.config.discovery_timeout_s:g} s"
@@ -68,9 +80,11 @@ class Swarm:
         start: int = 0,
         end: int | None = None,
         needed_kv_tokens: int = 0,
+        max_age_s: float = 0.0,
     ) -> list[Hop]:
-        """The cheapest chain of online, unbanned servers for blocks [start, end)."""
-        servers = await self.servers(fingerprint, num_blocks)
+        """The cheapest chain of online, unbanned servers for blocks [start, end), from a DHT
+        read at most `max_age_s` old."""
+        servers = await self.servers(fingerprint, num_blocks, max_age_s=max_age_s)
         if not servers:
             await self._explain_missing(fingerprint, model_name)
         try:
