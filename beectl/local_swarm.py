@@ -34,6 +34,7 @@ class Daemon:
     process: subprocess.Popen[str] | None = None
     ready_line: str = ""
     _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _ready_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, env: dict[str, str]) -> None:
         log = open(self.log_path, "w")
@@ -62,6 +63,13 @@ class Daemon:
         self._lines.put(None)
 
     def wait_ready(self, timeout_s: float) -> str:
+        """The first stdout line (the ready line), waiting for it once; safe from any thread."""
+        with self._ready_lock:
+            if self.ready_line:
+                return self.ready_line
+            return self._read_ready(timeout_s)
+
+    def _read_ready(self, timeout_s: float) -> str:
         try:
             line = self._lines.get(timeout=timeout_s)
         except queue.Empty:
