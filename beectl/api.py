@@ -164,6 +164,37 @@ class DistributedModelForCausalLM:
             streamer.end()
         return out if want_dict else out.sequences
 
+    def generate_batch(
+        self, prompts: Sequence[str], *, apply_chat_template: bool = False, **kwargs: Any
+    ) -> list[str]:
+        """Generate for several prompts at once (left-padded into one batch); the new text of
+        each, cut at its end-of-sequence token. Takes the usual generation arguments."""
+        tok: Any = self.tokenizer
+        if apply_chat_template:
+            rows = [
+                list(
+                    tok.apply_chat_template(
+                        [{"role": "user", "content": p}],
+                        add_generation_prompt=True,
+                        return_dict=True,
+                    )["input_ids"]
+                )
+                for p in prompts
+            ]
+        else:
+            rows = [list(tok(p).input_ids) for p in prompts]
+        sampling = self._sampling(len(rows), dict(kwargs))
+        width = max(len(r) for r in rows)
+        pad = sampling.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = self.generate(ids, mask, **kwargs)
+        texts = []
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in sampling.eos_token_ids), len(row))
+            texts.append(str(tok.decode(row[:cut], skip_special_tokens=True)))
+        return texts
+
     def close(self) -> None:
         self._loop.run(self._remote.aclose())
         self._loop.close()

@@ -110,14 +110,118 @@ def _generation_options(f: Any) -> Any:
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.File("r"),
+    default=None,
+    help="Generate for every line of this file (- for stdin) as one batch; prints JSON lines.",
+)
 @_peers_option
 @_generation_options
-def generate(prompt: str, initial_peers: list[tuple[str, int]], **kwargs: Any) -> None:
-    """Generate text after PROMPT through the swarm; text streams to stdout as it is produced."""
+def generate(
+    prompt: str | None, prompts_file: Any, initial_peers: list[tuple[str, int]], **kwargs: Any
+) -> None:
+    """Generate text after PROMPT through the swarm; text streams to stdout as it is produced.
+
+    With --prompts FILE, every non-empty line is a prompt; they run as one batch (left-padded)
+    and each finishes on its own; one JSON object per prompt is printed, in order.
+    """
     _require_peers(initial_peers)
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give either a PROMPT or --prompts FILE")
     config = ClientConfig(initial_peers=tuple(initial_peers))
-    _run_cli(_generate(prompt, config, **kwargs))
+    if prompts_file is not None:
+        prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]
+        if not prompts:
+            raise click.UsageError("--prompts: the file has no prompt")
+        _run_cli(_generate_batch(prompts, config, **kwargs))
+    else:
+        _run_cli(_generate(prompt or "", config, **kwargs))
+
+
+def _encode(tokenizer: Any, prompt: str, raw: bool) -> list[int]:
+    if not raw and tokenizer.chat_template:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+    return list(tokenizer(prompt).input_ids)
+
+
+def _sampling_config(remote: Any, tokenizer: Any, max_new_tokens: int, **opts: Any) -> Any:
+    from beectl.generation import SamplingConfig
+
+    gc = remote.generation_config
+    eos = gc.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    sampling_args = (opts["temperature"], opts["top_k"], opts["top_p"], opts["seed"])
+    return SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=any(v is not None for v in sampling_args),
+        temperature=opts["temperature"] or 1.0,
+        top_k=opts["top_k"] or 0,
+        top_p=opts["top_p"] or 1.0,
+        repetition_penalty=opts["repetition_penalty"] or 1.0,
+        seed=opts["seed"],
+        eos_token_ids=tuple(sorted(eos_ids)),
+        pad_token_id=gc.pad_token_id if gc.pad_token_id is not None else 0,
+    )
+
+
+def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[:i]
+    return ids
+
+
+async def _generate_batch(
+    prompts: list[str],
+    config: ClientConfig,
+    *,
+    model: str,
+    max_new_tokens: int,
+    raw: bool,
+    as_json: bool,
+    **opts: Any,
+) -> None:
+    import torch
+
+    from beectl.generation import generate as run_generation
+    from beectl.model import RemoteModel
+
+    remote = await RemoteModel.load(model, config)
+    try:
+        tokenizer: Any = remote.tokenizer
+        rows = [_encode(tokenizer, p, raw) for p in prompts]
+        sampling = _sampling_config(remote, tokenizer, max_new_tokens, **opts)
+        width = max(len(r) for r in rows)
+        pad = sampling.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left padding
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        async with remote.inference_session(
+            max_length=width + max_new_tokens, batch_size=len(rows)
+        ) as session:
+            out = await run_generation(remote.head, session, ids, sampling, attention_mask=mask)
+        for row, prompt in enumerate(prompts):
+            new_ids = _until_eos(out.sequences[row, width:].tolist(), sampling.eos_token_ids)
+            click.echo(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": tokenizer.decode(new_ids, skip_special_tokens=True),
+                        "prompt_tokens": len(rows[row]),
+                        "new_tokens": len(new_ids),
+                        "token_ids": new_ids,
+                    }
+                )
+            )
+    finally:
+        await remote.aclose()
 
 
 async def _generate(
@@ -136,7 +240,6 @@ async def _generate(
 ) -> None:
     import torch
 
-    from beectl.generation import SamplingConfig
     from beectl.generation import generate as run_generation
     from beectl.model import RemoteModel
 
@@ -144,32 +247,16 @@ async def _generate(
     remote = await RemoteModel.load(model, config)
     try:
         tokenizer: Any = remote.tokenizer
-        ids: torch.Tensor
-        if not raw and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )["input_ids"]
-        else:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-        gc = remote.generation_config
-        eos = gc.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        do_sample = any(v is not None for v in (temperature, top_k, top_p, seed))
-        sampling = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature or 1.0,
-            top_k=top_k or 0,
-            top_p=top_p or 1.0,
-            repetition_penalty=repetition_penalty or 1.0,
+        ids = torch.tensor([_encode(tokenizer, prompt, raw)])
+        sampling = _sampling_config(
+            remote,
+            tokenizer,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
             seed=seed,
-            eos_token_ids=tuple(sorted(eos_ids)),
-            pad_token_id=gc.pad_token_id if gc.pad_token_id is not None else 0,
         )
         load_s = time.perf_counter() - began
         streamer = _TextStream(tokenizer, enabled=not as_json)
@@ -180,8 +267,7 @@ async def _generate(
             out = await run_generation(remote.head, session, ids, sampling, on_tokens=streamer.put)
         streamer.end()
         new_ids = out.sequences[0, ids.shape[1] :].tolist()
-        eos_set = set(sampling.eos_token_ids)
-        text_ids = [t for t in new_ids if t not in eos_set]
+        text_ids = _until_eos(new_ids, sampling.eos_token_ids)
         if as_json:
             decode_tokens = max(out.num_new_tokens - 1, 0)
             click.echo(

@@ -11,7 +11,7 @@ from beectl.config import ClientConfig
 from beectl.connection import PeerConnection
 from beectl.routing import Hop, find_route
 from beed.dht.node import DHTNode
-from beed.dht.records import ModelEntry, ServerRecord
+from beed.dht.records import ModelEntry, ServerRecord, ServerState
 from protocol.errors import (
     ModelMismatchError,
     NoRouteError,
@@ -51,16 +51,34 @@ class Swarm:
         node's RPC timeout, while the replica is usually in the list already."""
         cached = self._servers_cache.get(fingerprint)
         if cached is not None and time.monotonic() - cached[0] <= max_age_s:
-            return cached[1]
+            return [r for r in cached[1] if r.state != ServerState.OFFLINE]
         try:
             async with asyncio.timeout(self.config.discovery_timeout_s):
-                servers = await self.dht.get_servers(fingerprint, 0, num_blocks)
-                self._servers_cache[fingerprint] = (time.monotonic(), servers)
-                return servers
+                found = await self.dht.get_servers(fingerprint, 0, num_blocks, include_offline=True)
         except TimeoutError:
             raise PhaseTimeoutError(
                 f"the DHT did not answer within {self.config.discovery_timeout_s:g} s"
             ) from None
+        # A read can miss records (a lookup that stopped at nodes holding an older set): merge
+        # it with what we saw before, newest record per server, until each record expires.
+        # Offline records are kept in the merge so that they replace older online ones.
+        now = time.time()
+        merged = {
+            r.peer_id: r for r in (cached[1] if cached is not None else []) if r.expires_at > now
+        }
+        for record in found:
+            old = merged.get(record.peer_id)
+            if old is None or record.newer_than(old):
+                merged[record.peer_id] = record
+        servers = sorted(
+            (r for r in merged.values() if r.state != ServerState.OFFLINE),
+            key=lambda r: (r.span_start, r.peer_id),
+        )
+        self._servers_cache[fingerprint] = (
+            time.monotonic(),
+            [*servers, *(r for r in merged.values() if r.state == ServerState.OFFLINE)],
+        )
+        return servers
 
     async def models(self) -> list[ModelEntry]:
         try:
