@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from beectl.config import ClientConfig
-from beectl.generation import GenerationOutput, SamplingConfig, generate
+from beectl.generation import GenerationOutput, SamplingConfig, generate, left_pad, until_eos
 from beectl.model import RemoteModel
 from beectl.runner import LoopThread
 from beectl.session import InferenceSession
@@ -184,16 +184,12 @@ class DistributedModelForCausalLM:
         else:
             rows = [list(tok(p).input_ids) for p in prompts]
         sampling = self._sampling(len(rows), dict(kwargs))
-        width = max(len(r) for r in rows)
-        pad = sampling.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ids, mask = left_pad(rows, sampling.pad_token_id)
         out = self.generate(ids, mask, **kwargs)
-        texts = []
-        for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in sampling.eos_token_ids), len(row))
-            texts.append(str(tok.decode(row[:cut], skip_special_tokens=True)))
-        return texts
+        return [
+            str(tok.decode(until_eos(row, sampling.eos_token_ids), skip_special_tokens=True))
+            for row in out[:, ids.shape[1] :].tolist()
+        ]
 
     def close(self) -> None:
         self._loop.run(self._remote.aclose())

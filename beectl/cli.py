@@ -172,13 +172,6 @@ def _sampling_config(remote: Any, tokenizer: Any, max_new_tokens: int, **opts: A
     )
 
 
-def _until_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[:i]
-    return ids
-
-
 async def _generate_batch(
     prompts: list[str],
     config: ClientConfig,
@@ -189,9 +182,8 @@ async def _generate_batch(
     as_json: bool,
     **opts: Any,
 ) -> None:
-    import torch
-
     from beectl.generation import generate as run_generation
+    from beectl.generation import left_pad, until_eos
     from beectl.model import RemoteModel
 
     remote = await RemoteModel.load(model, config)
@@ -199,16 +191,14 @@ async def _generate_batch(
         tokenizer: Any = remote.tokenizer
         rows = [_encode(tokenizer, p, raw) for p in prompts]
         sampling = _sampling_config(remote, tokenizer, max_new_tokens, **opts)
-        width = max(len(r) for r in rows)
-        pad = sampling.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left padding
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ids, mask = left_pad(rows, sampling.pad_token_id)
+        width = ids.shape[1]
         async with remote.inference_session(
             max_length=width + max_new_tokens, batch_size=len(rows)
         ) as session:
             out = await run_generation(remote.head, session, ids, sampling, attention_mask=mask)
         for row, prompt in enumerate(prompts):
-            new_ids = _until_eos(out.sequences[row, width:].tolist(), sampling.eos_token_ids)
+            new_ids = until_eos(out.sequences[row, width:].tolist(), sampling.eos_token_ids)
             click.echo(
                 json.dumps(
                     {
@@ -241,6 +231,7 @@ async def _generate(
     import torch
 
     from beectl.generation import generate as run_generation
+    from beectl.generation import until_eos
     from beectl.model import RemoteModel
 
     began = time.perf_counter()
@@ -267,7 +258,7 @@ async def _generate(
             out = await run_generation(remote.head, session, ids, sampling, on_tokens=streamer.put)
         streamer.end()
         new_ids = out.sequences[0, ids.shape[1] :].tolist()
-        text_ids = _until_eos(new_ids, sampling.eos_token_ids)
+        text_ids = until_eos(new_ids, sampling.eos_token_ids)
         if as_json:
             decode_tokens = max(out.num_new_tokens - 1, 0)
             click.echo(

@@ -74,6 +74,22 @@ class GenerationOutput:
 TokenCallback = Callable[[torch.Tensor], None]
 
 
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch: ids and attention mask, padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def until_eos(ids: list[int], eos_token_ids: tuple[int, ...]) -> list[int]:
+    """The generated ids before the first end-of-sequence token."""
+    for i, token in enumerate(ids):
+        if token in eos_token_ids:
+            return ids[:i]
+    return ids
+
+
 async def generate(
     head: LocalHead,
     session: InferenceSession,
