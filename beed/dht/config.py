@@ -21,6 +21,8 @@ class DHTConfig:
     max_pages: int = 64  # pages fetched from one node for one key (each page is one datagram)
     max_page_bytes: int = 7000  # entry bytes per reply page; keeps datagrams under 8 KiB
     max_missed_replies: int = 3  # consecutive missed replies before a contact is evicted
+    stall_s: float = 0.5  # a lookup query silent this long stops holding one of the alpha slots
+    liveness_period_s: float = 15.0  # contacts silent this long are pinged (0: never)
     table_refresh_s: float = 600.0  # period of the routing-table refresh (lonely buckets)
     republish_s: float = 3600.0  # re-store held entries not refreshed by their writer for this long
     max_subkeys_per_key: int = 4096  # entries one key may hold on one storing node

@@ -1,13 +1,21 @@
-"""RecordCrawl: kademlia's value lookup, merging every holder's entries instead of voting."""
+"""Lookups: kademlia's crawls made eager, and RecordCrawl, which merges every holder's entries.
+
+kademlia's crawls query `alpha` nodes per round and wait for the round's slowest answer, so a
+dead contact costs a whole RPC timeout per round, and right after churn most rounds hold one.
+`EagerCrawl` keeps `alpha` queries in flight instead: a query that has not answered within
+`stall_s` no longer holds its slot, the next nearest node is asked at once, and a lookup whose
+remaining queries have all stalled ends without them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kademlia.crawling import ValueSpiderCrawl
+from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl, ValueSpiderCrawl
 from kademlia.node import Node
 
 from beed.dht.envelope import check_entry, entry_order
@@ -18,7 +26,69 @@ from beed.dht.records import ServerRecord
 log = logging.getLogger(__name__)
 
 
-class RecordCrawl(ValueSpiderCrawl):  # type: ignore[misc]
+Reply = Callable[[Node, Any], Awaitable[None]]
+
+
+class EagerCrawl(SpiderCrawl):  # type: ignore[misc]
+    """A crawl that never waits on a silent node while another could be asked."""
+
+    stall_s: float = 0.5
+
+    def finished(self) -> bool:
+        """True once the lookup has what it needs (a node lookup needs every node asked)."""
+        return False
+
+    async def _eager(
+        self, rpcmethod: Callable[[Node, Node], Awaitable[tuple[bool, Any]]], on_reply: Reply
+    ) -> set[bytes]:
+        """Ask the nearest uncontacted nodes, at most `alpha` un-stalled at once; the ids of the
+        nodes that answered."""
+        inflight: dict[asyncio.Future[tuple[bool, Any]], tuple[Node, float]] = {}
+        answered: set[bytes] = set()
+        try:
+            while not self.finished():
+                now = time.monotonic()
+                active = sum(1 for _, began in inflight.values() if now - began < self.stall_s)
+                for peer in self.nearest.get_uncontacted():
+                    if active >= self.alpha:
+                        break
+                    self.nearest.mark_contacted(peer)
+                    inflight[asyncio.ensure_future(rpcmethod(peer, self.node))] = (peer, now)
+                    active += 1
+                if not inflight or (active == 0 and not self.nearest.get_uncontacted()):
+                    break  # everyone asked; the rest have stalled
+                stalls = [began + self.stall_s for _, began in inflight.values()]
+                pending = [t for t in stalls if t > now]
+                timeout = max(0.0, min(pending) - now) if pending else None
+                done, _ = await asyncio.wait(
+                    inflight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    peer, _ = inflight.pop(task)
+                    ok, reply = task.result()
+                    if not ok:
+                        self.nearest.remove([peer.id])
+                        continue
+                    answered.add(peer.id)
+                    await on_reply(peer, reply)
+        finally:
+            for task in inflight:
+                task.cancel()
+        return answered
+
+
+class NodeCrawl(EagerCrawl, NodeSpiderCrawl):  # type: ignore[misc]
+    """The k nearest nodes to a target that answered (kademlia's NodeSpiderCrawl, eager)."""
+
+    async def find(self) -> list[Node]:
+        answered = await self._eager(self.protocol.call_find_node, self._on_reply)
+        return [n for n in self.nearest if n.id in answered]
+
+    async def _on_reply(self, peer: Node, reply: Any) -> None:
+        self.nearest.push([Node(*triple) for triple in reply or []])
+
+
+class RecordCrawl(EagerCrawl, ValueSpiderCrawl):  # type: ignore[misc]
     """Look a key up: ask the nearest nodes, merge the entries of every node that holds the key.
 
     Unlike kademlia's ValueSpiderCrawl it does not stop at the first value nor vote between
@@ -55,27 +125,17 @@ class RecordCrawl(ValueSpiderCrawl):  # type: ignore[misc]
                 self.found[entry.subkey] = (entry, record)
 
     async def find(self) -> dict[str, VerifiedEntry]:
-        if not len(self.nearest):
-            return self.found
-        result: dict[str, VerifiedEntry] = await self._find(self.protocol.call_find_value)
-        return result
+        await self._eager(self.protocol.call_find_value, self._on_reply)
+        return self.found
 
-    async def _nodes_found(self, responses: dict[bytes, Any]) -> dict[str, VerifiedEntry]:
-        silent = []
-        holders: list[tuple[Node | None, dict[str, Any]]] = []
-        for peer_id, (ok, reply) in responses.items():
-            if not ok:
-                silent.append(peer_id)
-            elif isinstance(reply, dict):
-                holders.append((self.nearest.get_node(peer_id), reply))
-            else:
-                self.nearest.push([Node(*triple) for triple in reply])
-        self.nearest.remove(silent)
-        if holders:
-            await self._read_holders(holders)
-        if self.done() or self.nearest.have_contacted_all():
-            return self.found
-        return await self.find()
+    def finished(self) -> bool:
+        return self.done()
+
+    async def _on_reply(self, peer: Node, reply: Any) -> None:
+        if isinstance(reply, dict):
+            await self._read_holders([(peer, reply)])
+        else:
+            self.nearest.push([Node(*triple) for triple in reply])
 
     async def _read_holders(self, holders: list[tuple[Node | None, dict[str, Any]]]) -> None:
         """Read every page of one holder per distinct summary (count, digest of its subkeys).

@@ -12,11 +12,10 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node
 
 from beed.dht.config import DHTConfig
-from beed.dht.crawl import RecordCrawl, local_entries, records_of
+from beed.dht.crawl import NodeCrawl, RecordCrawl, local_entries, records_of
 from beed.dht.envelope import SignedEntry, check_entry, entry_order, sign_entry
 from beed.dht.errors import ClientModeError, PeerUnreachableError, RecordError
 from beed.dht.identity import Identity
@@ -96,6 +95,8 @@ class DHTNode:
         sockname = transport.get_extra_info("sockname")
         self.address = (str(sockname[0]), int(sockname[1]))
         self._tasks.spawn(self._maintain(), "maintain")
+        if self.config.liveness_period_s > 0:
+            self._tasks.spawn(self._check_contacts(), "liveness")
         log.info(
             "dht.started addr=%s peer_id=%s client_mode=%s",
             format_initial_peers([self.address]),
@@ -148,7 +149,7 @@ class DHTNode:
             )
         for contact in contacts:
             protocol.welcome_if_new(contact)
-        spider = NodeSpiderCrawl(protocol, self.node, contacts, self.config.ksize, 1)
+        spider = self._node_crawl(self.node, contacts)
         try:
             async with asyncio.timeout(timeout_s):
                 await spider.find()
@@ -228,10 +229,7 @@ class DHTNode:
         nearest = self.protocol.router.find_neighbors(target, self.config.ksize)
         nodes: list[Node] = []
         if nearest:
-            spider = NodeSpiderCrawl(
-                self.protocol, target, nearest, self.config.ksize, self.config.alpha
-            )
-            nodes = await spider.find()
+            nodes = await self._node_crawl(target, nearest).find()
         # The k nearest of the nodes found and this one: every writer picks the same set, so
         # holders agree (kademlia's set() also takes max() of an empty list when all are dead).
         nodes = sorted([*nodes, self.node], key=lambda n: n.distance_to(target))
@@ -340,10 +338,37 @@ class DHTNode:
             quorum=self.config.read_quorum,
             max_pages=self.config.max_pages,
         )
+        crawl.stall_s = self.config.stall_s
         crawl.merge(local_entries(self.protocol, key))  # kademlia's get() stops here: stale
         return crawl
 
+    def _node_crawl(self, target: Node, peers: list[Node]) -> NodeCrawl:
+        crawl = NodeCrawl(self.protocol, target, peers, self.config.ksize, self.config.alpha)
+        crawl.stall_s = self.config.stall_s
+        return crawl
+
     # --- maintenance -------------------------------------------------------------------------
+
+    async def _check_contacts(self) -> None:
+        """Every liveness_period_s, ping the contacts not heard from for that long.
+
+        Kademlia only tests a contact when its bucket is full, so in a swarm smaller than k per
+        bucket a dead server would stay in every table (and in every lookup) until a bucket
+        refresh; each missed ping counts towards its eviction (`max_missed_replies`)."""
+        period_s = self.config.liveness_period_s
+        while True:
+            await asyncio.sleep(period_s * random.uniform(0.9, 1.1))
+            protocol = self.protocol
+            quiet = time.monotonic() - period_s
+            contacts = [
+                node
+                for bucket in protocol.router.buckets
+                for node in bucket.get_nodes()
+                if protocol.last_heard.get(node.id, 0.0) < quiet
+            ]
+            if contacts:
+                await asyncio.gather(*(protocol.call_ping(node) for node in contacts))
+                log.debug("dht.liveness pinged=%d", len(contacts))
 
     async def _maintain(self) -> None:
         """Every table_refresh_s: refresh quiet buckets, republish entries nobody refreshed."""
@@ -366,13 +391,7 @@ class DHTNode:
             if b.last_updated < limit
         ]
         crawls = [
-            NodeSpiderCrawl(
-                self.protocol,
-                t,
-                self.protocol.router.find_neighbors(t, self.config.alpha),
-                self.config.ksize,
-                self.config.alpha,
-            )
+            self._node_crawl(t, self.protocol.router.find_neighbors(t, self.config.alpha))
             for t in targets
         ]
         await asyncio.gather(*(c.find() for c in crawls))

@@ -86,6 +86,7 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
         self._wait_timeout = config.rpc_timeout_s
         self._addresses: dict[bytes, Address] = {}
         self._missed: dict[bytes, int] = {}
+        self.last_heard: dict[bytes, float] = {}  # node id -> monotonic time of its last datagram
 
     # --- datagrams ----------------------------------------------------------------------------
 
@@ -315,10 +316,12 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
                 log.info("dht.contact_evicted peer=%s missed=%d", node, missed)
                 self.router.remove_contact(node)
                 self._missed.pop(node.id, None)
+                self.last_heard.pop(node.id, None)
             else:
                 self._missed[node.id] = missed
             return result
         self._missed.pop(node.id, None)
+        self.last_heard[node.id] = time.monotonic()
         self.welcome_if_new(node)
         return result
 
@@ -326,6 +329,7 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
         """Add `node` to the routing table; if new, hand it the entries it should now hold."""
         if node.id == self.source_node.id:
             return
+        self.last_heard[node.id] = time.monotonic()
         if not self.router.is_new_node(node):
             self.router.add_contact(node)  # refresh its place in the bucket (LRU)
             return

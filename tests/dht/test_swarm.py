@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from kademlia.node import Node
 from kademlia.utils import digest
 
 from beed.dht import (
@@ -271,3 +272,36 @@ async def test_many_servers_per_key_page_within_the_datagram_limit(swarm: SwarmF
     assert 6000 < max(sizes) <= 8192  # full pages were sent, none over the limit
     (model,) = await client.list_models()
     assert model.num_servers == 40
+
+
+async def test_announce_reaches_live_nodes_past_dead_contacts(swarm: SwarmFactory) -> None:
+    # Most of the swarm died without a word and is still in every routing table. A store
+    # crawl that waited for each round's slowest node would spend a 5 s RPC timeout per round
+    # and give up (3 s limit) having stored nowhere; readers, whose quorum of holders agrees on
+    # the older set, would then never see the new server.
+    slow_timeouts = dataclasses.replace(
+        FAST, ksize=20, rpc_timeout_s=5.0, store_timeout_s=3.0, lookup_timeout_s=3.0, stall_s=0.2
+    )
+    nodes = await swarm(16, config=slow_timeouts)
+    key = Node(keys_for_record(server_record(nodes[0], 0, 8))[0])
+    by_distance = sorted(nodes[1:], key=lambda n: n.node.distance_to(key))
+    doomed, (early, other, late) = by_distance[:12], by_distance[12:]
+    await early.announce(server_record(early, 0, 8))
+    await asyncio.gather(*(n.aclose() for n in doomed))
+    await late.announce(server_record(late, 0, 8))
+    (client,) = await swarm(1, config=slow_timeouts, client_mode=True, via=early)
+    found = await client.get_servers("fp-test", 0, 8)
+    assert {r.peer_id for r in found} == {early.peer_id, late.peer_id}
+    assert other.peer_id not in {r.peer_id for r in found}
+
+
+async def test_silent_contacts_are_pinged_and_evicted(swarm: SwarmFactory) -> None:
+    config = dataclasses.replace(FAST, liveness_period_s=0.2, max_missed_replies=2)
+    a, b, c = await swarm(3, config=config)
+    assert a.routing_table_size() == 2
+    await c.aclose()
+    for _ in range(100):  # each node pings c every 0.2 s; two misses evict it
+        if a.routing_table_size() == 1 and b.routing_table_size() == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert {n.id for bucket in a.protocol.router.buckets for n in bucket.get_nodes()} == {b.node.id}
