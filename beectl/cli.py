@@ -118,10 +118,21 @@ def _generation_options(f: Any) -> Any:
     default=None,
     help="Generate for every line of this file (- for stdin) as one batch; prints JSON lines.",
 )
+@click.option(
+    "--kv-wait",
+    type=click.FloatRange(0.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds a full server may keep the session waiting for cache memory (then: busy).",
+)
 @_peers_option
 @_generation_options
 def generate(
-    prompt: str | None, prompts_file: Any, initial_peers: list[tuple[str, int]], **kwargs: Any
+    prompt: str | None,
+    prompts_file: Any,
+    kv_wait: float,
+    initial_peers: list[tuple[str, int]],
+    **kwargs: Any,
 ) -> None:
     """Generate text after PROMPT through the swarm; text streams to stdout as it is produced.
 
@@ -131,7 +142,7 @@ def generate(
     _require_peers(initial_peers)
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either a PROMPT or --prompts FILE")
-    config = ClientConfig(initial_peers=tuple(initial_peers))
+    config = ClientConfig(initial_peers=tuple(initial_peers), kv_wait_s=kv_wait)
     if prompts_file is not None:
         prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]
         if not prompts:

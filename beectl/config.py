@@ -13,7 +13,8 @@ class ClientConfig:
 
     initial_peers: tuple[tuple[str, int], ...] = ()  # DHT nodes to join through
     connect_timeout_s: float = 5.0  # TCP connect plus Hello exchange with one server
-    open_timeout_s: float = 30.0  # OpenSession answer (the server may wait for cache memory)
+    open_timeout_s: float = 30.0  # OpenSession answer, on top of kv_wait_s
+    kv_wait_s: float = 10.0  # how long a full server may keep a new session waiting for memory
     step_timeout_s: float = 60.0  # one step's answer from one server (prefill included)
     close_timeout_s: float = 2.0  # Close answer when a session ends; then we just drop it
     discovery_timeout_s: float = 10.0  # one DHT read of the servers of a model

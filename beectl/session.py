@@ -220,8 +220,9 @@ class InferenceSession:
                     max_length=self.max_length,
                     batch_size=self.batch_size,
                     timeout_s=self.config.session_timeout_s,
+                    wait_s=self.config.kv_wait_s,
                 ),
-                self.config.open_timeout_s,
+                self.config.open_timeout_s + self.config.kv_wait_s,
             )
         except BeeError as exc:
             exc.failed_peer = hop.peer_id  # type: ignore[attr-defined]

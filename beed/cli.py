@@ -190,6 +190,33 @@ def _parse_block_indices(
     show_default=True,
     help="Seconds running sessions get to move off on SIGTERM or when the server moves.",
 )
+@click.option(
+    "--max-kv-wait",
+    type=click.FloatRange(0.0),
+    default=60.0,
+    show_default=True,
+    help="Longest a new session may wait for cache memory before it is refused as busy.",
+)
+@click.option(
+    "--continuous-batching/--no-continuous-batching",
+    default=True,
+    show_default=True,
+    help="Merge concurrent sessions' steps into one forward per batch.",
+)
+@click.option(
+    "--max-batch-tokens",
+    type=click.IntRange(1),
+    default=2048,
+    show_default=True,
+    help="Tokens (rows x positions) of one batched forward.",
+)
+@click.option(
+    "--prefill-chunk-tokens",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Long prompts run in chunks of this many tokens while other sessions are decoding.",
+)
 def serve(
     model: str,
     num_blocks: int | None,
@@ -209,6 +236,10 @@ def serve(
     announce_period: float,
     rebalance_period: float,
     drain_grace: float,
+    max_kv_wait: float,
+    continuous_batching: bool,
+    max_batch_tokens: int,
+    prefill_chunk_tokens: int,
 ) -> None:
     """Load a span of a model's blocks and serve it to the swarm.
 
@@ -216,7 +247,7 @@ def serve(
     SIGTERM drains running sessions, announces offline and exits 0.
     """
     from beed.dht.config import DHTConfig
-    from beed.server.config import ServerConfig
+    from beed.server.config import SchedulerConfig, ServerConfig
     from beed.server.server import BlockServer, Ready
     from protocol.errors import BeeError
 
@@ -242,6 +273,12 @@ def serve(
         announce_period_s=announce_period,
         rebalance_period_s=rebalance_period,
         drain_grace_s=drain_grace,
+        max_kv_wait_s=max_kv_wait,
+        scheduler=SchedulerConfig(
+            continuous_batching=continuous_batching,
+            max_batch_tokens=max_batch_tokens,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+        ),
         record_ttl_s=3 * announce_period,
         dht=DHTConfig(default_ttl_s=3 * announce_period),
     )

@@ -204,6 +204,7 @@ class OpenSession(Message):
     max_length: int
     batch_size: int = 1
     timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
+    wait_s: float = 0.0  # how long the server may wait for cache memory before answering 205
 
 
 @_register

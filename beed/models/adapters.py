@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from beed.models.segments import Segment, SegmentedCache, SegmentMasks, use_segmented_attention
 from protocol.errors import ModelNotFoundError
 
 
@@ -84,6 +85,16 @@ def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
     return "layer_type" in inspect.signature(rotary.forward).parameters
 
 
+@dataclass(frozen=True)
+class SpanInput:
+    """One session's part of a batched step: new tokens, their positions, its cache and mask."""
+
+    hidden: torch.Tensor  # [batch, tokens, hidden_size]
+    position_ids: torch.Tensor  # [batch, tokens]
+    cache: Any
+    mask: torch.Tensor | None = None  # [batch, past + tokens] or None
+
+
 class Span(nn.Module):
     """Blocks `[start, end)` of a model, run exactly as the model's own forward runs them."""
 
@@ -101,6 +112,10 @@ class Span(nn.Module):
         self.rotary_emb = base.rotary_emb.to(device)
         self._typed_rotary = _rotary_takes_layer_type(self.rotary_emb)
         self.layer_types: list[str] | None = getattr(self.config, "layer_types", None)
+        # Masks are built for the model's real attention; the attention modules go through
+        # segmented_attention, which is that same attention for one session at a time.
+        self.config._attn_implementation = base.config._attn_implementation
+        use_segmented_attention([layer.self_attn for layer in self.layers], self.config)
 
     def load_blocks(self, tensors: dict[str, torch.Tensor], family: Family) -> None:
         """Assign the blocks' weights (keys as in the full model's state dict)."""
@@ -159,6 +174,66 @@ class Span(nn.Module):
                 use_cache=cache is not None,
             )
         return hidden
+
+    def forward_many(self, items: Sequence[SpanInput], blocks: range) -> list[torch.Tensor]:
+        """Run several sessions' new tokens through `blocks` in one batched forward.
+
+        Each item's result equals what `forward` gives for it alone up to the rounding of the
+        batched matrix products (attention runs per item with the shapes it has alone).
+        """
+        if len(items) == 1:
+            item = items[0]
+            return [self.forward(item.hidden, item.position_ids, item.cache, item.mask, blocks)]
+        kinds = self.layer_types or ["full_attention"] * len(self.layers)
+        segments: list[Segment] = []
+        offset = 0
+        for item in items:
+            batch, tokens = item.hidden.shape[:2]
+            segments.append(Segment(offset, offset + batch * tokens, batch, tokens))
+            offset += batch * tokens
+        masks: dict[str, SegmentMasks] = {}
+        rotaries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in blocks:
+            kind = kinds[i]
+            if kind in masks:
+                continue
+            masks[kind] = SegmentMasks(
+                segments,
+                [
+                    self._mask_fn(kind)(
+                        config=self.config,
+                        inputs_embeds=item.hidden,
+                        attention_mask=item.mask,
+                        past_key_values=item.cache,
+                        position_ids=item.position_ids,
+                        layer_idx=i,
+                    )
+                    for item in items
+                ],
+            )
+            parts = [
+                self.rotary_emb(item.hidden, item.position_ids, kind)
+                if self._typed_rotary
+                else self.rotary_emb(item.hidden, item.position_ids)
+                for item in items
+            ]
+            rotaries[kind] = (
+                torch.cat([cos.reshape(1, -1, cos.shape[-1]) for cos, _ in parts], dim=1),
+                torch.cat([sin.reshape(1, -1, sin.shape[-1]) for _, sin in parts], dim=1),
+            )
+        hidden = torch.cat([item.hidden.reshape(1, -1, item.hidden.shape[-1]) for item in items], 1)
+        position_ids = torch.cat([item.position_ids.reshape(1, -1) for item in items], dim=1)
+        cache = SegmentedCache(segments, [item.cache for item in items])
+        for i in blocks:
+            hidden = self.layers[i](
+                hidden,
+                attention_mask=masks[kinds[i]],
+                position_embeddings=rotaries[kinds[i]],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return [hidden[0, s.start : s.stop].reshape(s.batch, s.tokens, -1) for s in segments]
 
     def _mask_fn(self, kind: str) -> Callable[..., Any]:
         if kind == "sliding_attention":

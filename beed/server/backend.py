@@ -5,17 +5,33 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from beed.models.adapters import Span, family_of, load_config, num_blocks
+from beed.models.adapters import Span, SpanInput, family_of, load_config, num_blocks
 from beed.models.weights import load_tensors
-from protocol.errors import BadRequestError
+from protocol.errors import BadRequestError, BeeError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One session's step as the scheduler hands it to the backend."""
+
+    cache: Any
+    blocks: range  # local block indices
+    hidden: torch.Tensor  # [batch, tokens, hidden_size], as received
+    position: int
+    attention_mask: torch.Tensor | None = None  # [batch, position + tokens]
+    position_ids: torch.Tensor | None = None  # [batch, tokens]
+
+
+_PENDING = BadRequestError("not run")  # placeholder while a batch is being assembled
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,62 @@ class BlockBackend:
             )
         return mask.to(self.device)
 
+    def check_step(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> None:
+        """Shape checks of a step (cheap, no tensor work): BadRequestError if it is malformed."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.info.hidden_size:
+            raise BadRequestError(
+                f"hidden states must be [batch, tokens, {self.info.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise BadRequestError(f"hidden states must be floating point, got {hidden.dtype}")
+        batch, tokens = hidden.shape[:2]
+        if tokens < 1:
+            raise BadRequestError("a step needs at least one token")
+        if position < 0:
+            raise BadRequestError(f"position must be >= 0, got {position}")
+        if attention_mask is not None and (
+            attention_mask.shape != (batch, position + tokens) or attention_mask.is_floating_point()
+        ):
+            raise BadRequestError(
+                f"attention mask must be bool or int of shape [batch, past + new] = "
+                f"[{batch}, {position + tokens}], got {attention_mask.dtype} "
+                f"{list(attention_mask.shape)}"
+            )
+        if position_ids is not None and (
+            position_ids.shape != (batch, tokens) or position_ids.is_floating_point()
+        ):
+            raise BadRequestError(
+                f"position_ids must be integers of shape [{batch}, {tokens}], "
+                f"got {position_ids.dtype} {list(position_ids.shape)}"
+            )
+
+    def prepare_step(self, request: StepRequest) -> SpanInput:
+        """Check a step, move its tensors to the device and roll the cache back to its position.
+
+        A `position` before the cache's end first rolls the cache back to it (a replay after
+        failover or a speculative rollback); one past the end is an error. Every check comes
+        before the rollback: a refused step leaves the cache as it was.
+        """
+        r = request
+        self.check_step(r.hidden, r.position, r.attention_mask, r.position_ids)
+        hidden = r.hidden.to(self.device, self.dtype)
+        batch, tokens = hidden.shape[:2]
+        if r.position_ids is None:
+            position_ids = torch.arange(r.position, r.position + tokens, device=self.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+        else:
+            position_ids = r.position_ids.to(self.device, torch.long)
+        mask = None if r.attention_mask is None else r.attention_mask.to(self.device)
+        self.truncate(r.cache, r.blocks, r.position)
+        return SpanInput(hidden, position_ids, r.cache, mask)
+
     @torch.inference_mode()
     def step(
         self,
@@ -135,30 +207,36 @@ class BlockBackend:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run new tokens at `position` through the span, extending the session's cache.
+        """Run new tokens at `position` through the span, extending the session's cache."""
+        request = StepRequest(cache, blocks, hidden, position, attention_mask, position_ids)
+        result = self.step_many([request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        A `position` before the cache's end first rolls the cache back to it (a replay after
-        failover or a speculative rollback); one past the end is an error.
+    @torch.inference_mode()
+    def step_many(self, requests: list[StepRequest]) -> list[torch.Tensor | BeeError]:
+        """Run several sessions' steps over the same blocks as one batched forward.
+
+        Each request is checked on its own: a malformed one gets its error back and the others
+        run. Outputs leave on the CPU (the wire encodes host memory; a no-op on a CPU server).
         """
-        hidden = self._check_hidden(hidden)
-        batch, tokens = hidden.shape[:2]
-        # Every check comes before the rollback: a refused step leaves the cache as it was.
-        if tokens < 1:
-            raise BadRequestError("a step needs at least one token")
-        attention_mask = self._check_mask(attention_mask, batch, position + tokens)
-        if position_ids is None:
-            position_ids = torch.arange(position, position + tokens, device=self.device)
-            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        else:
-            if position_ids.shape != (batch, tokens) or position_ids.is_floating_point():
-                raise BadRequestError(
-                    f"position_ids must be integers of shape [{batch}, {tokens}], "
-                    f"got {position_ids.dtype} {list(position_ids.shape)}"
-                )
-            position_ids = position_ids.to(self.device, torch.long)
-        self.truncate(cache, blocks, position)
-        # Outputs leave on the CPU: the wire encodes host memory (a no-op on a CPU server).
-        return self.span(hidden, position_ids, cache, attention_mask, blocks).cpu()
+        results: list[torch.Tensor | BeeError] = []
+        ready: list[tuple[int, SpanInput]] = []
+        for request in requests:
+            try:
+                ready.append((len(results), self.prepare_step(request)))
+                results.append(_PENDING)
+            except BeeError as exc:
+                results.append(exc)
+        if ready:
+            blocks = requests[ready[0][0]].blocks
+            if any(requests[i].blocks != blocks for i, _ in ready):
+                raise ValueError("a batched step runs one block range")
+            outputs = self.span.forward_many([item for _, item in ready], blocks)
+            for (i, _), out in zip(ready, outputs, strict=True):
+                results[i] = out.cpu()
+        return results
 
     @torch.inference_mode()
     def forward(

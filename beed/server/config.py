@@ -9,6 +9,17 @@ from beed.dht.config import DHTConfig
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """How steps are merged; `continuous_batching=False` runs one step per forward, in order."""
+
+    continuous_batching: bool = True
+    max_batch_tokens: int = 2048  # rows × tokens of one batched forward (a lone step may exceed)
+    prefill_chunk_tokens: int = 256  # rows × tokens of one prefill chunk when others are active
+    active_window_s: float = 1.0  # a session that stepped this recently counts as active
+    stateless_max_wait_s: float = 2.0  # Forward/Backward older than this run before steps
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Settings of one block server; only the CLI reads argv and environment to build it."""
 
@@ -36,4 +47,6 @@ class ServerConfig:
     hello_timeout_s: float = 10.0  # a new connection must say Hello within this
     max_streams_per_connection: int = 256  # open sessions and requests on one connection
     max_inflight_per_connection: int = 64  # requests running at once; past that, stop reading
+    max_kv_wait_s: float = 60.0  # longest a new session may wait for cache memory to free up
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dht: DHTConfig = field(default_factory=DHTConfig)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from beed.dht.tasks import TaskOwner
-from beed.server.backend import BlockBackend
+from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import ServerConfig
+from beed.server.scheduler import Scheduler
 from beed.server.sessions import SessionRegistry
 from beed.wire import ConnectionClosed, FramedStream
 from protocol.codecs import CodecPolicy
@@ -68,7 +69,7 @@ class ServerState:
     sessions: SessionRegistry
     fingerprint: str
     hello: Hello
-    run_compute: Callable[[Callable[[], Any]], Awaitable[Any]]  # runs blocking work off-loop
+    scheduler: Scheduler  # all compute of steps and stateless requests
     info: Callable[[], dict[str, Any]]
     draining: bool = False
 
@@ -193,7 +194,7 @@ class ServerConnection:
         st = self.state
         key = SessionRegistry.key(self.id, msg.stream_id)
         if isinstance(msg, OpenSession):
-            return self._open(key, msg)
+            return await self._open(key, msg)
         if isinstance(msg, Step):
             session = st.sessions.get(key)
             async with session.lock:
@@ -209,18 +210,16 @@ class ServerConnection:
                     raise BadRequestError(
                         f"batch {msg.hidden.shape[0]} != session batch {session.batch_size}"
                     )
-                cache = session.cache
-                began = time.perf_counter()
-                out = await st.run_compute(
-                    lambda: session.backend.step(
-                        cache,
-                        session.blocks,
-                        msg.hidden,
-                        msg.position,
-                        msg.attention_mask,
-                        msg.position_ids,
-                    )
+                request = StepRequest(
+                    session.cache,
+                    session.blocks,
+                    msg.hidden,
+                    msg.position,
+                    msg.attention_mask,
+                    msg.position_ids,
                 )
+                began = time.perf_counter()
+                out = await st.scheduler.step(session.backend, request, key)
                 log.debug(
                     "session.step key=%s position=%d tokens=%d compute_ms=%.2f",
                     key,
@@ -249,14 +248,16 @@ class ServerConnection:
             return Ack(msg.stream_id)
         if isinstance(msg, Forward):
             blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
-            out = await st.run_compute(
-                lambda: st.backend.forward(blocks, msg.hidden, msg.attention_mask)
+            backend = st.backend
+            out = await st.scheduler.call(
+                lambda: backend.forward(blocks, msg.hidden, msg.attention_mask)
             )
             return ForwardResult(msg.stream_id, out)
         if isinstance(msg, Backward):
             blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
-            grad = await st.run_compute(
-                lambda: st.backend.backward(blocks, msg.hidden, msg.grad_output, msg.attention_mask)
+            backend = st.backend
+            grad = await st.scheduler.call(
+                lambda: backend.backward(blocks, msg.hidden, msg.grad_output, msg.attention_mask)
             )
             return BackwardResult(msg.stream_id, grad)
         raise BadRequestError(f"unexpected {type(msg).__name__}")  # pragma: no cover
@@ -274,7 +275,7 @@ class ServerConnection:
             )
         return st.backend.blocks(start, end)
 
-    def _open(self, key: str, msg: OpenSession) -> Message:
+    async def _open(self, key: str, msg: OpenSession) -> Message:
         st = self.state
         if st.draining:
             raise DrainingError("this server is shutting down; open the session elsewhere")
@@ -287,16 +288,23 @@ class ServerConnection:
             raise BadRequestError(f"batch_size must be in 1..1024, got {msg.batch_size}")
         if not math.isfinite(msg.timeout_s) or msg.timeout_s <= 0:
             raise BadRequestError(f"timeout_s must be a positive number, got {msg.timeout_s}")
+        if not math.isfinite(msg.wait_s) or msg.wait_s < 0:
+            raise BadRequestError(f"wait_s must be a number >= 0, got {msg.wait_s}")
         timeout_s = min(max(msg.timeout_s, 1.0), st.config.session_timeout_s)
-        st.sessions.open(
+        backend = st.backend
+        await st.sessions.open(
             key,
+            wait_s=min(msg.wait_s, st.config.max_kv_wait_s),
             blocks=blocks,
             span=(msg.span_start, msg.span_end),
             max_length=msg.max_length,
             batch_size=msg.batch_size,
             timeout_s=timeout_s,
-            cache=st.backend.new_cache(),
-            backend=st.backend,
+            cache=backend.new_cache(),
+            backend=backend,
             on_close=lambda: self._streams.close(msg.stream_id),
         )
+        if st.draining or backend is not st.backend:  # it began to drain (or moved) meanwhile
+            st.sessions.close(key, "draining")
+            raise DrainingError("this server is shutting down; open the session elsewhere")
         return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)

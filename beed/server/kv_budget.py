@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from protocol.errors import BadRequestError, ServerBusyError
@@ -27,6 +29,8 @@ class KVBudget:
         self.capacity_tokens = capacity_tokens
         self.bytes_per_token = bytes_per_token
         self._reserved: dict[str, int] = {}
+        self._freed = asyncio.Event()  # replaced after each release; waiters hold the old one
+        self.waiting = 0  # reservations waiting for memory right now
 
     @property
     def used_tokens(self) -> int:
@@ -63,7 +67,37 @@ class KVBudget:
         log.debug("kv.reserve owner=%s tokens=%d free=%d", owner, tokens, self.free_tokens)
         return Reservation(owner, tokens)
 
+    async def reserve_waiting(self, owner: str, tokens: int, wait_s: float) -> Reservation:
+        """`reserve`, but while the tokens do not fit yet, wait up to `wait_s` for releases.
+
+        Raises ServerBusyError (retryable) when the wait ends without room; a request larger
+        than the whole budget fails at once (BadRequestError)."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        began = time.monotonic()
+        while True:
+            try:
+                return self.reserve(owner, tokens)
+            except ServerBusyError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if wait_s > 0:
+                        raise ServerBusyError(
+                            f"{exc} after waiting {time.monotonic() - began:.1f} s"
+                        ) from None
+                    raise
+            freed = self._freed
+            self.waiting += 1
+            try:
+                async with asyncio.timeout(remaining):
+                    await freed.wait()
+            except TimeoutError:
+                pass
+            finally:
+                self.waiting -= 1
+
     def release(self, owner: str) -> None:
-        """Give a reservation back; releasing twice is harmless."""
+        """Give a reservation back (waking waiting reservations); releasing twice is harmless."""
         if self._reserved.pop(owner, None) is not None:
             log.debug("kv.release owner=%s free=%d", owner, self.free_tokens)
+            self._freed.set()
+            self._freed = asyncio.Event()

@@ -33,6 +33,7 @@ from beed.server.connection import ServerConnection
 from beed.server.connection import ServerState as SharedState
 from beed.server.kv_budget import KVBudget
 from beed.server.placement import better_span, choose_span
+from beed.server.scheduler import Scheduler
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
 from beed.wire import FramedStream
@@ -68,6 +69,7 @@ class BlockServer:
         self.state: SharedState | None = None
         self.dht: DHTNode | None = None
         self._record: ServerRecord | None = None
+        self.scheduler: Scheduler | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -144,13 +146,15 @@ class BlockServer:
                 software_version=beed.__version__,
                 peer_id=identity.peer_id,
             )
+            self.scheduler = Scheduler(run_compute, cfg.scheduler)
+            self.scheduler.start()
             self.state = SharedState(
                 config=cfg,
                 backend=backend,
                 sessions=SessionRegistry(budget),
                 fingerprint=fingerprint,
                 hello=hello,
-                run_compute=run_compute,
+                scheduler=self.scheduler,
                 info=lambda: self._info(),
             )
             tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock, limit=1 << 20)
@@ -186,6 +190,8 @@ class BlockServer:
             if tcp is not None:
                 tcp.close()
             await self._connections.aclose()
+            if self.scheduler is not None:
+                await self.scheduler.aclose()
             if self._record is not None:  # also when loading failed after announcing "joining"
                 self._record = dataclasses.replace(self._record, state=ServerState.OFFLINE)
                 with contextlib.suppress(Exception):
@@ -317,6 +323,11 @@ class BlockServer:
             "sessions": len(self.state.sessions),
             "compute_tokens_per_s": rec.compute_tokens_per_s,
             "software_version": beed.__version__,
+            "continuous_batching": self.config.scheduler.continuous_batching,
+            "queued_steps": self.scheduler.queued_steps if self.scheduler else 0,
+            "batches": self.scheduler.batches if self.scheduler else 0,
+            "batched_steps": self.scheduler.batched_steps if self.scheduler else 0,
+            "waiting_sessions": self.state.sessions.waiting,
         }
 
     async def _announce(self) -> None:

@@ -58,10 +58,16 @@ class SessionRegistry:
     def key(connection_id: int, stream_id: int) -> str:
         return f"c{connection_id}/s{stream_id}"
 
-    def open(
+    @property
+    def waiting(self) -> int:
+        """Sessions waiting for cache memory to open."""
+        return self.budget.waiting
+
+    async def open(
         self,
         key: str,
         *,
+        wait_s: float = 0.0,
         blocks: range,
         span: tuple[int, int],
         max_length: int,
@@ -71,9 +77,10 @@ class SessionRegistry:
         backend: Any,
         on_close: Callable[[], object] | None = None,
     ) -> Session:
+        """Reserve the session's cache (waiting up to `wait_s` for room) and register it."""
         if key in self._sessions:
             raise BadRequestError(f"a session is already open on this stream ({key})")
-        self.budget.reserve(key, max_length * batch_size)
+        await self.budget.reserve_waiting(key, max_length * batch_size, wait_s)
         session = Session(
             key, blocks, span, max_length, batch_size, timeout_s, cache, backend, on_close
         )

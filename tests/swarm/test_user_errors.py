@@ -85,6 +85,8 @@ def test_blocks_not_covered_and_server_full(model_path):
                     "Tell me a story",
                     "--max-new-tokens",
                     "30",
+                    "--kv-wait",
+                    "1",
                     "--initial-peers",
                     peers_of(swarm)[0],
                 )

@@ -1,0 +1,235 @@
+"""The compute scheduler: continuous batching of inference steps, then stateless work.
+
+Every step a connection receives becomes a job in one queue. Whenever the compute thread is free,
+the scheduler takes every queued step over the same blocks (oldest first) and runs them as one
+batched forward (`BlockBackend.step_many`): sessions whose steps arrive while a batch runs join the
+next one, so a server with many clients runs one forward for all of their decode steps.
+
+- A long prefill is cut into chunks of `prefill_chunk_tokens` while other sessions are active, so
+  their decode steps run between its chunks; a lone session's prefill runs whole (and its results
+  stay bit-identical to transformers').
+- Inference goes first: stateless Forward/Backward work runs when no step is waiting, or when it
+  has waited `stateless_max_wait_s` (so training is slowed, never starved).
+- A job whose requester went away (disconnect, cancel) is dropped before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from beed.dht.tasks import TaskOwner
+from beed.server.backend import BlockBackend, StepRequest
+from beed.server.config import SchedulerConfig
+from protocol.errors import InternalServerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _StepJob:
+    backend: BlockBackend
+    request: StepRequest
+    owner: str  # session key
+    future: asyncio.Future[torch.Tensor]
+    done_tokens: int = 0  # positions already run (chunked prefill)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.request.hidden.shape[0])
+
+    @property
+    def remaining(self) -> int:
+        return int(self.request.hidden.shape[1]) - self.done_tokens
+
+    def chunk(self, tokens: int) -> StepRequest:
+        """The request for the next `tokens` positions of this job."""
+        r = self.request
+        begin, end = self.done_tokens, self.done_tokens + tokens
+        if begin == 0 and end == r.hidden.shape[1]:
+            return r
+        mask = None if r.attention_mask is None else r.attention_mask[:, : r.position + end]
+        ids = None if r.position_ids is None else r.position_ids[:, begin:end]
+        return StepRequest(r.cache, r.blocks, r.hidden[:, begin:end], r.position + begin, mask, ids)
+
+
+@dataclass
+class _StatelessJob:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    """Owns the order of all compute work; `run_compute` executes on the one compute thread."""
+
+    def __init__(
+        self,
+        run_compute: Callable[[Callable[[], Any]], Awaitable[Any]],
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self._run_compute = run_compute
+        self._steps: deque[_StepJob] = deque()
+        self._stateless: deque[_StatelessJob] = deque()
+        self._wakeup = asyncio.Event()
+        self._last_step: dict[str, float] = {}  # session key -> monotonic time of its last step
+        self._tasks = TaskOwner("scheduler")
+        self.batches = 0  # forwards run (for Info and tests)
+        self.batched_steps = 0  # step jobs (or chunks) they carried
+
+    def start(self) -> None:
+        self._tasks.spawn(self._loop(), name="scheduler")
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+        futures = [j.future for j in self._steps] + [j.future for j in self._stateless]
+        for future in futures:
+            if not future.done():
+                future.set_exception(InternalServerError("the server is shutting down"))
+        self._steps.clear()
+        self._stateless.clear()
+
+    @property
+    def queued_steps(self) -> int:
+        return len(self._steps)
+
+    async def step(self, backend: BlockBackend, request: StepRequest, owner: str) -> torch.Tensor:
+        """Run one session's step (batched with others); its output on the CPU."""
+        backend.check_step(
+            request.hidden, request.position, request.attention_mask, request.position_ids
+        )
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._steps.append(_StepJob(backend, request, owner, future))
+        self._wakeup.set()
+        return await future
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run stateless work (Forward, Backward) when no inference step is waiting."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._stateless.append(_StatelessJob(fn, future))
+        self._wakeup.set()
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while True:
+                self._drop_abandoned()
+                stateless = self._stateless_due()
+                if stateless is not None:
+                    await self._run_stateless(stateless)
+                    continue
+                batch = self._take_batch()
+                if batch:
+                    await self._run_batch(batch)
+                    continue
+                if self._stateless:
+                    await self._run_stateless(self._stateless.popleft())
+                    continue
+                break
+
+    def _drop_abandoned(self) -> None:
+        if any(j.future.done() for j in self._steps):
+            self._steps = deque(j for j in self._steps if not j.future.done())
+        if any(j.future.done() for j in self._stateless):
+            self._stateless = deque(j for j in self._stateless if not j.future.done())
+
+    def _stateless_due(self) -> _StatelessJob | None:
+        if self._stateless and (
+            not self._steps
+            or time.monotonic() - self._stateless[0].enqueued > self.config.stateless_max_wait_s
+        ):
+            return self._stateless.popleft()
+        return None
+
+    def _take_batch(self) -> list[tuple[_StepJob, int]]:
+        """Jobs (and how many positions of each) for the next forward: the oldest job's group."""
+        if not self._steps:
+            return []
+        cfg = self.config
+        first = self._steps[0]
+        if not cfg.continuous_batching:
+            return [(first, first.remaining)]
+        group = [
+            j
+            for j in self._steps
+            if j.backend is first.backend and j.request.blocks == first.request.blocks
+        ]
+        contended = len(group) > 1 or self._others_active(first.owner)
+        batch: list[tuple[_StepJob, int]] = []
+        total = 0
+        for job in group:
+            positions = job.remaining
+            if contended and job.rows * positions > cfg.prefill_chunk_tokens:
+                positions = max(1, cfg.prefill_chunk_tokens // job.rows)
+            size = job.rows * positions
+            if batch and total + size > cfg.max_batch_tokens:
+                continue  # a later, smaller job may still fit
+            batch.append((job, positions))
+            total += size
+        return batch
+
+    def _others_active(self, owner: str) -> bool:
+        horizon = time.monotonic() - self.config.active_window_s
+        for key in [k for k, t in self._last_step.items() if t < horizon]:
+            del self._last_step[key]  # quiet (or closed) sessions
+        return any(key != owner for key in self._last_step)
+
+    async def _run_batch(self, batch: list[tuple[_StepJob, int]]) -> None:
+        backend = batch[0][0].backend
+        requests = [job.chunk(positions) for job, positions in batch]
+        try:
+            results = await self._run_compute(lambda: backend.step_many(requests))
+        except Exception as exc:  # a bug: fail these jobs, keep serving the others
+            log.exception("scheduler.batch_failed jobs=%d", len(batch))
+            results = [exc] * len(batch)
+        self.batches += 1
+        self.batched_steps += len(batch)
+        now = time.monotonic()
+        for (job, positions), result in zip(batch, results, strict=True):
+            self._last_step[job.owner] = now
+            if job.future.done():  # abandoned while it ran
+                self._remove(job)
+                continue
+            if isinstance(result, BaseException):
+                self._remove(job)
+                job.future.set_exception(result)
+                continue
+            job.done_tokens += positions
+            job.outputs.append(result)
+            if job.remaining == 0:
+                self._remove(job)
+                out = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, 1)
+                job.future.set_result(out)
+        if len(batch) > 1:
+            log.debug(
+                "scheduler.batch jobs=%d tokens=%d",
+                len(batch),
+                sum(job.rows * positions for job, positions in batch),
+            )
+
+    def _remove(self, job: _StepJob) -> None:
+        try:
+            self._steps.remove(job)
+        except ValueError:
+            pass
+
+    async def _run_stateless(self, job: _StatelessJob) -> None:
+        try:
+            result = await self._run_compute(job.fn)
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+            return
+        if not job.future.done():
+            job.future.set_result(result)

@@ -1,0 +1,180 @@
+"""Continuous batching: batched steps equal steps alone; the scheduler's order and chunking."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+import torch
+
+from beed.server.backend import BlockBackend, StepRequest
+from beed.server.config import SchedulerConfig
+from beed.server.scheduler import Scheduler
+from tests.tiny_models import make_tiny_llama
+from tests.unit.test_models import make_tiny_gemma3
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def backend(request, tmp_path_factory) -> BlockBackend:
+    path = tmp_path_factory.mktemp(request.param) / request.param
+    make = make_tiny_llama if request.param == "llama" else make_tiny_gemma3
+    make(path)
+    config_blocks = 4 if request.param == "llama" else 6
+    return BlockBackend(path, 0, config_blocks)
+
+
+def hidden(batch: int, tokens: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, tokens, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def alone(backend: BlockBackend, steps: list[StepRequest]) -> list[torch.Tensor]:
+    """Each step of one session, in order, on a fresh cache (what a lone client gets)."""
+    cache = backend.new_cache()
+    blocks = steps[0].blocks
+    return [
+        backend.step(cache, blocks, s.hidden, s.position, s.attention_mask, s.position_ids)
+        for s in steps
+    ]
+
+
+def test_batched_steps_equal_each_session_alone(backend: BlockBackend):
+    blocks = range(len(backend.span.layers))
+    # Three sessions: different lengths (past gemma's sliding window of 8), one of two rows with
+    # left padding and explicit positions.
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 12])
+    ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    sessions = [
+        [(hidden(1, 11, 1), None, None), (hidden(1, 1, 2), None, None)],
+        [(hidden(1, 3, 3), None, None), (hidden(1, 1, 4), None, None)],
+        [
+            (hidden(2, 12, 5), mask, ids),
+            (hidden(2, 1, 6), torch.cat([mask, mask[:, :1] * 0 + 1], 1), ids[:, -1:] + 1),
+        ],
+    ]
+    requests: list[list[StepRequest]] = []
+    caches = [backend.new_cache() for _ in sessions]
+    for cache, steps in zip(caches, sessions, strict=True):
+        position, rows = 0, []
+        for h, m, p in steps:
+            rows.append(StepRequest(cache, blocks, h, position, m, p))
+            position += h.shape[1]
+        requests.append(rows)
+    expected = [alone(backend, rows) for rows in requests]
+    for step in range(2):
+        outs = backend.step_many([rows[step] for rows in requests])
+        for out, want in zip(outs, expected, strict=True):
+            assert isinstance(out, torch.Tensor)
+            assert out.shape == want[step].shape
+            assert (out - want[step]).abs().max().item() < 1e-5
+    # A batch of one is the lone path itself: bit-identical.
+    cache = backend.new_cache()
+    (one,) = backend.step_many([StepRequest(cache, blocks, hidden(1, 5, 7), 0)])
+    assert torch.equal(one, alone(backend, [StepRequest(None, blocks, hidden(1, 5, 7), 0)])[0])
+
+
+def test_a_malformed_step_fails_alone(backend: BlockBackend):
+    blocks = range(len(backend.span.layers))
+    good = StepRequest(backend.new_cache(), blocks, hidden(1, 4, 1), 0)
+    late = StepRequest(backend.new_cache(), blocks, hidden(1, 1, 2), 5)  # cache holds 0 tokens
+    out, error = backend.step_many([good, late])
+    assert isinstance(out, torch.Tensor) and not isinstance(error, torch.Tensor)
+    assert "cannot truncate" in str(error)
+
+
+class Compute:
+    """The server's arrangement: one thread runs all compute; `hold()` blocks it for a while."""
+
+    def __init__(self) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.holds: list[asyncio.Future] = []
+
+    def run(self, fn):
+        return asyncio.get_running_loop().run_in_executor(self.pool, fn)
+
+    def hold(self, scheduler: Scheduler) -> threading.Event:
+        gate = threading.Event()
+        self.holds.append(asyncio.ensure_future(scheduler.call(lambda: gate.wait(10))))
+        return gate
+
+
+async def test_steps_of_concurrent_sessions_share_forwards_and_chunks_interleave(
+    backend: BlockBackend,
+):
+    compute = Compute()
+    scheduler = Scheduler(compute.run, SchedulerConfig(prefill_chunk_tokens=8))
+    scheduler.start()
+    blocks = range(len(backend.span.layers))
+    try:
+        gate = compute.hold(scheduler)
+        await asyncio.sleep(0.05)
+        long = StepRequest(backend.new_cache(), blocks, hidden(1, 30, 1), 0)
+        short = [StepRequest(backend.new_cache(), blocks, hidden(1, 2, s), 0) for s in (2, 3)]
+        tasks = [
+            asyncio.ensure_future(scheduler.step(backend, r, f"s{i}"))
+            for i, r in enumerate([long, *short])
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outs = await asyncio.gather(*tasks)
+        for out, r in zip(outs, [long, *short], strict=True):
+            want = alone(backend, [StepRequest(None, blocks, r.hidden, 0)])[0]
+            assert (out - want).abs().max().item() < 1e-5
+        # 30 prompt tokens in chunks of 8 (the others are active): 4 forwards, the two short
+        # prompts rode in the first.
+        assert (scheduler.batches, scheduler.batched_steps) == (4, 6)
+    finally:
+        await scheduler.aclose()
+        compute.pool.shutdown()
+
+
+async def test_inference_goes_before_stateless_work_and_abandoned_steps_never_run(
+    backend: BlockBackend,
+):
+    compute = Compute()
+    scheduler = Scheduler(compute.run, SchedulerConfig())
+    scheduler.start()
+    blocks = range(len(backend.span.layers))
+    finished: list[str] = []
+    try:
+        gate = compute.hold(scheduler)
+        await asyncio.sleep(0.05)
+
+        async def track(name: str, coro) -> None:
+            await coro
+            finished.append(name)
+
+        stateless = asyncio.ensure_future(
+            track("forward", scheduler.call(lambda: backend.forward(blocks, hidden(1, 4, 9))))
+        )
+        await asyncio.sleep(0.01)
+        steps = [
+            asyncio.ensure_future(
+                track(
+                    f"step{i}",
+                    scheduler.step(
+                        backend,
+                        StepRequest(backend.new_cache(), blocks, hidden(1, 3, i), 0),
+                        f"s{i}",
+                    ),
+                )
+            )
+            for i in range(2)
+        ]
+        abandoned_cache = backend.new_cache()
+        abandoned = asyncio.ensure_future(
+            scheduler.step(
+                backend, StepRequest(abandoned_cache, blocks, hidden(1, 3, 5), 0), "gone"
+            )
+        )
+        await asyncio.sleep(0.01)
+        abandoned.cancel()
+        gate.set()
+        await asyncio.gather(stateless, *steps)
+        assert finished == ["step0", "step1", "forward"]
+        assert BlockBackend.cache_length(abandoned_cache, blocks) == 0
+        assert scheduler.queued_steps == 0
+    finally:
+        await scheduler.aclose()
+        compute.pool.shutdown()
