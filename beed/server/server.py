@@ -43,6 +43,8 @@ from protocol.messages import PROTOCOL_VERSION, Hello
 
 log = logging.getLogger(__name__)
 
+KV_ANNOUNCE_MIN_S = 5.0  # earliest re-announce after free KV cache changed a lot
+
 
 @dataclasses.dataclass(frozen=True)
 class Ready:
@@ -341,12 +343,30 @@ class BlockServer:
         await self.dht.announce(record, ttl_s=self.config.record_ttl_s)
 
     async def _announce_loop(self) -> None:
+        """Refresh the record every announce period, and sooner (at most every
+        KV_ANNOUNCE_MIN_S) when free cache moved by a quarter of the budget, so that clients
+        route around a server that filled up."""
+        last, last_free = time.monotonic(), self._free_kv_tokens()
         while True:
-            await asyncio.sleep(self.config.announce_period_s)
+            await asyncio.sleep(min(1.0, self.config.announce_period_s))
+            now, free = time.monotonic(), self._free_kv_tokens()
+            capacity = self.state.sessions.budget.capacity_tokens if self.state else 0
+            due = now - last >= self.config.announce_period_s
+            moved = (
+                capacity > 0
+                and abs(free - last_free) >= capacity / 4
+                and now - last >= KV_ANNOUNCE_MIN_S
+            )
+            if not (due or moved):
+                continue
+            last, last_free = now, free
             try:
                 await self._announce()
             except Exception as exc:  # a failed refresh is retried next period
                 log.warning("announce.failed error=%r", exc)
+
+    def _free_kv_tokens(self) -> int:
+        return self.state.sessions.budget.free_tokens if self.state is not None else 0
 
     async def _reap_loop(self) -> None:
         while True:

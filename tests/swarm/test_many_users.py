@@ -236,3 +236,39 @@ async def test_cancelled_and_killed_clients_leave_the_budget_at_zero(swarm2, tok
             await proc.wait()
     assert all(proc.returncode == -signal.SIGKILL for proc in procs)
     await assert_idle(swarm2)
+
+
+async def test_a_filling_server_announces_it_and_clients_route_around_it(
+    local_model, tokenizer, model_path
+):
+    from beectl.connection import PeerConnection
+    from beed.models.fingerprint import model_fingerprint
+    from beed.models.registry import cache_dir
+    from protocol.messages import OpenSession
+
+    # The periodic refresh is a minute away: only the announce on a big change can tell clients.
+    args = ["--kv-budget-tokens", "150", "--announce-period", "60"]
+    with LocalSwarm(spans=[(0, 30), (0, 30)], extra_args=args) as swarm:
+        full, other = swarm.servers
+        fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+        conn = PeerConnection(*full.address)
+        await conn.connect(5.0)
+        try:
+            await conn.request(OpenSession(conn.new_stream_id(), fingerprint, 0, 30, 144), 10.0)
+            async with Clients(swarm, 1) as (model,):
+                for _ in range(300):
+                    records = await model.swarm.servers(fingerprint, 30)
+                    free = {r.peer_id: r.free_kv_tokens for r in records}
+                    if free.get(full.peer_id) == 6:
+                        break
+                    await asyncio.sleep(0.1)
+                assert free == {full.peer_id: 6, other.peer_id: 150}
+                prompt = tokenizer(STORY, return_tensors="pt").input_ids
+                async with model.inference_session(max_length=prompt.shape[1] + 8) as session:
+                    assert [h.peer_id for h in session.route] == [other.peer_id]
+                    out = await generate(
+                        model.head, session, prompt, SamplingConfig(max_new_tokens=8)
+                    )
+            assert torch.equal(out.sequences, reference(local_model, prompt, 8).sequences)
+        finally:
+            await conn.aclose()
