@@ -3,6 +3,7 @@
     python bench/batch.py                               # both tables, float32, 2 servers
     python bench/batch.py --part scaling --sizes 1,8,64
     python bench/batch.py --part clients --clients 1,4,16
+    python bench/batch.py --model /tmp/beed-gpu/llama-1b-bfloat16 --dtype bfloat16 --device cuda
 
 (a) scaling: one client generates for a batch of B prompts of different lengths (left padded)
     through a 2-server chain; the baseline is local transformers' batched `generate` on the same
@@ -51,19 +52,23 @@ def batch_ids(tokenizer, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return enc.input_ids, enc.attention_mask
 
 
-def local_scaling(path: str, sizes: list[int], new_tokens: int) -> dict[int, tuple[float, list]]:
+def local_scaling(
+    path: str, sizes: list[int], new_tokens: int, dtype: str, device: str
+) -> dict[int, tuple[float, list]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     model.generation_config.eos_token_id = None
     results = {}
     for size in sizes:
-        ids, mask = batch_ids(tokenizer, size)
+        ids, mask = (t.to(device) for t in batch_ids(tokenizer, size))
         kwargs = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
         model.generate(ids, attention_mask=mask, max_new_tokens=2, **kwargs)  # warm-up
         began = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **kwargs)
+        if device != "cpu":
+            torch.cuda.synchronize()
         results[size] = (time.perf_counter() - began, out.tolist())
     return results
 
@@ -81,6 +86,10 @@ def local_in_subprocess(
         ",".join(map(str, sizes)),
         "--new-tokens",
         str(args.new_tokens),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_BASELINE_ENV)
     data = json.loads(result.stdout.strip().splitlines()[-1])
@@ -97,10 +106,12 @@ def scaling(args: argparse.Namespace, path: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     local = local_in_subprocess(args, sizes)
     rows = []
-    with LocalSwarm(model=args.model, num_servers=2) as swarm:
+    with LocalSwarm(
+        model=args.model, num_servers=2, dtype=args.dtype, extra_args=["--device", args.device]
+    ) as swarm:
         peers = [f"{h}:{p}" for h, p in swarm.initial_peers]
         with AutoDistributedModelForCausalLM.from_pretrained(
-            args.model, initial_peers=peers
+            args.model, initial_peers=peers, dtype=getattr(torch, args.dtype), device=args.device
         ) as model:
             for size in sizes:
                 ids, mask = batch_ids(tokenizer, size)
@@ -128,7 +139,7 @@ def scaling(args: argparse.Namespace, path: str) -> None:
     sys.stdout.flush()
 
 
-async def run_clients(peers: list[str], model_name: str, count: int, new_tokens: int):
+async def run_clients(args: argparse.Namespace, peers: list[str], count: int):
     """`count` independent clients generating at once; (wall s, per-token gaps, sequences)."""
     from transformers import AutoTokenizer
 
@@ -140,8 +151,9 @@ async def run_clients(peers: list[str], model_name: str, count: int, new_tokens:
     from beed.dht.peers import parse_initial_peers
 
     config = ClientConfig(initial_peers=tuple(parse_initial_peers(peers)))
-    files = load_model_files(model_name)
-    head = LocalHead(files.path)
+    new_tokens = args.new_tokens
+    files = load_model_files(args.model)
+    head = LocalHead(files.path, dtype=getattr(torch, args.dtype), device=args.device)
     tokenizer = AutoTokenizer.from_pretrained(files.path)
     models = []
     for _ in range(count):
@@ -181,14 +193,16 @@ def clients(args: argparse.Namespace) -> None:
     counts = [int(c) for c in args.clients.split(",")]
     results = {}
     for batching in (True, False):
-        extra = [] if batching else ["--no-continuous-batching"]
-        with LocalSwarm(model=args.model, num_servers=2, extra_args=extra) as swarm:
+        extra = ["--device", args.device] + ([] if batching else ["--no-continuous-batching"])
+        with LocalSwarm(
+            model=args.model, num_servers=2, dtype=args.dtype, extra_args=extra
+        ) as swarm:
             peers = [f"{h}:{p}" for h, p in swarm.initial_peers]
             for count in counts:
                 loop = new_event_loop()
                 try:
                     results[batching, count] = loop.run_until_complete(
-                        run_clients(peers, args.model, count, args.new_tokens)
+                        run_clients(args, peers, count)
                     )
                 finally:
                     loop.close()
@@ -224,6 +238,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="servers, client head and baseline")
     parser.add_argument("--local-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -232,11 +248,11 @@ def main() -> None:
     path = str(resolve_model(args.model).path)
     if args.local_only:
         sizes = [int(s) for s in args.sizes.split(",")]
-        print(json.dumps(local_scaling(path, sizes, args.new_tokens)))
+        print(json.dumps(local_scaling(path, sizes, args.new_tokens, args.dtype, args.device)))
         return
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-        f"model {args.model} float32, greedy",
+        f"model {args.model} {args.dtype} on {args.device}, greedy",
         flush=True,
     )
     if args.part in ("scaling", "both"):

@@ -32,6 +32,8 @@ from protocol.errors import InternalServerError
 
 log = logging.getLogger(__name__)
 
+MIN_CHUNK_POSITIONS = 16  # a wide batch's prefill chunk still covers this many positions
+
 
 @dataclass
 class _StepJob:
@@ -119,6 +121,10 @@ class Scheduler:
         self._wakeup.set()
         return await future
 
+    def forget(self, owner: str) -> None:
+        """A session closed: it no longer counts as active (its prefills need no chunking)."""
+        self._last_step.pop(owner, None)
+
     async def _loop(self) -> None:
         while True:
             await self._wakeup.wait()
@@ -171,7 +177,8 @@ class Scheduler:
         for job in group:
             positions = job.remaining
             if contended and job.rows * positions > cfg.prefill_chunk_tokens:
-                positions = max(1, cfg.prefill_chunk_tokens // job.rows)
+                positions = max(MIN_CHUNK_POSITIONS, cfg.prefill_chunk_tokens // job.rows)
+                positions = min(positions, job.remaining)
             size = job.rows * positions
             if batch and total + size > cfg.max_batch_tokens:
                 continue  # a later, smaller job may still fit

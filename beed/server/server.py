@@ -153,7 +153,7 @@ class BlockServer:
             self.state = SharedState(
                 config=cfg,
                 backend=backend,
-                sessions=SessionRegistry(budget),
+                sessions=SessionRegistry(budget, on_close=self.scheduler.forget),
                 fingerprint=fingerprint,
                 hello=hello,
                 scheduler=self.scheduler,

@@ -42,8 +42,9 @@ class Session:
 class SessionRegistry:
     """All open sessions of a server; each holds a KV reservation until it is closed."""
 
-    def __init__(self, budget: KVBudget) -> None:
+    def __init__(self, budget: KVBudget, on_close: Callable[[str], object] | None = None) -> None:
         self.budget = budget
+        self._on_close = on_close  # told the key of every session that closes
         self._sessions: dict[str, Session] = {}
         self._empty = asyncio.Event()
         self._empty.set()
@@ -112,6 +113,8 @@ class SessionRegistry:
         session.cache = None
         if session.on_close is not None:
             session.on_close()
+        if self._on_close is not None:
+            self._on_close(key)
         if not self._sessions:
             self._empty.set()
         log.info("session.close key=%s reason=%s length=%d", key, reason, session.length)

@@ -272,3 +272,34 @@ async def test_a_filling_server_announces_it_and_clients_route_around_it(
             assert torch.equal(out.sequences, reference(local_model, prompt, 8).sequences)
         finally:
             await conn.aclose()
+
+
+async def test_a_client_that_floods_and_never_reads_does_not_stall_the_others(
+    swarm2, local_model, tokenizer, model_path
+):
+    from beed.models.fingerprint import model_fingerprint
+    from beed.models.registry import cache_dir
+    from beed.wire import open_stream
+    from protocol.messages import Hello, OpenSession, SessionOpened, Step
+
+    fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+    first = swarm2.servers[0]
+    span = (0, 15) if "blocks 0:15" in first.ready_line else (15, 30)
+    hog = await open_stream(*first.address, timeout_s=5.0)
+    try:
+        await hog.send(Hello(), timeout_s=5.0)
+        await hog.read(timeout_s=5.0)
+        await hog.send(OpenSession(1, fingerprint, span[0], span[1], 256), timeout_s=5.0)
+        assert isinstance(await hog.read(timeout_s=10.0), SessionOpened)
+        # 200 prompt tokens again and again (each a rollback to 0), replies never read.
+        prefill = torch.randn(1, 200, 576)
+        for step in range(100):
+            hog.send_nowait(Step(1, step, 0, prefill))
+        prompt = tokenizer(STORY, return_tensors="pt").input_ids
+        async with Clients(swarm2, 1) as (model,):
+            out = await generate_one(model, prompt, 12)
+        assert_same(out, reference(local_model, prompt, 12))
+        assert (await info(first))["sessions"] == 1  # the hog is still there, still busy
+    finally:
+        await hog.aclose()
+    await assert_idle(swarm2)

@@ -15,14 +15,25 @@ from beed.server.scheduler import Scheduler
 from tests.tiny_models import make_tiny_llama
 from tests.unit.test_models import make_tiny_gemma3
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("llama", "cpu"),
+        ("gemma3", "cpu"),
+        pytest.param(("llama", "cuda"), marks=CUDA),
+        pytest.param(("gemma3", "cuda"), marks=CUDA),
+    ],
+    ids=lambda p: "-".join(p),
+)
 def backend(request, tmp_path_factory) -> BlockBackend:
-    path = tmp_path_factory.mktemp(request.param) / request.param
-    make = make_tiny_llama if request.param == "llama" else make_tiny_gemma3
+    family, device = request.param
+    path = tmp_path_factory.mktemp(family) / family
+    make = make_tiny_llama if family == "llama" else make_tiny_gemma3
     make(path)
-    config_blocks = 4 if request.param == "llama" else 6
-    return BlockBackend(path, 0, config_blocks)
+    return BlockBackend(path, 0, 4 if family == "llama" else 6, device=device)
 
 
 def hidden(batch: int, tokens: int, seed: int) -> torch.Tensor:
@@ -103,13 +114,13 @@ async def test_steps_of_concurrent_sessions_share_forwards_and_chunks_interleave
     backend: BlockBackend,
 ):
     compute = Compute()
-    scheduler = Scheduler(compute.run, SchedulerConfig(prefill_chunk_tokens=8))
+    scheduler = Scheduler(compute.run, SchedulerConfig(prefill_chunk_tokens=16))
     scheduler.start()
     blocks = range(len(backend.span.layers))
     try:
         gate = compute.hold(scheduler)
         await asyncio.sleep(0.05)
-        long = StepRequest(backend.new_cache(), blocks, hidden(1, 30, 1), 0)
+        long = StepRequest(backend.new_cache(), blocks, hidden(1, 70, 1), 0)
         short = [StepRequest(backend.new_cache(), blocks, hidden(1, 2, s), 0) for s in (2, 3)]
         tasks = [
             asyncio.ensure_future(scheduler.step(backend, r, f"s{i}"))
@@ -121,9 +132,9 @@ async def test_steps_of_concurrent_sessions_share_forwards_and_chunks_interleave
         for out, r in zip(outs, [long, *short], strict=True):
             want = alone(backend, [StepRequest(None, blocks, r.hidden, 0)])[0]
             assert (out - want).abs().max().item() < 1e-5
-        # 30 prompt tokens in chunks of 8 (the others are active): 4 forwards, the two short
+        # 70 prompt tokens in chunks of 16 (the others are active): 5 forwards, the two short
         # prompts rode in the first.
-        assert (scheduler.batches, scheduler.batched_steps) == (4, 6)
+        assert (scheduler.batches, scheduler.batched_steps) == (5, 7)
     finally:
         await scheduler.aclose()
         compute.pool.shutdown()
