@@ -194,6 +194,8 @@ def clients(args: argparse.Namespace) -> None:
     results = {}
     for batching in (True, False):
         extra = ["--device", args.device] + ([] if batching else ["--no-continuous-batching"])
+        if args.threads:
+            extra += ["--num-threads", str(args.threads)]
         with LocalSwarm(
             model=args.model, num_servers=2, dtype=args.dtype, extra_args=extra
         ) as swarm:
@@ -240,6 +242,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", help="servers, client head and baseline")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="(b) torch threads of each server and of the clients' process (default: torch's)",
+    )
     parser.add_argument("--local-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -258,6 +266,8 @@ def main() -> None:
     if args.part in ("scaling", "both"):
         scaling(args, path)
     if args.part in ("clients", "both"):
+        if args.threads:
+            torch.set_num_threads(args.threads)
         clients(args)
 
 

@@ -16,6 +16,7 @@ class SchedulerConfig:
     max_batch_tokens: int = 2048  # rows × tokens of one batched forward (a lone step may exceed)
     prefill_chunk_tokens: int = 256  # rows × tokens of one prefill chunk when others are active
     active_window_s: float = 1.0  # a session that stepped this recently counts as active
+    batch_wait_s: float = 0.005  # how long a step may wait for active sessions' steps to join it
     stateless_max_wait_s: float = 2.0  # Forward/Backward older than this run before steps
 
 

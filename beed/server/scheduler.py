@@ -43,6 +43,7 @@ class _StepJob:
     future: asyncio.Future[torch.Tensor]
     done_tokens: int = 0  # positions already run (chunked prefill)
     outputs: list[torch.Tensor] = field(default_factory=list)
+    enqueued: float = field(default_factory=time.monotonic)
 
     @property
     def rows(self) -> int:
@@ -135,6 +136,7 @@ class Scheduler:
                 if stateless is not None:
                     await self._run_stateless(stateless)
                     continue
+                await self._wait_for_stragglers()
                 batch = self._take_batch()
                 if batch:
                     await self._run_batch(batch)
@@ -143,6 +145,28 @@ class Scheduler:
                     await self._run_stateless(self._stateless.popleft())
                     continue
                 break
+
+    async def _wait_for_stragglers(self) -> None:
+        """Give the other active sessions' next steps up to `batch_wait_s` (counted from the
+        oldest queued step) to arrive, so that a round of decode steps runs as one forward
+        rather than as several small ones that each read all the weights."""
+        wait_s = self.config.batch_wait_s
+        if not self._steps or not self.config.continuous_batching or wait_s <= 0:
+            return
+        deadline = self._steps[0].enqueued + wait_s
+        while True:
+            queued = {job.owner for job in self._steps}
+            self._others_active("")  # prunes quiet sessions
+            expected = queued | set(self._last_step)
+            remaining = deadline - time.monotonic()
+            if len(queued) >= len(expected) or remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
 
     def _drop_abandoned(self) -> None:
         if any(j.future.done() for j in self._steps):
