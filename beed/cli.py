@@ -211,6 +211,13 @@ def _parse_block_indices(
     help="Tokens (rows x positions) of one batched forward.",
 )
 @click.option(
+    "--batch-wait",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.005,
+    show_default=True,
+    help="Seconds a step may wait for other active sessions' steps to join its batch.",
+)
+@click.option(
     "--prefill-chunk-tokens",
     type=click.IntRange(1),
     default=256,
@@ -240,6 +247,7 @@ def serve(
     continuous_batching: bool,
     max_batch_tokens: int,
     prefill_chunk_tokens: int,
+    batch_wait: float,
 ) -> None:
     """Load a span of a model's blocks and serve it to the swarm.
 
@@ -278,6 +286,7 @@ def serve(
             continuous_batching=continuous_batching,
             max_batch_tokens=max_batch_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            batch_wait_s=batch_wait,
         ),
         record_ttl_s=3 * announce_period,
         dht=DHTConfig(default_ttl_s=3 * announce_period),

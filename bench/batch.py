@@ -196,6 +196,7 @@ def clients(args: argparse.Namespace) -> None:
         extra = ["--device", args.device] + ([] if batching else ["--no-continuous-batching"])
         if args.threads:
             extra += ["--num-threads", str(args.threads)]
+        extra += args.server_arg
         with LocalSwarm(
             model=args.model, num_servers=2, dtype=args.dtype, extra_args=extra
         ) as swarm:
@@ -248,6 +249,12 @@ def main() -> None:
         default=None,
         help="(b) torch threads of each server and of the clients' process (default: torch's)",
     )
+    parser.add_argument(
+        "--client-threads", type=int, default=None, help="(b) torch threads of the clients"
+    )
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="(b) extra `beed serve` argument"
+    )
     parser.add_argument("--local-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -266,8 +273,8 @@ def main() -> None:
     if args.part in ("scaling", "both"):
         scaling(args, path)
     if args.part in ("clients", "both"):
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if args.client_threads or args.threads:
+            torch.set_num_threads(args.client_threads or args.threads)
         clients(args)
 
 
