@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl, ValueSpiderCrawl
-from kademlia.node import Node
+from kademlia.node import Node, NodeHeap
 
 from beed.dht.envelope import check_entry, entry_order
 from beed.dht.errors import RecordError
@@ -33,6 +33,15 @@ class EagerCrawl(SpiderCrawl):  # type: ignore[misc]
     """A crawl that never waits on a silent node while another could be asked."""
 
     stall_s: float = 0.5
+
+    def __init__(
+        self, protocol: BeeProtocol, node: Node, peers: list[Node], ksize: int, alpha: int
+    ) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha)
+        # Twice k candidates stay visible: a stalled (likely dead) node no longer hides the
+        # next live one behind it; results keep the k nearest that answered.
+        self.nearest = NodeHeap(self.node, 2 * ksize)
+        self.nearest.push(peers)
 
     def finished(self) -> bool:
         """True once the lookup has what it needs (a node lookup needs every node asked)."""
@@ -82,7 +91,7 @@ class NodeCrawl(EagerCrawl, NodeSpiderCrawl):  # type: ignore[misc]
 
     async def find(self) -> list[Node]:
         answered = await self._eager(self.protocol.call_find_node, self._on_reply)
-        return [n for n in self.nearest if n.id in answered]
+        return [n for n in self.nearest if n.id in answered][: self.ksize]
 
     async def _on_reply(self, peer: Node, reply: Any) -> None:
         self.nearest.push([Node(*triple) for triple in reply or []])
@@ -111,7 +120,8 @@ class RecordCrawl(EagerCrawl, ValueSpiderCrawl):  # type: ignore[misc]
         quorum: int,
         max_pages: int,
     ) -> None:
-        super().__init__(protocol, node, peers, ksize, alpha)
+        EagerCrawl.__init__(self, protocol, node, peers, ksize, alpha)
+        self.nearest_without_value = NodeHeap(self.node, 1)  # as ValueSpiderCrawl has
         self.quorum = quorum
         self.max_pages = max_pages
         self.found: dict[str, VerifiedEntry] = {}

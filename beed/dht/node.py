@@ -359,6 +359,9 @@ class DHTNode:
         while True:
             await asyncio.sleep(period_s * random.uniform(0.9, 1.1))
             protocol = self.protocol
+            known = {n.id for bucket in protocol.router.buckets for n in bucket.get_nodes()}
+            for node_id in [i for i in protocol.last_heard if i not in known]:
+                del protocol.last_heard[node_id]  # callers that never became contacts
             quiet = time.monotonic() - period_s
             contacts = [
                 node

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from beed.models.adapters import Span, SpanInput, family_of, load_config, num_blocks
 from beed.models.weights import load_tensors
-from protocol.errors import BadRequestError, BeeError
+from protocol.errors import BadRequestError, BeeError, InternalServerError
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,13 @@ class BlockBackend:
         return result
 
     @torch.inference_mode()
-    def step_many(self, requests: list[StepRequest]) -> list[torch.Tensor | BeeError]:
+    def step_many(self, requests: list[StepRequest]) -> list[torch.Tensor | Exception]:
         """Run several sessions' steps over the same blocks as one batched forward.
 
         Each request is checked on its own: a malformed one gets its error back and the others
         run. Outputs leave on the CPU (the wire encodes host memory; a no-op on a CPU server).
         """
-        results: list[torch.Tensor | BeeError] = []
+        results: list[torch.Tensor | Exception] = []
         ready: list[tuple[int, SpanInput]] = []
         for request in requests:
             try:
@@ -229,14 +229,39 @@ class BlockBackend:
                 results.append(_PENDING)
             except BeeError as exc:
                 results.append(exc)
-        if ready:
-            blocks = requests[ready[0][0]].blocks
-            if any(requests[i].blocks != blocks for i, _ in ready):
-                raise ValueError("a batched step runs one block range")
-            outputs = self.span.forward_many([item for _, item in ready], blocks)
-            for (i, _), out in zip(ready, outputs, strict=True):
-                results[i] = out.cpu()
+        if not ready:
+            return results
+        blocks = requests[ready[0][0]].blocks
+        if any(requests[i].blocks != blocks for i, _ in ready):
+            raise ValueError("a batched step runs one block range")
+        items = [item for _, item in ready]
+        if len(items) == 1:
+            outputs: list[torch.Tensor | Exception] = [self.span.forward_many(items, blocks)[0]]
+        else:
+            outputs = self._forward_isolated(items, blocks)
+        for (i, _), out in zip(ready, outputs, strict=True):
+            # A copy on the CPU: the batch's output is one tensor; a view would keep it alive.
+            results[i] = out if isinstance(out, Exception) else out.to("cpu", copy=True)
         return results
+
+    def _forward_isolated(
+        self, items: list[SpanInput], blocks: range
+    ) -> list[torch.Tensor | Exception]:
+        """A merged forward; if it fails (out of memory, say), every session's cache goes back
+        to where it was and each runs alone, so only the step that fails alone fails."""
+        saved = [[layer.get_seq_length() for layer in item.cache.layers] for item in items]
+        try:
+            return list(self.span.forward_many(items, blocks))
+        except Exception as exc:
+            log.warning("backend.batch_failed sessions=%d error=%r", len(items), exc)
+        outputs: list[torch.Tensor | Exception] = []
+        for item, lengths in zip(items, saved, strict=True):
+            try:
+                _restore(item.cache, lengths)
+                outputs.append(self.span.forward_many([item], blocks)[0])
+            except Exception as exc:  # the session's cache is unusable: the caller closes it
+                outputs.append(exc)
+        return outputs
 
     @torch.inference_mode()
     def forward(
@@ -269,3 +294,17 @@ class BlockBackend:
             out = self.span(hidden, position_ids, None, attention_mask, blocks)
             (grad_input,) = torch.autograd.grad(out, hidden, grad_output.to(out.device, out.dtype))
         return grad_input.cpu()
+
+
+def _restore(cache: Any, lengths: list[int]) -> None:
+    """Cut every layer of `cache` back to its recorded length (after a failed forward).
+
+    A sliding-window layer that dropped old positions cannot be restored: InternalServerError."""
+    for layer, length in zip(cache.layers, lengths, strict=True):
+        now = layer.get_seq_length()
+        if now == length:
+            continue
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and now >= window:
+            raise InternalServerError("a failed batch overwrote this session's sliding window")
+        layer.crop(length - now)

@@ -111,6 +111,9 @@ class ServerConnection:
                 pass
         finally:
             await self._tasks.aclose()
+            # A forward may still be writing these sessions' caches: their memory is given
+            # back only once it is done.
+            await self.state.scheduler.settle(prefix)
             closed = self.state.sessions.close_prefix(prefix, "disconnect")
             await self.stream.aclose()
             log.debug("conn.closed id=%d sessions=%d", self.id, closed)
@@ -220,6 +223,8 @@ class ServerConnection:
                 )
                 began = time.perf_counter()
                 out = await st.scheduler.step(session.backend, request, key)
+                if session.cache is None:  # closed while its step ran (the server moved)
+                    raise UnknownSessionError("the session was closed while this step ran")
                 log.debug(
                     "session.step key=%s position=%d tokens=%d compute_ms=%.2f",
                     key,

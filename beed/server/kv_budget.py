@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import copy
 import logging
 import time
 from dataclasses import dataclass
 
-from protocol.errors import BadRequestError, ServerBusyError
+from protocol.errors import BadRequestError, BeeError, ServerBusyError
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,9 @@ class KVBudget:
         self.capacity_tokens = capacity_tokens
         self.bytes_per_token = bytes_per_token
         self._reserved: dict[str, int] = {}
-        self._freed = asyncio.Event()  # replaced after each release; waiters hold the old one
-        self.waiting = 0  # reservations waiting for memory right now
+        self._freed = asyncio.Event()  # replaced after each wake-up; waiters hold the old one
+        self._queue: collections.deque[object] = collections.deque()  # waiting, in order
+        self._refusal: BeeError | None = None
 
     @property
     def used_tokens(self) -> int:
@@ -68,36 +71,70 @@ class KVBudget:
         return Reservation(owner, tokens)
 
     async def reserve_waiting(self, owner: str, tokens: int, wait_s: float) -> Reservation:
-        """`reserve`, but while the tokens do not fit yet, wait up to `wait_s` for releases.
+        """`reserve`, but while the tokens do not fit, wait up to `wait_s` for releases.
 
-        Raises ServerBusyError (retryable) when the wait ends without room; a request larger
-        than the whole budget fails at once (BadRequestError)."""
-        deadline = time.monotonic() + max(0.0, wait_s)
-        began = time.monotonic()
-        while True:
+        Waiting reservations are served first come, first served: a newcomer does not take room
+        that an earlier waiter needs. Raises ServerBusyError (retryable) when the wait ends
+        without room, BadRequestError at once for more than the whole budget, and the refusal
+        given to `refuse_waiters` (a drain) if that comes first."""
+        if not self._queue:
             try:
                 return self.reserve(owner, tokens)
-            except ServerBusyError as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if wait_s > 0:
-                        raise ServerBusyError(
-                            f"{exc} after waiting {time.monotonic() - began:.1f} s"
-                        ) from None
+            except ServerBusyError:
+                if wait_s <= 0:
                     raise
-            freed = self._freed
-            self.waiting += 1
-            try:
-                async with asyncio.timeout(remaining):
-                    await freed.wait()
-            except TimeoutError:
-                pass
-            finally:
-                self.waiting -= 1
+        elif wait_s <= 0:
+            raise ServerBusyError(
+                f"server full: session needs {tokens} cache tokens, {self.free_tokens} of "
+                f"{self.capacity_tokens} free, {len(self._queue)} sessions waiting before it"
+            )
+        began = time.monotonic()
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            while True:
+                if self._refusal is not None:
+                    raise copy.copy(self._refusal)
+                if self._queue[0] is ticket:
+                    try:
+                        return self.reserve(owner, tokens)
+                    except ServerBusyError:
+                        pass
+                remaining = began + wait_s - time.monotonic()
+                if remaining <= 0:
+                    ahead = self._queue.index(ticket)
+                    raise ServerBusyError(
+                        f"server full: session needs {tokens} cache tokens, {self.free_tokens} "
+                        f"of {self.capacity_tokens} free"
+                        + (f", {ahead} sessions waiting before it" if ahead else "")
+                        + f" (waited {time.monotonic() - began:.1f} s)"
+                    )
+                freed = self._freed
+                try:
+                    async with asyncio.timeout(remaining):
+                        await freed.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self._queue.remove(ticket)
+            self._wake()  # the next in line may fit now
+
+    @property
+    def waiting(self) -> int:
+        """Reservations waiting for room right now."""
+        return len(self._queue)
+
+    def refuse_waiters(self, refusal: BeeError) -> None:
+        """Fail every waiting (and every later waiting) reservation with `refusal` (a drain)."""
+        self._refusal = refusal
+        self._wake()
+
+    def _wake(self) -> None:
+        self._freed.set()
+        self._freed = asyncio.Event()
 
     def release(self, owner: str) -> None:
         """Give a reservation back (waking waiting reservations); releasing twice is harmless."""
         if self._reserved.pop(owner, None) is not None:
             log.debug("kv.release owner=%s free=%d", owner, self.free_tokens)
-            self._freed.set()
-            self._freed = asyncio.Event()
+            self._wake()

@@ -28,7 +28,7 @@ import torch
 from beed.dht.tasks import TaskOwner
 from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import SchedulerConfig
-from protocol.errors import InternalServerError
+from protocol.errors import InternalServerError, UnknownSessionError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ class _StepJob:
     @property
     def rows(self) -> int:
         return int(self.request.hidden.shape[0])
+
+    @property
+    def group(self) -> tuple[int, int, int]:
+        """Jobs of one group can share a forward: same backend, same blocks."""
+        return (id(self.backend), self.request.blocks.start, self.request.blocks.stop)
 
     @property
     def remaining(self) -> int:
@@ -84,7 +89,10 @@ class Scheduler:
         self._steps: deque[_StepJob] = deque()
         self._stateless: deque[_StatelessJob] = deque()
         self._wakeup = asyncio.Event()
-        self._last_step: dict[str, float] = {}  # session key -> monotonic time of its last step
+        # session key -> (monotonic time of its last step, its group)
+        self._last_step: dict[str, tuple[float, tuple[int, int, int]]] = {}
+        self._running: set[str] = set()  # owners of the jobs in the forward now running
+        self._batch_done = asyncio.Event()
         self._tasks = TaskOwner("scheduler")
         self.batches = 0  # forwards run (for Info and tests)
         self.batched_steps = 0  # step jobs (or chunks) they carried
@@ -123,8 +131,19 @@ class Scheduler:
         return await future
 
     def forget(self, owner: str) -> None:
-        """A session closed: it no longer counts as active (its prefills need no chunking)."""
+        """A session closed: its queued steps fail (201) and it no longer counts as active."""
         self._last_step.pop(owner, None)
+        for job in [j for j in self._steps if j.owner == owner]:
+            self._remove(job)
+            if not job.future.done():
+                job.future.set_exception(UnknownSessionError("the session was closed"))
+
+    async def settle(self, prefix: str) -> None:
+        """Wait until no forward that is running uses a session whose key starts with `prefix`
+        (its cache is still being written: its memory may not be handed out yet)."""
+        while any(owner.startswith(prefix) for owner in self._running):
+            self._batch_done.clear()
+            await self._batch_done.wait()
 
     async def _loop(self) -> None:
         while True:
@@ -137,6 +156,7 @@ class Scheduler:
                     await self._run_stateless(stateless)
                     continue
                 await self._wait_for_stragglers()
+                self._drop_abandoned()
                 batch = self._take_batch()
                 if batch:
                     await self._run_batch(batch)
@@ -153,11 +173,12 @@ class Scheduler:
         wait_s = self.config.batch_wait_s
         if not self._steps or not self.config.continuous_batching or wait_s <= 0:
             return
-        deadline = self._steps[0].enqueued + wait_s
+        first = self._steps[0]
+        deadline = first.enqueued + wait_s
         while True:
-            queued = {job.owner for job in self._steps}
-            self._others_active("")  # prunes quiet sessions
-            expected = queued | set(self._last_step)
+            queued = {job.owner for job in self._steps if job.group == first.group}
+            self._prune_quiet()
+            expected = queued | {k for k, (_, g) in self._last_step.items() if g == first.group}
             remaining = deadline - time.monotonic()
             if len(queued) >= len(expected) or remaining <= 0:
                 return
@@ -190,11 +211,7 @@ class Scheduler:
         first = self._steps[0]
         if not cfg.continuous_batching:
             return [(first, first.remaining)]
-        group = [
-            j
-            for j in self._steps
-            if j.backend is first.backend and j.request.blocks == first.request.blocks
-        ]
+        group = [j for j in self._steps if j.group == first.group]
         contended = len(group) > 1 or self._others_active(first.owner)
         batch: list[tuple[_StepJob, int]] = []
         total = 0
@@ -210,28 +227,35 @@ class Scheduler:
             total += size
         return batch
 
-    def _others_active(self, owner: str) -> bool:
+    def _prune_quiet(self) -> None:
         horizon = time.monotonic() - self.config.active_window_s
-        for key in [k for k, t in self._last_step.items() if t < horizon]:
-            del self._last_step[key]  # quiet (or closed) sessions
+        for key in [k for k, (t, _) in self._last_step.items() if t < horizon]:
+            del self._last_step[key]
+
+    def _others_active(self, owner: str) -> bool:
+        self._prune_quiet()
         return any(key != owner for key in self._last_step)
 
     async def _run_batch(self, batch: list[tuple[_StepJob, int]]) -> None:
         backend = batch[0][0].backend
         requests = [job.chunk(positions) for job, positions in batch]
+        self._running = {job.owner for job, _ in batch}
         try:
-            results = await self._run_compute(lambda: backend.step_many(requests))
+            results: list[Any] = await self._run_compute(lambda: backend.step_many(requests))
         except Exception as exc:  # a bug: fail these jobs, keep serving the others
             log.exception("scheduler.batch_failed jobs=%d", len(batch))
             results = [exc] * len(batch)
+        finally:
+            self._running = set()
+            self._batch_done.set()
         self.batches += 1
         self.batched_steps += len(batch)
         now = time.monotonic()
         for (job, positions), result in zip(batch, results, strict=True):
-            self._last_step[job.owner] = now
-            if job.future.done():  # abandoned while it ran
+            if job.future.done():  # abandoned (or its session closed) while it ran
                 self._remove(job)
                 continue
+            self._last_step[job.owner] = (now, job.group)
             if isinstance(result, BaseException):
                 self._remove(job)
                 job.future.set_exception(result)
@@ -242,6 +266,9 @@ class Scheduler:
                 self._remove(job)
                 out = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, 1)
                 job.future.set_result(out)
+            else:  # a chunk is done: other groups' steps go before its next chunk
+                self._remove(job)
+                self._steps.append(job)
         if len(batch) > 1:
             log.debug(
                 "scheduler.batch jobs=%d tokens=%d",

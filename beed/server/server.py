@@ -38,7 +38,7 @@ from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
 from beed.wire import FramedStream
 from protocol.codecs import ALL_CODECS
-from protocol.errors import BadRequestError
+from protocol.errors import BadRequestError, DrainingError
 from protocol.messages import PROTOCOL_VERSION, Hello
 
 log = logging.getLogger(__name__)
@@ -379,6 +379,9 @@ class BlockServer:
         if self.state is None or self._record is None:
             return
         self.state.draining = True
+        self.state.sessions.budget.refuse_waiters(
+            DrainingError("this server is shutting down; open the session elsewhere")
+        )
         self._record = dataclasses.replace(self._record, state=ServerState.DRAINING)
         log.info("server.draining sessions=%d", len(self.state.sessions))
         with contextlib.suppress(Exception):

@@ -189,3 +189,30 @@ async def test_inference_goes_before_stateless_work_and_abandoned_steps_never_ru
     finally:
         await scheduler.aclose()
         compute.pool.shutdown()
+
+
+def test_a_step_that_breaks_the_merged_forward_fails_alone(backend: BlockBackend):
+    from transformers import DynamicCache
+
+    from beed.models.adapters import span_config
+
+    blocks = range(len(backend.span.layers))
+    caches = [backend.new_cache() for _ in range(2)]
+    for cache in caches:
+        backend.step(cache, blocks, hidden(1, 5, 1), 0)
+    # A cache with too few layers passes every check and then fails inside the forward, after
+    # the other sessions' caches were extended by the first blocks.
+    broken = DynamicCache(config=span_config(backend.span.config, 0, 2))
+    requests = [
+        StepRequest(caches[0], blocks, hidden(1, 1, 2), 5),
+        StepRequest(broken, blocks, hidden(1, 1, 3), 0),
+        StepRequest(caches[1], blocks, hidden(1, 2, 4), 5),
+    ]
+    first, error, last = backend.step_many(requests)
+    assert isinstance(error, Exception) and not isinstance(error, torch.Tensor)
+    expected = [
+        alone(backend, [StepRequest(None, blocks, hidden(1, 5, 1), 0), r])[1]
+        for r in (requests[0], requests[2])
+    ]
+    assert torch.equal(first, expected[0]) and torch.equal(last, expected[1])
+    assert [BlockBackend.cache_length(c, blocks) for c in caches] == [6, 7]
