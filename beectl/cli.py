@@ -125,12 +125,20 @@ def _generation_options(f: Any) -> Any:
     show_default=True,
     help="Seconds a full server may keep the session waiting for cache memory (then: busy).",
 )
+@click.option(
+    "--routing",
+    type=click.Choice(["latency", "throughput"]),
+    default="latency",
+    show_default=True,
+    help="latency: the fastest chain of servers; throughput: spread sessions over replicas.",
+)
 @_peers_option
 @_generation_options
 def generate(
     prompt: str | None,
     prompts_file: Any,
     kv_wait: float,
+    routing: str,
     initial_peers: list[tuple[str, int]],
     **kwargs: Any,
 ) -> None:
@@ -142,7 +150,7 @@ def generate(
     _require_peers(initial_peers)
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either a PROMPT or --prompts FILE")
-    config = ClientConfig(initial_peers=tuple(initial_peers), kv_wait_s=kv_wait)
+    config = ClientConfig(initial_peers=tuple(initial_peers), kv_wait_s=kv_wait, routing=routing)
     if prompts_file is not None:
         prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]
         if not prompts:

@@ -6,12 +6,18 @@ may use a sub-span of a server). An edge costs the expected time of one decode s
 hop: the measured round trip to the server plus the announced per-block compute time for the
 blocks used, plus a penalty when the server is low on free KV cache. Dijkstra finds the route with
 the least total; ties go to fewer hops.
+
+Two modes: "latency" (the default) takes the fastest chain for this session alone. "throughput"
+spreads independent sessions over replicas: a server's compute time counts once more for every
+session this client already runs there, and each route draws a random ±`jitter` factor per
+server, so that clients who know nothing of each other still split between equal replicas.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -21,6 +27,8 @@ from protocol.errors import NoRouteError
 DEFAULT_RTT_S = 0.005  # assumed round trip to a server we have not measured yet
 DEFAULT_BLOCK_TIME_S = 0.002  # assumed per-block step time when a server announces no throughput
 LOW_KV_PENALTY_S = 1.0  # added to a hop whose server cannot hold this session's cache
+MODES = ("latency", "throughput")
+THROUGHPUT_JITTER = 0.25  # ± share of a server's compute time drawn per route in throughput mode
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,11 @@ class Hop:
 
 
 def _hop_cost(
-    server: ServerRecord, blocks: int, rtt_s: Mapping[str, float], needed_kv_tokens: int
+    server: ServerRecord,
+    blocks: int,
+    rtt_s: Mapping[str, float],
+    needed_kv_tokens: int,
+    weight: float = 1.0,
 ) -> float:
     rtt = rtt_s.get(server.peer_id, DEFAULT_RTT_S)
     per_block = (
@@ -45,7 +57,7 @@ def _hop_cost(
         if server.compute_tokens_per_s > 0
         else DEFAULT_BLOCK_TIME_S
     )
-    cost = rtt + blocks * per_block
+    cost = rtt + blocks * per_block * weight
     if server.free_kv_tokens < needed_kv_tokens:
         cost += LOW_KV_PENALTY_S
     return cost
@@ -64,13 +76,28 @@ def find_route(
     rtt_s: Mapping[str, float] | None = None,
     banned: Iterable[str] = (),
     needed_kv_tokens: int = 0,
+    mode: str = "latency",
+    load: Mapping[str, int] | None = None,
+    rng: random.Random | None = None,
 ) -> list[Hop]:
-    """The cheapest chain of hops covering [start, end); NoRouteError naming the gap if none."""
+    """The cheapest chain of hops covering [start, end); NoRouteError naming the gap if none.
+
+    `load` (throughput mode): sessions this client runs on each server now; `rng` draws the
+    per-route jitter (a fresh one when not given)."""
+    if mode not in MODES:
+        raise ValueError(f"routing mode must be one of {', '.join(MODES)}, got {mode!r}")
     banned_set = set(banned)
     rtt_s = rtt_s or {}
     candidates = [
         s for s in servers if usable(s, banned_set) and s.span_start < end and start < s.span_end
     ]
+    weights = {s.peer_id: 1.0 for s in candidates}
+    if mode == "throughput":
+        load = load or {}
+        rng = rng or random.Random()
+        for peer_id in weights:
+            jitter = rng.uniform(1 - THROUGHPUT_JITTER, 1 + THROUGHPUT_JITTER)
+            weights[peer_id] = (1 + load.get(peer_id, 0)) * jitter
     points = sorted(
         {start, end}
         | {min(max(s.span_start, start), end) for s in candidates}
@@ -92,10 +119,10 @@ def find_route(
             for point in points:
                 if point <= node or point > min(server.span_end, end):
                     continue
-                new = (
-                    cost + _hop_cost(server, point - node, rtt_s, needed_kv_tokens),
-                    hops + 1,
+                hop_cost = _hop_cost(
+                    server, point - node, rtt_s, needed_kv_tokens, weights[server.peer_id]
                 )
+                new = (cost + hop_cost, hops + 1)
                 if new < best.get(point, (math.inf, 0)):
                     best[point] = new
                     back[point] = Hop(server, node, point)

@@ -229,6 +229,7 @@ class InferenceSession:
             raise
         if not isinstance(reply, SessionOpened):
             raise BadRequestError(f"server answered OpenSession with {type(reply).__name__}")
+        self.swarm.session_opened(hop.peer_id)
         return _OpenHop(hop, conn, stream_id)
 
     async def _send(
@@ -364,6 +365,7 @@ class InferenceSession:
         self.position = position
 
     async def _close_hop(self, h: _OpenHop) -> None:
+        self.swarm.session_closed(h.hop.peer_id)
         with contextlib.suppress(BeeError, TimeoutError):
             await h.conn.request(Close(h.stream_id), self.config.close_timeout_s)
 

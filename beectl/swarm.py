@@ -33,6 +33,17 @@ class Swarm:
         self.rtt_s: dict[str, float] = {}
         self.bans = BanList()  # shared by every session of this client
         self._servers_cache: dict[str, tuple[float, list[ServerRecord]]] = {}
+        self.load: dict[str, int] = {}  # server sessions this client holds, per server
+
+    def session_opened(self, peer_id: str) -> None:
+        self.load[peer_id] = self.load.get(peer_id, 0) + 1
+
+    def session_closed(self, peer_id: str) -> None:
+        left = self.load.get(peer_id, 0) - 1
+        if left > 0:
+            self.load[peer_id] = left
+        else:
+            self.load.pop(peer_id, None)
 
     async def start(self) -> None:
         if not self.config.initial_peers:
@@ -113,6 +124,8 @@ class Swarm:
                 rtt_s=self.rtt_s,
                 banned=self.bans.banned(),
                 needed_kv_tokens=needed_kv_tokens,
+                mode=self.config.routing,
+                load=self.load,
             )
         except NoRouteError as exc:
             raise NoRouteError(

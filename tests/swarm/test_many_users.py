@@ -303,3 +303,18 @@ async def test_a_client_that_floods_and_never_reads_does_not_stall_the_others(
     finally:
         await hog.aclose()
     await assert_idle(swarm2)
+
+
+async def test_throughput_routing_spreads_one_clients_sessions_over_replicas(
+    local_model, tokenizer
+):
+    prompt = tokenizer(STORY, return_tensors="pt").input_ids
+    ref = reference(local_model, prompt, 8)
+    with LocalSwarm(spans=[(0, 30), (0, 30)]) as swarm:
+        async with Clients(swarm, 1, routing="throughput") as (model,):
+            outs = await asyncio.gather(*(generate_one(model, prompt, 8) for _ in range(6)))
+            assert model.swarm.load == {}  # every session closed
+        for out in outs:
+            assert torch.equal(out.sequences, ref.sequences)
+        served = [(await info(s))["batched_steps"] for s in swarm.servers]
+        assert all(steps >= 2 * 8 for steps in served), served  # both replicas took sessions

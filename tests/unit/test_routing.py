@@ -121,3 +121,33 @@ def test_servers_move_only_for_a_clear_gain():
     # Three on 0:15 and two on 15:30: moving would only swap which half is weaker.
     uneven = [*[rec(f"x{i}", 0, 15) for i in range(3)], rec("y0", 15, 30), rec("y1", 15, 30)]
     assert better_span(uneven, 30, (0, 15), self_peer="x0", own_tps=1000.0) is None
+
+
+def test_throughput_mode_spreads_sessions_over_replicas():
+    import collections
+    import random
+
+    servers = [rec("a", 0, 30), rec("b", 0, 30), rec("c", 0, 30, tps=100.0)]
+    rng = random.Random(5)
+    # Latency mode: every session takes the same fastest replica, whatever the load.
+    assert {find_route(servers, 0, 30, load={"a": 9})[0].peer_id for _ in range(20)} == {"a"}
+    # Throughput mode, no load known (independent clients): the equal replicas split the
+    # sessions; the 10x slower one is never worth it.
+    picks = collections.Counter(
+        find_route(servers, 0, 30, mode="throughput", rng=rng)[0].peer_id for _ in range(200)
+    )
+    assert picks["a"] > 60 and picks["b"] > 60 and picks["c"] == 0
+    # Sessions this client already runs count: a loaded replica gives way to the idle one.
+    loaded = {
+        find_route(servers, 0, 30, mode="throughput", load={"a": 2}, rng=rng)[0].peer_id
+        for _ in range(50)
+    }
+    assert loaded == {"b"}
+    # A client filling replicas one session at a time alternates between them.
+    load: dict[str, int] = {}
+    for _ in range(10):
+        peer = find_route(servers, 0, 30, mode="throughput", load=load, rng=rng)[0].peer_id
+        load[peer] = load.get(peer, 0) + 1
+    assert set(load) == {"a", "b"} and abs(load["a"] - load["b"]) <= 2
+    with pytest.raises(ValueError, match="routing mode"):
+        find_route(servers, 0, 30, mode="fastest")
