@@ -151,19 +151,8 @@ class Span(nn.Module):
             if kind in masks:
                 continue
             # Size each mask against the first cache layer of its kind that this run fills.
-            masks[kind] = self._mask_fn(kind)(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=i if cache is not None else None,
-            )
-            rotaries[kind] = (
-                self.rotary_emb(hidden, position_ids, kind)
-                if self._typed_rotary
-                else self.rotary_emb(hidden, position_ids)
-            )
+            masks[kind] = self._mask(kind, i, hidden, attention_mask, cache, position_ids)
+            rotaries[kind] = self._rotary(kind, hidden, position_ids)
         for i in blocks:
             hidden = self.layers[i](
                 hidden,
@@ -200,23 +189,11 @@ class Span(nn.Module):
             masks[kind] = SegmentMasks(
                 segments,
                 [
-                    self._mask_fn(kind)(
-                        config=self.config,
-                        inputs_embeds=item.hidden,
-                        attention_mask=item.mask,
-                        past_key_values=item.cache,
-                        position_ids=item.position_ids,
-                        layer_idx=i,
-                    )
+                    self._mask(kind, i, item.hidden, item.mask, item.cache, item.position_ids)
                     for item in items
                 ],
             )
-            parts = [
-                self.rotary_emb(item.hidden, item.position_ids, kind)
-                if self._typed_rotary
-                else self.rotary_emb(item.hidden, item.position_ids)
-                for item in items
-            ]
+            parts = [self._rotary(kind, item.hidden, item.position_ids) for item in items]
             rotaries[kind] = (
                 torch.cat([cos.reshape(1, -1, cos.shape[-1]) for cos, _ in parts], dim=1),
                 torch.cat([sin.reshape(1, -1, sin.shape[-1]) for _, sin in parts], dim=1),
@@ -234,6 +211,32 @@ class Span(nn.Module):
                 use_cache=True,
             )
         return [hidden[0, s.start : s.stop].reshape(s.batch, s.tokens, -1) for s in segments]
+
+    def _mask(
+        self,
+        kind: str,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Any,
+        position_ids: torch.Tensor,
+    ) -> Any:
+        """The attention mask of one kind, as the model's own forward builds it."""
+        return self._mask_fn(kind)(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx if cache is not None else None,
+        )
+
+    def _rotary(
+        self, kind: str, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._typed_rotary:
+            return self.rotary_emb(hidden, position_ids, kind)
+        return self.rotary_emb(hidden, position_ids)
 
     def _mask_fn(self, kind: str) -> Callable[..., Any]:
         if kind == "sliding_attention":

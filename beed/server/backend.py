@@ -119,7 +119,7 @@ class BlockBackend:
                 )
         cache.crop(position - length)
 
-    def _check_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _check_hidden_shape(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.info.hidden_size:
             raise BadRequestError(
                 f"hidden states must be [batch, tokens, {self.info.hidden_size}], "
@@ -127,19 +127,24 @@ class BlockBackend:
             )
         if not hidden.is_floating_point():
             raise BadRequestError(f"hidden states must be floating point, got {hidden.dtype}")
+
+    @staticmethod
+    def _check_mask_shape(mask: torch.Tensor | None, batch: int, length: int) -> None:
+        if mask is not None and (mask.shape != (batch, length) or mask.is_floating_point()):
+            raise BadRequestError(
+                f"attention mask must be bool or int of shape [batch, past + new] = "
+                f"[{batch}, {length}], got {mask.dtype} {list(mask.shape)}"
+            )
+
+    def _check_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._check_hidden_shape(hidden)
         return hidden.to(self.device, self.dtype)
 
     def _check_mask(
         self, mask: torch.Tensor | None, batch: int, length: int
     ) -> torch.Tensor | None:
-        if mask is None:
-            return None
-        if mask.shape != (batch, length) or mask.is_floating_point():
-            raise BadRequestError(
-                f"attention mask must be bool or int of shape [batch, past + new] = "
-                f"[{batch}, {length}], got {mask.dtype} {list(mask.shape)}"
-            )
-        return mask.to(self.device)
+        self._check_mask_shape(mask, batch, length)
+        return None if mask is None else mask.to(self.device)
 
     def check_step(
         self,
@@ -149,26 +154,13 @@ class BlockBackend:
         position_ids: torch.Tensor | None,
     ) -> None:
         """Shape checks of a step (cheap, no tensor work): BadRequestError if it is malformed."""
-        if hidden.dim() != 3 or hidden.shape[-1] != self.info.hidden_size:
-            raise BadRequestError(
-                f"hidden states must be [batch, tokens, {self.info.hidden_size}], "
-                f"got {list(hidden.shape)}"
-            )
-        if not hidden.is_floating_point():
-            raise BadRequestError(f"hidden states must be floating point, got {hidden.dtype}")
+        self._check_hidden_shape(hidden)
         batch, tokens = hidden.shape[:2]
         if tokens < 1:
             raise BadRequestError("a step needs at least one token")
         if position < 0:
             raise BadRequestError(f"position must be >= 0, got {position}")
-        if attention_mask is not None and (
-            attention_mask.shape != (batch, position + tokens) or attention_mask.is_floating_point()
-        ):
-            raise BadRequestError(
-                f"attention mask must be bool or int of shape [batch, past + new] = "
-                f"[{batch}, {position + tokens}], got {attention_mask.dtype} "
-                f"{list(attention_mask.shape)}"
-            )
+        self._check_mask_shape(attention_mask, batch, position + tokens)
         if position_ids is not None and (
             position_ids.shape != (batch, tokens) or position_ids.is_floating_point()
         ):

@@ -19,17 +19,12 @@ from beectl.swarm import Swarm
 from beed.dht.peers import parse_initial_peers
 from protocol.errors import ServerBusyError
 from tests.conftest import STORY, peers_of
+from tests.swarm.test_batch import PROMPTS as BATCH_PROMPTS
+from tests.swarm.test_exactness import reference
 from tests.swarm.test_sessions import info
 
-PROMPTS = [
-    "Hi",
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived",
-    "1, 2, 3,",
-    "Water boils at",
-    "A",
-    "The quick brown fox jumps over the lazy dog because",
-    "Why",
+PROMPTS = [  # the batch test's eight, seven more and a long one
+    *BATCH_PROMPTS,
     "List three colours:",
     "def fibonacci(n):",
     "In 1969, the first",
@@ -79,17 +74,6 @@ async def generate_one(model: RemoteModel, ids: torch.Tensor, new_tokens: int) -
             SamplingConfig(max_new_tokens=new_tokens),
             output_logits=True,
         )
-
-
-def reference(local_model, ids: torch.Tensor, new_tokens: int):
-    return local_model.generate(
-        ids,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
 
 
 def assert_same(out: GenerationOutput, ref) -> None:
