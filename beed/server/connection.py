@@ -311,5 +311,6 @@ class ServerConnection:
         )
         if st.draining or backend is not st.backend:  # it began to drain (or moved) meanwhile
             st.sessions.close(key, "draining")
-            raise DrainingError("this server is shutting down; open the session elsewhere")
+            why = "is shutting down" if st.draining else "moved to other blocks"
+            raise DrainingError(f"this server {why}; open the session elsewhere")
         return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)
