@@ -10,15 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from beed.wire import ConnectionClosed
-from protocol.errors import (
-    BadRequestError,
-    BeeError,
-    NoRouteError,
-    PeerUnreachableError,
-    PhaseTimeoutError,
-    RemoteError,
-)
+from protocol.errors import BadRequestError, BeeError, NoRouteError, RemoteError
 
 
 def is_server_failure(exc: BaseException) -> bool:
@@ -34,7 +26,7 @@ def is_server_failure(exc: BaseException) -> bool:
         return False
     if isinstance(exc, NoRouteError):
         return False  # not one server's fault; the caller waits for the swarm instead
-    return isinstance(exc, BeeError | ConnectionClosed | PeerUnreachableError | PhaseTimeoutError)
+    return isinstance(exc, BeeError)
 
 
 @dataclass

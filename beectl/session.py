@@ -18,9 +18,9 @@ import torch
 
 from beectl.bans import is_server_failure
 from beectl.config import ClientConfig
-from beectl.connection import PeerConnection
 from beectl.routing import Hop
 from beectl.swarm import Swarm
+from beed.net.peer import PeerConnection
 from protocol.errors import BadRequestError, BeeError, NoRouteError
 from protocol.messages import Close, OpenSession, SessionOpened, Step, StepResult, Truncate
 

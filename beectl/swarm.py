@@ -8,10 +8,10 @@ import time
 
 from beectl.bans import BanList
 from beectl.config import ClientConfig
-from beectl.connection import PeerConnection
 from beectl.routing import Hop, find_route
 from beed.dht.node import DHTNode
 from beed.dht.records import ModelEntry, ServerRecord, ServerState
+from beed.net.peer import PeerConnection
 from protocol.errors import (
     ModelMismatchError,
     NoRouteError,

@@ -31,7 +31,8 @@ BeeError                          base of everything we raise on purpose
     ├── ModelNotFoundError        301 unknown model name or path
     ├── NoRouteError              302 no chain of servers covers the blocks
     ├── PeerUnreachableError      303 bootstrap / server could not be reached
-    └── PhaseTimeoutError         304 a phase (connect, step, ...) ran past its timeout
+    ├── PhaseTimeoutError         304 a phase (connect, step, ...) ran past its timeout
+    └── ConnectionClosed          305 the peer closed the connection, or it broke - retryable
 ```
 
 Every error carries a numeric `code`, a human `message` and `retryable`. `RemoteError` wraps an
@@ -196,6 +197,13 @@ class PeerUnreachableError(ClientError):
 
 class PhaseTimeoutError(ClientError):
     code = 304
+    retryable = True
+
+
+class ConnectionClosed(ClientError):
+    """The peer closed the connection (or it broke) while we were reading or writing."""
+
+    code = 305
     retryable = True
 
 

@@ -9,7 +9,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from kademlia.node import Node
@@ -30,7 +30,7 @@ from beed.dht.records import (
     with_signing_fields,
 )
 from beed.dht.storage import SubkeyStorage
-from beed.dht.tasks import TaskOwner
+from beed.net.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class DHTNode:
         config: DHTConfig | None = None,
         identity: Identity | None = None,
         client_mode: bool = False,
+        on_crash: Callable[[BaseException], object] | None = None,
     ) -> None:
         self.config = config or DHTConfig()
         self.identity = identity or Identity.generate()
@@ -55,7 +56,9 @@ class DHTNode:
             self.config.max_ttl_s, self.config.max_subkeys_per_key, self.config.max_keys
         )
         self.node = Node(self.identity.node_id)
-        self._tasks = TaskOwner(f"dht-{self.identity.peer_id[:8]}")
+        name = f"dht-{self.identity.peer_id[:8]}"
+        self._tasks = TaskOwner(name, on_crash=on_crash)  # maintenance and liveness loops
+        self._requests = TaskOwner(f"{name}-requests", isolate=True)  # per-datagram work
         self._protocol: BeeProtocol | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._last_issued_at = 0.0
@@ -80,7 +83,7 @@ class DHTNode:
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: BeeProtocol(
-                self.node, self.storage, self.config, self._tasks, client_mode=self.client_mode
+                self.node, self.storage, self.config, self._requests, client_mode=self.client_mode
             ),
             local_addr=(host, port),
         )
@@ -108,6 +111,7 @@ class DHTNode:
     async def aclose(self) -> None:
         """Stop maintenance, resolve pending requests as missed and close the socket."""
         await self._tasks.aclose()
+        await self._requests.aclose()
         if self._protocol is not None:
             self._protocol.close()
         if self._transport is not None:

@@ -30,7 +30,7 @@ from beed.dht.errors import RecordError
 from beed.dht.identity import NODE_ID_BYTES
 from beed.dht.records import ServerRecord
 from beed.dht.storage import SubkeyStorage
-from beed.dht.tasks import TaskOwner
+from beed.net.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 

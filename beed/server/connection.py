@@ -11,16 +11,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from beed.dht.tasks import TaskOwner
+from beed.net.stream import FramedStream
+from beed.net.tasks import TaskOwner
 from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import ServerConfig
 from beed.server.scheduler import Scheduler
 from beed.server.sessions import SessionRegistry
-from beed.wire import ConnectionClosed, FramedStream
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
     BadRequestError,
     BeeError,
+    ConnectionClosed,
     DrainingError,
     InternalServerError,
     ModelMismatchError,
@@ -81,7 +82,7 @@ class ServerConnection:
         self.state = state
         self.stream = stream
         self.id = connection_id
-        self._tasks = TaskOwner(f"conn-{connection_id}")
+        self._tasks = TaskOwner(f"conn-{connection_id}", isolate=True)  # one per request
         self._streams = StreamTable(state.config.max_streams_per_connection)
         self._slots = asyncio.Semaphore(state.config.max_inflight_per_connection)
 

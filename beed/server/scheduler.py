@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from beed.dht.tasks import TaskOwner
+from beed.net.tasks import TaskOwner
 from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import SchedulerConfig
 from protocol.errors import InternalServerError, UnknownSessionError
@@ -83,6 +83,7 @@ class Scheduler:
         self,
         run_compute: Callable[[Callable[[], Any]], Awaitable[Any]],
         config: SchedulerConfig | None = None,
+        on_crash: Callable[[BaseException], object] | None = None,
     ) -> None:
         self.config = config or SchedulerConfig()
         self._run_compute = run_compute
@@ -93,21 +94,31 @@ class Scheduler:
         self._last_step: dict[str, tuple[float, tuple[int, int, int]]] = {}
         self._running: set[str] = set()  # owners of the jobs in the forward now running
         self._batch_done = asyncio.Event()
-        self._tasks = TaskOwner("scheduler")
+        self._tasks = TaskOwner("scheduler", on_crash=self._crashed)
+        self._on_crash = on_crash
         self.batches = 0  # forwards run (for Info and tests)
         self.batched_steps = 0  # step jobs (or chunks) they carried
+
+    def _crashed(self, exc: BaseException) -> None:
+        """The scheduler loop died (a bug): fail every waiting job, then tell the owner."""
+        self._fail_all(InternalServerError(f"the compute scheduler crashed: {exc!r}"))
+        if self._on_crash is not None:
+            self._on_crash(exc)
+
+    def _fail_all(self, error: BaseException) -> None:
+        futures = [j.future for j in self._steps] + [j.future for j in self._stateless]
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+        self._steps.clear()
+        self._stateless.clear()
 
     def start(self) -> None:
         self._tasks.spawn(self._loop(), name="scheduler")
 
     async def aclose(self) -> None:
         await self._tasks.aclose()
-        futures = [j.future for j in self._steps] + [j.future for j in self._stateless]
-        for future in futures:
-            if not future.done():
-                future.set_exception(InternalServerError("the server is shutting down"))
-        self._steps.clear()
-        self._stateless.clear()
+        self._fail_all(InternalServerError("the server is shutting down"))
 
     @property
     def queued_steps(self) -> int:
@@ -115,6 +126,7 @@ class Scheduler:
 
     async def step(self, backend: BlockBackend, request: StepRequest, owner: str) -> torch.Tensor:
         """Run one session's step (batched with others); its output on the CPU."""
+        self._check_running()
         backend.check_step(
             request.hidden, request.position, request.attention_mask, request.position_ids
         )
@@ -125,10 +137,15 @@ class Scheduler:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run stateless work (Forward, Backward) when no inference step is waiting."""
+        self._check_running()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._stateless.append(_StatelessJob(fn, future))
         self._wakeup.set()
         return await future
+
+    def _check_running(self) -> None:
+        if self._tasks.failure is not None:
+            raise InternalServerError(f"the compute scheduler crashed: {self._tasks.failure!r}")
 
     def forget(self, owner: str) -> None:
         """A session closed: its queued steps fail (201) and it no longer counts as active."""

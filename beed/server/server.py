@@ -24,10 +24,11 @@ from beed.dht.identity import Identity
 from beed.dht.node import DHTNode
 from beed.dht.peers import reachable_host
 from beed.dht.records import ServerRecord, ServerState
-from beed.dht.tasks import TaskOwner
 from beed.models.adapters import load_config, num_blocks
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir, resolve_model
+from beed.net.stream import FramedStream
+from beed.net.tasks import TaskOwner
 from beed.server.backend import BlockBackend
 from beed.server.config import ServerConfig
 from beed.server.connection import ServerConnection
@@ -37,9 +38,8 @@ from beed.server.placement import better_span, choose_span
 from beed.server.scheduler import Scheduler
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
-from beed.wire import FramedStream
 from protocol.codecs import ALL_CODECS
-from protocol.errors import BadRequestError, DrainingError
+from protocol.errors import BadRequestError, DrainingError, InternalServerError
 from protocol.messages import PROTOCOL_VERSION, Hello
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,9 @@ class BlockServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._stop = asyncio.Event()
-        self._tasks = TaskOwner("server")
-        self._connections = TaskOwner("connections")
+        self._tasks = TaskOwner("server", on_crash=self._crashed)
+        self._connections = TaskOwner("connections", isolate=True)
+        self._failure: BaseException | None = None
         self._next_connection = 0
         self.state: SharedState | None = None
         self.dht: DHTNode | None = None
@@ -76,6 +77,13 @@ class BlockServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _crashed(self, exc: BaseException) -> None:
+        """A background task of the server (or its scheduler, or DHT node) crashed: stop, and
+        let `run` end with that error once everything is cleaned up."""
+        if self._failure is None:
+            self._failure = exc
+        self.stop()
 
     async def run(self, on_ready: Callable[[Ready], None] | None = None) -> None:
         cfg = self.config
@@ -104,7 +112,7 @@ class BlockServer:
             else Identity.generate()
         )
         tcp: asyncio.Server | None = None
-        self.dht = dht = DHTNode(cfg.dht, identity)
+        self.dht = dht = DHTNode(cfg.dht, identity, on_crash=self._crashed)
         try:
             tcp_sock = _bind_tcp(cfg.host, cfg.port)
             port = tcp_sock.getsockname()[1]
@@ -149,7 +157,7 @@ class BlockServer:
                 software_version=beed.__version__,
                 peer_id=identity.peer_id,
             )
-            self.scheduler = Scheduler(run_compute, cfg.scheduler)
+            self.scheduler = Scheduler(run_compute, cfg.scheduler, on_crash=self._crashed)
             self.scheduler.start()
             self.state = SharedState(
                 config=cfg,
@@ -202,6 +210,10 @@ class BlockServer:
             await dht.aclose()
             executor.shutdown(wait=False, cancel_futures=True)
             log.info("server.stopped")
+        if self._failure is not None:
+            raise InternalServerError(
+                f"a server task crashed: {self._failure!r}"
+            ) from self._failure
 
     async def _choose_span(self, dht: DHTNode, fingerprint: str, total: int) -> tuple[int, int]:
         cfg = self.config

@@ -225,9 +225,9 @@ async def test_cancelled_and_killed_clients_leave_the_budget_at_zero(swarm2, tok
 async def test_a_filling_server_announces_it_and_clients_route_around_it(
     local_model, tokenizer, model_path
 ):
-    from beectl.connection import PeerConnection
     from beed.models.fingerprint import model_fingerprint
     from beed.models.registry import cache_dir
+    from beed.net.peer import PeerConnection
     from protocol.messages import OpenSession
 
     # The periodic refresh is a minute away: only the announce on a big change can tell clients.
@@ -263,7 +263,7 @@ async def test_a_client_that_floods_and_never_reads_does_not_stall_the_others(
 ):
     from beed.models.fingerprint import model_fingerprint
     from beed.models.registry import cache_dir
-    from beed.wire import open_stream
+    from beed.net.stream import open_stream
     from protocol.messages import Hello, OpenSession, SessionOpened, Step
 
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from beectl.connection import PeerConnection
 from beectl.local_swarm import Daemon
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir
+from beed.net.peer import PeerConnection
 from protocol.errors import (
     BadRequestError,
     ModelMismatchError,

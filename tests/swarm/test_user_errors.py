@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from beectl.connection import PeerConnection
 from beectl.local_swarm import LocalSwarm
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir
+from beed.net.peer import PeerConnection
 from protocol.messages import OpenSession
 from tests.conftest import peers_of
 from tests.swarm.test_sessions import info, wait_sessions

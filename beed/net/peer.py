@@ -1,4 +1,5 @@
-"""A client's TCP connection to one server: handshake, then requests multiplexed by stream id."""
+"""A connection to one server, from a client or from a server pushing to the next: requests
+multiplexed by stream id after the Hello handshake."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import itertools
 import logging
 
 import beed
-from beed.dht.tasks import TaskOwner
-from beed.wire import ConnectionClosed, FramedStream, open_stream
+from beed.net.stream import FramedStream, open_stream
+from beed.net.tasks import TaskOwner
 from protocol.codecs import CodecPolicy
-from protocol.errors import BadRequestError, BeeError, PhaseTimeoutError
+from protocol.errors import BadRequestError, BeeError, ConnectionClosed, PhaseTimeoutError
 from protocol.messages import PROTOCOL_VERSION, Error, Hello, Message, negotiate
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import socket
 
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
-    BeeError,
+    ConnectionClosed,
     PeerUnreachableError,
     PhaseTimeoutError,
     UnknownMessageTypeError,
@@ -24,13 +24,6 @@ from protocol.messages import Message
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 1 << 20
-
-
-class ConnectionClosed(BeeError):
-    """The peer closed the connection (or it broke) while we were reading or writing."""
-
-    code = 305
-    retryable = True
 
 
 class FramedStream:
