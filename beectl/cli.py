@@ -132,6 +132,13 @@ def _generation_options(f: Any) -> Any:
     show_default=True,
     help="latency: the fastest chain of servers; throughput: spread sessions over replicas.",
 )
+@click.option(
+    "--push/--no-push",
+    default=True,
+    show_default=True,
+    help="Servers forward each step straight to the next server (--no-push: this client "
+    "relays every hop, one round trip per server).",
+)
 @_peers_option
 @_generation_options
 def generate(
@@ -139,6 +146,7 @@ def generate(
     prompts_file: Any,
     kv_wait: float,
     routing: str,
+    push: bool,
     initial_peers: list[tuple[str, int]],
     **kwargs: Any,
 ) -> None:
@@ -150,7 +158,9 @@ def generate(
     _require_peers(initial_peers)
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either a PROMPT or --prompts FILE")
-    config = ClientConfig(initial_peers=tuple(initial_peers), kv_wait_s=kv_wait, routing=routing)
+    config = ClientConfig(
+        initial_peers=tuple(initial_peers), kv_wait_s=kv_wait, routing=routing, push=push
+    )
     if prompts_file is not None:
         prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]
         if not prompts:

@@ -23,6 +23,7 @@ class ClientConfig:
     failover_timeout_s: float = 60.0  # how long a session keeps looking for a replacement server
     retry_delay_s: float = 0.2  # first pause between failover attempts (doubles, max 5 s)
     routing: str = "latency"  # "latency": fastest route; "throughput": spread over replicas
+    push: bool = True  # servers forward each step to the next hop (False: the client relays)
     # Reads wait for each queried node up to rpc_timeout_s, and a lookup round waits for its
     # slowest node: right after a server dies its DHT node is still in routing tables, so the
     # client uses a shorter RPC timeout than servers (1 s is still ~3x a long WAN round trip).

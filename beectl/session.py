@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from beectl.config import ClientConfig
 from beectl.routing import Hop
 from beectl.swarm import Swarm
 from beed.net.peer import PeerConnection
-from protocol.errors import BadRequestError, BeeError, NoRouteError
+from protocol.errors import BadRequestError, BeeError, ConnectionClosed, NoRouteError
 from protocol.messages import Close, OpenSession, SessionOpened, Step, StepResult, Truncate
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,32 @@ class _OpenHop:
     hop: Hop
     conn: PeerConnection
     stream_id: int
+    push_token: str = ""  # the server session accepts pushes with it ("" = relayed only)
     history: _History = field(default_factory=_History)
+
+    def next_hop(self) -> dict[str, object]:
+        """This hop as a route entry for the previous hop's push."""
+        server = self.hop.server
+        return {
+            "host": server.host,
+            "port": server.port,
+            "peer_id": server.peer_id,
+            "token": self.push_token,
+        }
+
+
+class PushFailedError(ConnectionClosed):
+    """A server could not push its output to the next hop; the client sends it itself."""
+
+    relay = True
+
+
+class _ChainBroken(Exception):
+    """A step through several hops stopped at `done` hops: `error` is the next hop's failure."""
+
+    def __init__(self, done: list[StepResult], error: BeeError) -> None:
+        super().__init__(str(error))
+        self.done, self.error = done, error
 
 
 class InferenceSession:
@@ -211,6 +237,10 @@ class InferenceSession:
         try:
             conn = await self.swarm.connection(hop.server)
             stream_id = conn.new_stream_id()
+            token = ""
+            hello = conn.remote_hello
+            if self.config.push and hello is not None and "push" in hello.features:
+                token = secrets.token_hex(16)
             reply = await conn.request(
                 OpenSession(
                     stream_id,
@@ -221,6 +251,7 @@ class InferenceSession:
                     batch_size=self.batch_size,
                     timeout_s=self.config.session_timeout_s,
                     wait_s=self.config.kv_wait_s,
+                    push_token=token,
                 ),
                 self.config.open_timeout_s + self.config.kv_wait_s,
             )
@@ -230,7 +261,7 @@ class InferenceSession:
         if not isinstance(reply, SessionOpened):
             raise BadRequestError(f"server answered OpenSession with {type(reply).__name__}")
         self.swarm.session_opened(hop.peer_id)
-        return _OpenHop(hop, conn, stream_id)
+        return _OpenHop(hop, conn, stream_id, token)
 
     async def _send(
         self,
@@ -303,46 +334,123 @@ class InferenceSession:
             )
         self._step_id += 1
         hidden = hidden.cpu()  # the wire carries host memory (no-op for a CPU head)
+        draining: list[_OpenHop] = []
         index = 0
+        relay_next = False  # after a failed push, the client sends that hop its input itself
         while index < len(self._hops):
-            h = self._hops[index]
+            count = 1 if relay_next else self._push_run(index)
+            relay_next = False
             try:
-                reply = await self._send(h, self.position, hidden, attention_mask, position_ids)
-            except BeeError as exc:
-                if not is_server_failure(exc):
-                    raise
-                log.warning(
-                    "session.failover span=%d:%d peer=%s error=%s",
-                    h.hop.start,
-                    h.hop.end,
-                    h.hop.peer_id[:8],
-                    exc,
+                done = await self._send_chain(
+                    index, count, hidden, attention_mask, position_ids, self.position
                 )
-                self.swarm.bans.ban(h.hop.peer_id)
-                count, output = await self._replace(index, wait=True)
-                if output is None:  # pragma: no cover - the history holds at least this step
-                    raise
-                hidden = output[:, -tokens:]
-                index += count
+                error: BeeError | None = None
+            except _ChainBroken as broken:
+                done, error = broken.done, broken.error
+            for reply in done:
+                hidden = reply.hidden
+                if reply.draining:
+                    draining.append(self._hops[index])
+                index += 1
+            if error is None:
                 continue
-            hidden = reply.hidden
-            if reply.draining:
-                # The server is shutting down: move this hop now, while it still answers. The
-                # answer is kept; the new hops replay the history, this step included.
-                log.info(
-                    "session.drain span=%d:%d peer=%s", h.hop.start, h.hop.end, h.hop.peer_id[:8]
-                )
-                self.swarm.bans.ban(h.hop.peer_id, seconds=self.config.failover_timeout_s)
-                try:
-                    count, _ = await self._replace(index, wait=False)
-                except BeeError as exc:  # nowhere to go yet: stay until it closes
-                    log.info("session.drain_stay span=%d:%d error=%s", h.hop.start, h.hop.end, exc)
-                    count = 1
-                index += count
+            if done and done[-1].push_error and getattr(error, "relay", False):
+                relay_next = True  # the hop may be fine: only the push to it failed
                 continue
-            index += 1
+            h = self._hops[index]
+            if not is_server_failure(error):
+                raise error
+            log.warning(
+                "session.failover span=%d:%d peer=%s error=%s",
+                h.hop.start,
+                h.hop.end,
+                h.hop.peer_id[:8],
+                error,
+            )
+            self.swarm.bans.ban(h.hop.peer_id)
+            replaced, output = await self._replace(index, wait=True)
+            if output is None:  # pragma: no cover - the history holds at least this step
+                raise error
+            hidden = output[:, -tokens:]
+            index += replaced
+        for h in draining:
+            await self._move_draining(h)
         self.position += tokens
         return hidden
+
+    def _push_run(self, index: int) -> int:
+        """How many hops from `index` one Step reaches: all the rest when every one of them
+        accepts pushes (and push is on), else just the one."""
+        count = 1
+        while index + count < len(self._hops) and self._hops[index + count].push_token:
+            count += 1
+        return count
+
+    async def _send_chain(
+        self,
+        index: int,
+        count: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        position: int,
+    ) -> list[StepResult]:
+        """One Step to hop `index` that servers push through the next `count - 1` hops; the
+        replies of all `count` hops (each hop's output is the next one's input, kept in its
+        history). Raises _ChainBroken with the replies so far when a hop fails."""
+        hops = self._hops[index : index + count]
+        step_id = self._step_id
+        waits = [h.conn.expect_step(h.stream_id, step_id) for h in hops[1:]]
+        first = hops[0]
+        first.history.add(position, hidden, mask, position_ids)
+        done: list[StepResult] = []
+        try:
+            try:
+                step = Step(
+                    first.stream_id,
+                    step_id,
+                    position,
+                    hidden,
+                    mask,
+                    position_ids,
+                    next_hops=tuple(h.next_hop() for h in hops[1:]),
+                )
+                reply = await first.conn.request(step, self.config.step_timeout_s)
+            except BeeError as exc:
+                raise _ChainBroken(done, exc) from exc
+            for j, h in enumerate(hops):
+                if j > 0:
+                    try:
+                        reply = await h.conn.wait(
+                            waits[j - 1], "a pushed Step", self.config.step_timeout_s
+                        )
+                    except BeeError as exc:
+                        raise _ChainBroken(done, exc) from exc
+                if not isinstance(reply, StepResult):
+                    wrong = BadRequestError(f"server answered Step with {type(reply).__name__}")
+                    raise _ChainBroken(done, wrong)
+                done.append(reply)
+                if j + 1 < len(hops):
+                    hops[j + 1].history.add(position, reply.hidden, mask, position_ids)
+                    if reply.push_error:
+                        raise _ChainBroken(done, PushFailedError(reply.push_error))
+            return done
+        finally:
+            for h in hops[1:]:
+                h.conn.forget_step(h.stream_id, step_id)
+
+    async def _move_draining(self, h: _OpenHop) -> None:
+        """The server is shutting down: move this hop now, while it still answers. The new
+        hops replay the history, this step included (their output is not needed)."""
+        if h not in self._hops:
+            return
+        index = self._hops.index(h)
+        log.info("session.drain span=%d:%d peer=%s", h.hop.start, h.hop.end, h.hop.peer_id[:8])
+        self.swarm.bans.ban(h.hop.peer_id, seconds=self.config.failover_timeout_s)
+        try:
+            await self._replace(index, wait=False)
+        except BeeError as exc:  # nowhere to go yet: stay until it closes
+            log.info("session.drain_stay span=%d:%d error=%s", h.hop.start, h.hop.end, exc)
 
     async def truncate(self, position: int) -> None:
         """Forget cached tokens from `position` on, on every hop (rollback)."""

@@ -26,6 +26,7 @@ BeeError                          base of everything we raise on purpose
 │   ├── SpanNotServedError        204 the requested blocks are not served here
 │   ├── ServerBusyError           205 no capacity now (KV cache budget, queue full) - retryable
 │   ├── DrainingError             206 the server is shutting down - retryable elsewhere
+│   ├── PushRefusedError          207 a Push names no session that accepts it (token, sender, step)
 │   └── InternalServerError       299 a bug on the peer - retryable elsewhere
 └── ClientError                   300 raised by beectl for user-facing failures (3xx, never on the wire)
     ├── ModelNotFoundError        301 unknown model name or path
@@ -167,6 +168,10 @@ class ServerBusyError(RequestError):
 class DrainingError(RequestError):
     code = 206
     retryable = True
+
+
+class PushRefusedError(RequestError):
+    code = 207
 
 
 class InternalServerError(RequestError):

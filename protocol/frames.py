@@ -324,6 +324,9 @@ def _field_value(
         value = tuple(value) if ok else value
     elif kind is Kind.DICT:
         ok = type(value) is dict
+    elif kind is Kind.DICTS:
+        ok = type(value) is list and all(type(v) is dict for v in value)
+        value = tuple(value) if ok else value
     elif kind is Kind.TENSORS:
         ok = type(value) is list and all(type(i) is int and 0 <= i < len(tensors) for i in value)
         value = tuple(tensors[i] for i in value) if ok else value

@@ -33,6 +33,7 @@ class Kind(Enum):
     BOOL = "bool"
     STRS = "tuple[str, ...]"
     DICT = "dict"
+    DICTS = "tuple of dicts"
     TENSOR = "tensor"
     OPT_TENSOR = "tensor or nil"
     TENSORS = "tuple of tensors"
@@ -46,6 +47,7 @@ _KINDS: dict[str, Kind] = {
     "bool": Kind.BOOL,
     "tuple[str, ...]": Kind.STRS,
     "dict[str, Any]": Kind.DICT,
+    "tuple[dict[str, Any], ...]": Kind.DICTS,
     "torch.Tensor": Kind.TENSOR,
     "torch.Tensor | None": Kind.OPT_TENSOR,
     "tuple[torch.Tensor, ...]": Kind.TENSORS,
@@ -205,6 +207,7 @@ class OpenSession(Message):
     batch_size: int = 1
     timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
     wait_s: float = 0.0  # how long the server may wait for cache memory before answering 205
+    push_token: str = ""  # 32 hex digits: this session accepts Pushes that carry it ("" = none)
 
 
 @_register
@@ -219,7 +222,11 @@ class SessionOpened(Message):
 @_register
 @dataclass(frozen=True, slots=True, eq=False)
 class Step(Message):
-    """Run the session's blocks on hidden, whose first token is at `position` in the session."""
+    """Run the session's blocks on hidden, whose first token is at `position` in the session.
+
+    `next_hops`: the rest of the route, each {"host", "port", "peer_id", "token"}: the server
+    pushes its output to the first of them (which pushes on to the next) and answers this Step
+    with a copy; () = answer only (the client relays)."""
 
     TYPE: ClassVar[int] = 12
     step_id: int
@@ -227,17 +234,21 @@ class Step(Message):
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    next_hops: tuple[dict[str, Any], ...] = ()
 
 
 @_register
 @dataclass(frozen=True, slots=True, eq=False)
 class StepResult(Message):
-    """`draining`: the server is shutting down (or retiring these blocks); move the session."""
+    """`draining`: the server is shutting down (or retiring these blocks); move the session.
+    `push_error`: why the push of this output to the next hop failed ("" = it was accepted, or
+    there was none); the client then sends that hop the output itself."""
 
     TYPE: ClassVar[int] = 13
     step_id: int
     hidden: torch.Tensor
     draining: bool = False
+    push_error: str = ""
 
 
 @_register
@@ -252,14 +263,18 @@ class Truncate(Message):
 @_register
 @dataclass(frozen=True, slots=True, eq=False)
 class Push(Message):
-    """Server-to-server: the previous hop's output for this stream's session (next hop forwarding)."""
+    """Server to server: a hop's Step output, as the next hop's input for the session opened with
+    `token`; runs like that session's Step. Answered by Ack once accepted (or Error); the
+    result goes to the session's owner as a StepResult on the session's own stream."""
 
     TYPE: ClassVar[int] = 15
+    token: str
     step_id: int
     position: int
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    next_hops: tuple[dict[str, Any], ...] = ()
 
 
 @_register

@@ -12,20 +12,38 @@ import beed
 from beed.net.stream import FramedStream, open_stream
 from beed.net.tasks import TaskOwner
 from protocol.codecs import CodecPolicy
-from protocol.errors import BadRequestError, BeeError, ConnectionClosed, PhaseTimeoutError
-from protocol.messages import PROTOCOL_VERSION, Error, Hello, Message, negotiate
+from protocol.errors import (
+    BadRequestError,
+    BeeError,
+    ConnectionClosed,
+    PeerUnreachableError,
+    PhaseTimeoutError,
+)
+from protocol.messages import PROTOCOL_VERSION, Error, Hello, Message, Step, StepResult, negotiate
 
 log = logging.getLogger(__name__)
 
 
 class PeerConnection:
-    """One connection to one server. Replies on a stream come back in request order, so each
-    stream keeps a FIFO of waiting futures; an Error on stream 0 fails every waiter."""
+    """One connection to one server.
 
-    def __init__(self, host: str, port: int, *, peer_id: str = "") -> None:
+    Replies on a stream come back in request order, so each stream keeps a FIFO of waiting
+    futures. StepResults are matched by (stream, step id) instead: with push, results of one
+    step arrive on several streams without a request on each, and a step that reached a server
+    twice (push and fallback) may be answered twice; a result nobody waits for is dropped. An
+    Error on a stream fails its oldest FIFO waiter, or else its step waiters; an Error on
+    stream 0 fails every waiter.
+
+    `peer_id`: the peer id the server must name in its Hello ("" = any); `local_peer_id`: the
+    one this side names in its own Hello (servers pushing to the next hop).
+    """
+
+    def __init__(self, host: str, port: int, *, peer_id: str = "", local_peer_id: str = "") -> None:
         self.host, self.port, self.peer_id = host, port, peer_id
+        self.local_peer_id = local_peer_id
         self._stream: FramedStream | None = None
         self._waiters: dict[int, collections.deque[asyncio.Future[Message]]] = {}
+        self._step_waiters: dict[tuple[int, int], asyncio.Future[Message]] = {}
         self._stream_ids = itertools.count(1)
         self._tasks = TaskOwner(f"peer-{host}:{port}")
         self._closed: BeeError | None = None
@@ -38,7 +56,11 @@ class PeerConnection:
     async def connect(self, timeout_s: float) -> None:
         stream = await open_stream(self.host, self.port, timeout_s=timeout_s)
         try:
-            hello = Hello(protocol_version=PROTOCOL_VERSION, software_version=beed.__version__)
+            hello = Hello(
+                protocol_version=PROTOCOL_VERSION,
+                software_version=beed.__version__,
+                peer_id=self.local_peer_id,
+            )
             await stream.send(hello, timeout_s=timeout_s)
             reply = await stream.read(timeout_s=timeout_s)
             if isinstance(reply, Error):
@@ -46,6 +68,11 @@ class PeerConnection:
             if not isinstance(reply, Hello):
                 raise BadRequestError(f"server answered Hello with {type(reply).__name__}")
             _version, codecs = negotiate(hello, reply)
+            if self.peer_id and reply.peer_id != self.peer_id:
+                raise PeerUnreachableError(
+                    f"{self.host}:{self.port} is peer {reply.peer_id[:16] or '(none)'}, "
+                    f"not the expected {self.peer_id[:16]}"
+                )
         except BaseException:
             await stream.aclose()
             raise
@@ -57,30 +84,76 @@ class PeerConnection:
     def new_stream_id(self) -> int:
         return next(self._stream_ids)
 
-    async def request(self, msg: Message, timeout_s: float) -> Message:
-        """Send msg and wait for the reply on its stream; an Error reply is raised."""
+    def _check_open(self) -> FramedStream:
         if self._stream is None or self._closed is not None:
             raise self._closed or ConnectionClosed(f"not connected to {self.host}:{self.port}")
+        return self._stream
+
+    def expect_step(self, stream_id: int, step_id: int) -> asyncio.Future[Message]:
+        """A future for the StepResult of `step_id` on `stream_id` (or the Error that fails it),
+        whether that step is sent on this connection or pushed to the server by another."""
+        self._check_open()
+        key = (stream_id, step_id)
+        old = self._step_waiters.get(key)
+        if old is not None and not old.done():
+            return old
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        queue = self._waiters.setdefault(msg.stream_id, collections.deque())
-        queue.append(future)
-        # The future stays queued even if this call is cancelled: the read loop then takes the
-        # late reply off with it, so it can never be handed to the next request on the stream.
+        self._step_waiters[key] = future
+        return future
+
+    def forget_step(self, stream_id: int, step_id: int) -> None:
+        """Stop waiting for that step's result (its hop was replaced)."""
+        future = self._step_waiters.pop((stream_id, step_id), None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    async def send(self, msg: Message, timeout_s: float) -> None:
+        """Write msg without waiting for an answer (pair it with expect_step)."""
         try:
-            await self._stream.send(msg, timeout_s=timeout_s)
+            await self._check_open().send(msg, timeout_s=timeout_s)
+        except PhaseTimeoutError as exc:
+            await self._fail(exc)
+            raise
+
+    async def wait(self, future: asyncio.Future[Message], what: str, timeout_s: float) -> Message:
+        """The reply in `future`; an Error reply is raised, and after timeout_s the connection
+        fails (a server that does not answer within a step's timeout is treated as dead)."""
+        try:
             async with asyncio.timeout(timeout_s):
-                reply = await future
-        except (TimeoutError, PhaseTimeoutError) as exc:
-            # Which reply belongs to which request is lost: this connection is done.
+                reply = await asyncio.shield(future)
+        except TimeoutError as exc:
             error = PhaseTimeoutError(
-                f"server {self.host}:{self.port} did not answer {type(msg).__name__} "
-                f"within {timeout_s} s"
+                f"server {self.host}:{self.port} did not answer {what} within {timeout_s} s"
             )
             await self._fail(error)
             raise error from exc
         if isinstance(reply, Error):
             raise reply.to_exception()
         return reply
+
+    async def request(self, msg: Message, timeout_s: float) -> Message:
+        """Send msg and wait for the reply on its stream; an Error reply is raised."""
+        stream = self._check_open()
+        if isinstance(msg, Step):
+            future = self.expect_step(msg.stream_id, msg.step_id)
+            await self.send(msg, timeout_s)
+            try:
+                return await self.wait(future, "Step", timeout_s)
+            finally:
+                self._step_waiters.pop((msg.stream_id, msg.step_id), None)
+        future = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault(msg.stream_id, collections.deque())
+        queue.append(future)
+        # The future stays queued even if this call is cancelled: the read loop then takes the
+        # late reply off with it, so it can never be handed to the next request on the stream.
+        try:
+            await stream.send(msg, timeout_s=timeout_s)
+        except PhaseTimeoutError as exc:
+            await self._fail(exc)
+            raise
+        # Which reply belongs to which request is lost after a timeout: wait() fails the
+        # connection then.
+        return await self.wait(future, type(msg).__name__, timeout_s)
 
     async def _read_loop(self) -> None:
         stream = self._stream
@@ -91,7 +164,20 @@ class PeerConnection:
                 msg = await stream.read()
                 if msg.stream_id == 0 and isinstance(msg, Error):
                     raise msg.to_exception()
+                if isinstance(msg, StepResult):
+                    waiter = self._step_waiters.pop((msg.stream_id, msg.step_id), None)
+                    if waiter is None:
+                        log.debug("peer.late_step stream=%d step=%d", msg.stream_id, msg.step_id)
+                    elif not waiter.done():
+                        waiter.set_result(msg)
+                    continue
                 queue = self._waiters.get(msg.stream_id)
+                if not queue and isinstance(msg, Error):
+                    for key in [k for k in self._step_waiters if k[0] == msg.stream_id]:
+                        waiter = self._step_waiters.pop(key)
+                        if not waiter.done():
+                            waiter.set_result(msg)
+                    continue
                 if not queue:
                     log.debug(
                         "peer.unexpected stream=%d type=%s", msg.stream_id, type(msg).__name__
@@ -119,6 +205,10 @@ class PeerConnection:
                 if not future.done():
                     future.set_exception(exc)
         self._waiters.clear()
+        for future in self._step_waiters.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._step_waiters.clear()
         if self._stream is not None:
             await self._stream.aclose()
 

@@ -49,5 +49,7 @@ class ServerConfig:
     max_streams_per_connection: int = 256  # open sessions and requests on one connection
     max_inflight_per_connection: int = 64  # requests running at once; past that, stop reading
     max_kv_wait_s: float = 60.0  # longest a new session may wait for cache memory to free up
+    push_connect_timeout_s: float = 5.0  # connecting to a next hop to push to it (Hello included)
+    push_ack_timeout_s: float = 10.0  # a next hop's Ack to one Push (it accepts before running)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dht: DHTConfig = field(default_factory=DHTConfig)

@@ -1,47 +1,42 @@
-"""One client (or peer server) connection: handshake, then requests dispatched by stream id."""
+"""One client (or peer server) connection: handshake, stream table and dispatch.
+
+The work of each request is the session service's (beed/server/service.py); a connection only
+reads frames, keeps the stream limits, runs requests as owned tasks and writes their answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
-import math
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
-from beed.server.backend import BlockBackend, StepRequest
-from beed.server.config import ServerConfig
-from beed.server.scheduler import Scheduler
+from beed.server.service import ServerState, SessionService
 from beed.server.sessions import SessionRegistry
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
     BadRequestError,
     BeeError,
     ConnectionClosed,
-    DrainingError,
     InternalServerError,
-    ModelMismatchError,
     PhaseTimeoutError,
     ProtocolError,
-    SpanNotServedError,
     StreamStateError,
     TooManyStreamsError,
     UnknownMessageTypeError,
-    UnknownSessionError,
 )
 from protocol.limits import StreamTable
 from protocol.messages import (
     Ack,
     Backward,
-    BackwardResult,
     Close,
     Error,
     Forward,
-    ForwardResult,
     GetInfo,
     Hello,
     Info,
@@ -49,9 +44,8 @@ from protocol.messages import (
     OpenSession,
     Ping,
     Pong,
-    SessionOpened,
+    Push,
     Step,
-    StepResult,
     Truncate,
     negotiate,
 )
@@ -61,30 +55,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
-class ServerState:
-    """What every connection of a server shares."""
-
-    config: ServerConfig
-    backend: BlockBackend
-    sessions: SessionRegistry
-    fingerprint: str
-    hello: Hello
-    scheduler: Scheduler  # all compute of steps and stateless requests
-    info: Callable[[], dict[str, Any]]
-    draining: bool = False
-
-
 class ServerConnection:
     """Serves one TCP connection until it closes; its sessions close with it."""
 
     def __init__(self, state: ServerState, stream: FramedStream, connection_id: int) -> None:
         self.state = state
+        self.service = SessionService(state)
         self.stream = stream
         self.id = connection_id
         self._tasks = TaskOwner(f"conn-{connection_id}", isolate=True)  # one per request
         self._streams = StreamTable(state.config.max_streams_per_connection)
         self._slots = asyncio.Semaphore(state.config.max_inflight_per_connection)
+        self.remote_hello: Hello | None = None
 
     async def run(self) -> None:
         prefix = SessionRegistry.key(self.id, 0)[:-1]  # "c{id}/s"
@@ -127,6 +109,7 @@ class ServerConnection:
         if not isinstance(msg, Hello):
             raise StreamStateError(f"the first frame must be Hello, got {type(msg).__name__}")
         _version, codecs = negotiate(self.state.hello, msg)
+        self.remote_hello = msg
         self.stream.codec_policy = CodecPolicy(allowed=frozenset(codecs))
         reply = Hello(
             stream_id=0,
@@ -135,6 +118,7 @@ class ServerConnection:
             codecs=codecs,
             peer_id=self.state.hello.peer_id,
             max_streams=self.state.config.max_streams_per_connection,
+            features=self.state.hello.features,
         )
         await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
 
@@ -167,6 +151,9 @@ class ServerConnection:
         elif isinstance(msg, Step | Truncate | Close | OpenSession | Forward | Backward):
             await self._slots.acquire()
             self._tasks.spawn(self._guarded(sid, self._handle(msg)), name=f"s{sid}")
+        elif isinstance(msg, Push):
+            await self._slots.acquire()
+            self._tasks.spawn(self._push(msg), name=f"push{sid}")
         else:
             error = BadRequestError(f"unexpected {type(msg).__name__} from a client")
             await self._answer(Error.from_exception(sid, error))
@@ -194,124 +181,47 @@ class ServerConnection:
         finally:
             self._slots.release()
 
+    async def _push(self, msg: Push) -> None:
+        """Accept (Ack) or refuse (Error) a Push at once, then run it; its result goes to the
+        owner of the session it names, not to the pushing server."""
+        try:
+            sender = self.remote_hello.peer_id if self.remote_hello is not None else ""
+            try:
+                session, hops = self.service.accept_push(sender, msg)
+            except BeeError as exc:
+                log.info("push.refused id=%d peer=%s error=%s", self.id, self.stream.peername, exc)
+                with contextlib.suppress(BeeError):
+                    await self._answer(Error.from_exception(msg.stream_id, exc))
+                return
+            with contextlib.suppress(BeeError):
+                await self._answer(Ack(msg.stream_id))
+            await self.service.run_push(session, hops, msg)
+        finally:
+            self._slots.release()
+
+    async def send_on_stream(self, stream_id: int, msg: Message) -> None:
+        """Send msg to this connection's peer on `stream_id` (results of pushed steps)."""
+        with contextlib.suppress(BeeError):
+            await self._answer(dataclasses.replace(msg, stream_id=stream_id))
+
     async def _handle(self, msg: Message) -> Message:
-        st = self.state
         key = SessionRegistry.key(self.id, msg.stream_id)
+        service = self.service
         if isinstance(msg, OpenSession):
-            return await self._open(key, msg)
+            return await service.open(
+                key,
+                msg,
+                on_close=lambda: self._streams.close(msg.stream_id),
+                send_to_owner=functools.partial(self.send_on_stream, msg.stream_id),
+            )
         if isinstance(msg, Step):
-            session = st.sessions.get(key)
-            async with session.lock:
-                if session.cache is None:
-                    raise UnknownSessionError("the session was closed while this step waited")
-                tokens = msg.hidden.shape[1] if msg.hidden.dim() == 3 else 0
-                if msg.position + tokens > session.max_length:
-                    raise BadRequestError(
-                        f"step at {msg.position} with {tokens} tokens exceeds the session's "
-                        f"max_length {session.max_length}"
-                    )
-                if msg.hidden.dim() == 3 and msg.hidden.shape[0] != session.batch_size:
-                    raise BadRequestError(
-                        f"batch {msg.hidden.shape[0]} != session batch {session.batch_size}"
-                    )
-                request = StepRequest(
-                    session.cache,
-                    session.blocks,
-                    msg.hidden,
-                    msg.position,
-                    msg.attention_mask,
-                    msg.position_ids,
-                )
-                began = time.perf_counter()
-                out = await st.scheduler.step(session.backend, request, key)
-                if session.cache is None:  # closed while its step ran (the server moved)
-                    raise UnknownSessionError("the session was closed while this step ran")
-                log.debug(
-                    "session.step key=%s position=%d tokens=%d compute_ms=%.2f",
-                    key,
-                    msg.position,
-                    tokens,
-                    1000 * (time.perf_counter() - began),
-                )
-                session.length = msg.position + tokens
-                session.touch()
-            # A drain notice: the server is shutting down, or moved and retires these blocks.
-            draining = st.draining or session.backend is not st.backend
-            return StepResult(msg.stream_id, msg.step_id, out, draining=draining)
+            return await service.step(key, msg)
         if isinstance(msg, Truncate):
-            session = st.sessions.get(key)
-            async with session.lock:
-                if session.cache is None:
-                    raise UnknownSessionError("the session was closed while this request waited")
-                session.backend.truncate(session.cache, session.blocks, msg.position)
-                session.length = msg.position
-                session.touch()
-            return Ack(msg.stream_id)
+            return await service.truncate(key, msg)
         if isinstance(msg, Close):
-            session = st.sessions.get(key)  # 201 if it is gone already
-            async with session.lock:  # after the session's earlier requests: replies stay in order
-                st.sessions.close(key, "client")
-            return Ack(msg.stream_id)
+            return await service.close(key, msg.stream_id)
         if isinstance(msg, Forward):
-            blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
-            backend = st.backend
-            out = await st.scheduler.call(
-                lambda: backend.forward(blocks, msg.hidden, msg.attention_mask)
-            )
-            return ForwardResult(msg.stream_id, out)
+            return await service.forward(msg)
         if isinstance(msg, Backward):
-            blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
-            backend = st.backend
-            grad = await st.scheduler.call(
-                lambda: backend.backward(blocks, msg.hidden, msg.grad_output, msg.attention_mask)
-            )
-            return BackwardResult(msg.stream_id, grad)
+            return await service.backward(msg)
         raise BadRequestError(f"unexpected {type(msg).__name__}")  # pragma: no cover
-
-    def _check_span(self, fingerprint: str, start: int, end: int) -> range:
-        st = self.state
-        if fingerprint != st.fingerprint:
-            raise ModelMismatchError(
-                f"this server holds model {st.fingerprint}, the request is for {fingerprint}"
-            )
-        info = st.backend.info
-        if not info.start <= start < end <= info.end:
-            raise SpanNotServedError(
-                f"blocks {start}:{end} are not served here (this server has {info.start}:{info.end})"
-            )
-        return st.backend.blocks(start, end)
-
-    async def _open(self, key: str, msg: OpenSession) -> Message:
-        st = self.state
-        if st.draining:
-            raise DrainingError("this server is shutting down; open the session elsewhere")
-        blocks = self._check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
-        if not 0 < msg.max_length <= st.config.max_session_length:
-            raise BadRequestError(
-                f"max_length must be in 1..{st.config.max_session_length}, got {msg.max_length}"
-            )
-        if not 0 < msg.batch_size <= 1024:
-            raise BadRequestError(f"batch_size must be in 1..1024, got {msg.batch_size}")
-        if not math.isfinite(msg.timeout_s) or msg.timeout_s <= 0:
-            raise BadRequestError(f"timeout_s must be a positive number, got {msg.timeout_s}")
-        if not math.isfinite(msg.wait_s) or msg.wait_s < 0:
-            raise BadRequestError(f"wait_s must be a number >= 0, got {msg.wait_s}")
-        timeout_s = min(max(msg.timeout_s, 1.0), st.config.session_timeout_s)
-        backend = st.backend
-        await st.sessions.open(
-            key,
-            wait_s=min(msg.wait_s, st.config.max_kv_wait_s),
-            blocks=blocks,
-            span=(msg.span_start, msg.span_end),
-            max_length=msg.max_length,
-            batch_size=msg.batch_size,
-            timeout_s=timeout_s,
-            cache=backend.new_cache(),
-            backend=backend,
-            on_close=lambda: self._streams.close(msg.stream_id),
-        )
-        if st.draining or backend is not st.backend:  # it began to drain (or moved) meanwhile
-            st.sessions.close(key, "draining")
-            why = "is shutting down" if st.draining else "moved to other blocks"
-            raise DrainingError(f"this server {why}; open the session elsewhere")
-        return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)

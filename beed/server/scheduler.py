@@ -89,6 +89,7 @@ class Scheduler:
         self._run_compute = run_compute
         self._steps: deque[_StepJob] = deque()
         self._stateless: deque[_StatelessJob] = deque()
+        self._control: deque[_StatelessJob] = deque()  # small session work: first in line
         self._wakeup = asyncio.Event()
         # session key -> (monotonic time of its last step, its group)
         self._last_step: dict[str, tuple[float, tuple[int, int, int]]] = {}
@@ -106,12 +107,14 @@ class Scheduler:
             self._on_crash(exc)
 
     def _fail_all(self, error: BaseException) -> None:
-        futures = [j.future for j in self._steps] + [j.future for j in self._stateless]
+        futures: list[asyncio.Future[Any]] = [j.future for j in self._steps]
+        futures += [j.future for j in (*self._stateless, *self._control)]
         for future in futures:
             if not future.done():
                 future.set_exception(error)
         self._steps.clear()
         self._stateless.clear()
+        self._control.clear()
 
     def start(self) -> None:
         self._tasks.spawn(self._loop(), name="scheduler")
@@ -143,6 +146,15 @@ class Scheduler:
         self._wakeup.set()
         return await future
 
+    async def control(self, fn: Callable[[], Any]) -> Any:
+        """Run a short piece of session work (a cache truncation) on the compute thread before
+        any waiting step: the caller holds the session's lock, so none of its steps is queued."""
+        self._check_running()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._control.append(_StatelessJob(fn, future))
+        self._wakeup.set()
+        return await future
+
     def _check_running(self) -> None:
         if self._tasks.failure is not None:
             raise InternalServerError(f"the compute scheduler crashed: {self._tasks.failure!r}")
@@ -168,6 +180,9 @@ class Scheduler:
             self._wakeup.clear()
             while True:
                 self._drop_abandoned()
+                if self._control:
+                    await self._run_stateless(self._control.popleft())
+                    continue
                 stateless = self._stateless_due()
                 if stateless is not None:
                     await self._run_stateless(stateless)

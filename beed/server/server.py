@@ -32,10 +32,11 @@ from beed.net.tasks import TaskOwner
 from beed.server.backend import BlockBackend
 from beed.server.config import ServerConfig
 from beed.server.connection import ServerConnection
-from beed.server.connection import ServerState as SharedState
 from beed.server.kv_budget import KVBudget
 from beed.server.placement import better_span, choose_span
+from beed.server.push import Pusher
 from beed.server.scheduler import Scheduler
+from beed.server.service import ServerState as SharedState
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
 from protocol.codecs import ALL_CODECS
@@ -74,6 +75,7 @@ class BlockServer:
         self.dht: DHTNode | None = None
         self._record: ServerRecord | None = None
         self.scheduler: Scheduler | None = None
+        self.pusher: Pusher | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -156,6 +158,12 @@ class BlockServer:
                 protocol_version=PROTOCOL_VERSION,
                 software_version=beed.__version__,
                 peer_id=identity.peer_id,
+                features=("push",),
+            )
+            self.pusher = Pusher(
+                identity.peer_id,
+                connect_timeout_s=cfg.push_connect_timeout_s,
+                ack_timeout_s=cfg.push_ack_timeout_s,
             )
             self.scheduler = Scheduler(run_compute, cfg.scheduler, on_crash=self._crashed)
             self.scheduler.start()
@@ -167,6 +175,7 @@ class BlockServer:
                 hello=hello,
                 scheduler=self.scheduler,
                 info=lambda: self._info(),
+                pusher=self.pusher,
             )
             tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock, limit=1 << 20)
             self._record = dataclasses.replace(
@@ -201,6 +210,8 @@ class BlockServer:
             if tcp is not None:
                 tcp.close()
             await self._connections.aclose()
+            if self.pusher is not None:
+                await self.pusher.aclose()
             if self.scheduler is not None:
                 await self.scheduler.aclose()
             if self._record is not None:  # also when loading failed after announcing "joining"
@@ -360,6 +371,7 @@ class BlockServer:
             "batches": self.scheduler.batches if self.scheduler else 0,
             "batched_steps": self.scheduler.batched_steps if self.scheduler else 0,
             "waiting_sessions": self.state.sessions.waiting,
+            **dataclasses.asdict(self.state.push_stats),
         }
 
     async def _announce(self) -> None:

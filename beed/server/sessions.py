@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +28,17 @@ class Session:
     cache: Any  # the backend's cache object
     backend: Any  # the BlockBackend the session runs on (an old one after the server moved)
     on_close: Callable[[], object] | None = None  # frees the connection's stream slot
+    push_token: str = ""  # Pushes carrying this token run as this session's steps ("" = none)
+    # Sends a message to the client that opened the session, on its connection (pushed steps'
+    # results go there).
+    send_to_owner: Callable[[Any], Awaitable[None]] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     length: int = 0  # positions filled
+    # The last step run, (step_id, position), and its output: a step that arrives again (by push
+    # and by the client's fallback) is answered from here instead of running twice.
+    last_step: tuple[int, int] | None = None
+    last_output: Any = None
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -46,6 +54,7 @@ class SessionRegistry:
         self.budget = budget
         self._on_close = on_close  # told the key of every session that closes
         self._sessions: dict[str, Session] = {}
+        self._by_token: dict[str, str] = {}  # push token -> key
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -58,6 +67,11 @@ class SessionRegistry:
     @staticmethod
     def key(connection_id: int, stream_id: int) -> str:
         return f"c{connection_id}/s{stream_id}"
+
+    @staticmethod
+    def stream_of(key: str) -> int:
+        """The stream id a key was made from."""
+        return int(key.rsplit("/s", 1)[1])
 
     @property
     def waiting(self) -> int:
@@ -77,15 +91,34 @@ class SessionRegistry:
         cache: Any,
         backend: Any,
         on_close: Callable[[], object] | None = None,
+        push_token: str = "",
+        send_to_owner: Callable[[Any], Awaitable[None]] | None = None,
     ) -> Session:
         """Reserve the session's cache (waiting up to `wait_s` for room) and register it."""
         if key in self._sessions:
             raise BadRequestError(f"a session is already open on this stream ({key})")
+        if push_token and push_token in self._by_token:
+            raise BadRequestError("another session already uses this push token")
         await self.budget.reserve_waiting(key, max_length * batch_size, wait_s)
+        if push_token and push_token in self._by_token:  # taken while we waited for memory
+            self.budget.release(key)
+            raise BadRequestError("another session already uses this push token")
         session = Session(
-            key, blocks, span, max_length, batch_size, timeout_s, cache, backend, on_close
+            key,
+            blocks,
+            span,
+            max_length,
+            batch_size,
+            timeout_s,
+            cache,
+            backend,
+            on_close,
+            push_token=push_token,
+            send_to_owner=send_to_owner,
         )
         self._sessions[key] = session
+        if push_token:
+            self._by_token[push_token] = key
         self._empty.clear()
         log.info(
             "session.open key=%s span=%d:%d max_length=%d batch=%d",
@@ -105,12 +138,20 @@ class SessionRegistry:
             )
         return session
 
+    def by_token(self, token: str) -> Session | None:
+        """The open session that accepts Pushes with this token, if any."""
+        key = self._by_token.get(token)
+        return None if key is None else self._sessions.get(key)
+
     def close(self, key: str, reason: str) -> bool:
         session = self._sessions.pop(key, None)
         if session is None:
             return False
         self.budget.release(key)
+        if session.push_token:
+            self._by_token.pop(session.push_token, None)
         session.cache = None
+        session.last_output = None
         if session.on_close is not None:
             session.on_close()
         if self._on_close is not None:

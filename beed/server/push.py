@@ -1,0 +1,108 @@
+"""Server-to-server push: a hop's output goes straight to the next hop's session.
+
+`NextHop` is one entry of a Step's `next_hops` (checked here, once); `Pusher` keeps one
+connection per next server (the shared `PeerConnection`, naming this server's peer id in its
+Hello) and sends a Push, waiting for the Ack that says the next hop accepted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from beed.net.peer import PeerConnection
+from protocol.errors import BadRequestError
+from protocol.messages import Ack, Push
+
+log = logging.getLogger(__name__)
+
+TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+MAX_NEXT_HOPS = 64  # a route longer than this is refused (every hop is a server and a frame)
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where a hop's output goes: the next server and the token of the session there."""
+
+    host: str
+    port: int
+    peer_id: str
+    token: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "peer_id": self.peer_id, "token": self.token}
+
+
+def check_token(token: str) -> str:
+    if not TOKEN_RE.fullmatch(token):
+        raise BadRequestError("a push token must be 32 lowercase hex digits")
+    return token
+
+
+def parse_next_hops(raw: Sequence[dict[str, Any]]) -> list[NextHop]:
+    """The route entries of a Step or Push; BadRequestError names the first bad one."""
+    if len(raw) > MAX_NEXT_HOPS:
+        raise BadRequestError(f"next_hops has {len(raw)} entries, at most {MAX_NEXT_HOPS}")
+    hops = []
+    for i, entry in enumerate(raw):
+        host, port = entry.get("host"), entry.get("port")
+        peer_id, token = entry.get("peer_id"), entry.get("token")
+        if not (isinstance(host, str) and 0 < len(host) <= 253):
+            raise BadRequestError(f"next_hops[{i}].host must be a host name or address")
+        if not (type(port) is int and 0 < port < 65536):
+            raise BadRequestError(f"next_hops[{i}].port must be in 1..65535")
+        if not (isinstance(peer_id, str) and 0 < len(peer_id) <= 128):
+            raise BadRequestError(f"next_hops[{i}].peer_id must be a peer id")
+        if not (isinstance(token, str) and TOKEN_RE.fullmatch(token)):
+            raise BadRequestError(f"next_hops[{i}].token must be 32 lowercase hex digits")
+        hops.append(NextHop(host, port, peer_id, token))
+    return hops
+
+
+class Pusher:
+    """Connections from this server to the servers it pushes to, reused while healthy."""
+
+    def __init__(self, local_peer_id: str, *, connect_timeout_s: float, ack_timeout_s: float):
+        self.local_peer_id = local_peer_id
+        self.connect_timeout_s = connect_timeout_s
+        self.ack_timeout_s = ack_timeout_s
+        self._connections: dict[tuple[str, int, str], PeerConnection] = {}
+        self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+        self._closed = False
+
+    async def connection(self, hop: NextHop) -> PeerConnection:
+        key = (hop.host, hop.port, hop.peer_id)
+        conn = self._connections.get(key)
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            conn = self._connections.get(key)
+            if conn is not None and not conn.closed:
+                return conn
+            if self._closed:
+                raise BadRequestError("the server is shutting down")
+            conn = PeerConnection(
+                hop.host, hop.port, peer_id=hop.peer_id, local_peer_id=self.local_peer_id
+            )
+            await conn.connect(self.connect_timeout_s)
+            self._connections[key] = conn
+            log.info("push.connected host=%s port=%d peer=%s", hop.host, hop.port, hop.peer_id[:8])
+            return conn
+
+    async def push(self, hop: NextHop, msg: Push) -> None:
+        """Send msg to `hop` and wait until it is accepted; raises a BeeError otherwise."""
+        conn = await self.connection(hop)
+        msg = dataclasses.replace(msg, stream_id=conn.new_stream_id())
+        reply = await conn.request(msg, self.ack_timeout_s)
+        if not isinstance(reply, Ack):
+            raise BadRequestError(f"next hop answered Push with {type(reply).__name__}")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        conns, self._connections = list(self._connections.values()), {}
+        await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)

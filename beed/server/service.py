@@ -1,0 +1,346 @@
+"""The session service: open, step, push, truncate and close sessions; stateless Forward/Backward.
+
+Connections only parse, dispatch and answer; every request that touches a session or the blocks
+comes here, is checked once, and runs its torch work on the compute thread (through the
+scheduler). Sessions are keyed by the connection and stream that opened them.
+
+Push: a Step may name the rest of the route (`next_hops`). The server then pushes its output to
+the next hop's session (named by the token its owner opened it with) and answers the Step with a
+copy that says whether the push was accepted. A pushed step runs like a Step of that session,
+pushes on, and its result goes to the session's owner on the session's stream. A step that
+arrives twice (push and the client's fallback) runs once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from beed.server.backend import BlockBackend, StepRequest
+from beed.server.config import ServerConfig
+from beed.server.push import NextHop, Pusher, check_token, parse_next_hops
+from beed.server.scheduler import Scheduler
+from beed.server.sessions import Session, SessionRegistry
+from protocol.errors import (
+    BadRequestError,
+    BeeError,
+    DrainingError,
+    InternalServerError,
+    ModelMismatchError,
+    PushRefusedError,
+    SpanNotServedError,
+    UnknownSessionError,
+)
+from protocol.messages import (
+    Ack,
+    Backward,
+    BackwardResult,
+    Error,
+    Forward,
+    ForwardResult,
+    Hello,
+    Message,
+    OpenSession,
+    Push,
+    SessionOpened,
+    Step,
+    StepResult,
+    Truncate,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PushStats:
+    """Counters of the push path (GetInfo reports them)."""
+
+    pushes_sent: int = 0  # pushes the next hop accepted
+    pushes_received: int = 0  # pushes this server accepted and ran (or answered from the cache)
+    push_failures: int = 0  # pushes that could not be delivered or were refused by the next hop
+    pushes_refused: int = 0  # pushes this server refused (unknown token, no sender id, ...)
+    duplicate_steps: int = 0  # steps answered from the last result instead of running again
+
+
+@dataclass
+class ServerState:
+    """What every connection of a server shares."""
+
+    config: ServerConfig
+    backend: BlockBackend
+    sessions: SessionRegistry
+    fingerprint: str
+    hello: Hello
+    scheduler: Scheduler  # all compute of steps and stateless requests
+    info: Callable[[], dict[str, Any]]
+    pusher: Pusher
+    draining: bool = False
+    push_stats: PushStats = field(default_factory=PushStats)
+
+
+class SessionService:
+    """The server's one implementation of every session and block request."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def check_span(self, fingerprint: str, start: int, end: int) -> range:
+        """Local block indices of [start, end), or why this server cannot run them."""
+        st = self.state
+        if fingerprint != st.fingerprint:
+            raise ModelMismatchError(
+                f"this server holds model {st.fingerprint}, the request is for {fingerprint}"
+            )
+        info = st.backend.info
+        if not info.start <= start < end <= info.end:
+            raise SpanNotServedError(
+                f"blocks {start}:{end} are not served here (this server has {info.start}:{info.end})"
+            )
+        return st.backend.blocks(start, end)
+
+    async def open(
+        self,
+        key: str,
+        msg: OpenSession,
+        on_close: Callable[[], object],
+        send_to_owner: Callable[[Message], Awaitable[None]],
+    ) -> SessionOpened:
+        st = self.state
+        if msg.push_token:
+            check_token(msg.push_token)
+        if st.draining:
+            raise DrainingError("this server is shutting down; open the session elsewhere")
+        blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
+        if not 0 < msg.max_length <= st.config.max_session_length:
+            raise BadRequestError(
+                f"max_length must be in 1..{st.config.max_session_length}, got {msg.max_length}"
+            )
+        if not 0 < msg.batch_size <= 1024:
+            raise BadRequestError(f"batch_size must be in 1..1024, got {msg.batch_size}")
+        if not math.isfinite(msg.timeout_s) or msg.timeout_s <= 0:
+            raise BadRequestError(f"timeout_s must be a positive number, got {msg.timeout_s}")
+        if not math.isfinite(msg.wait_s) or msg.wait_s < 0:
+            raise BadRequestError(f"wait_s must be a number >= 0, got {msg.wait_s}")
+        timeout_s = min(max(msg.timeout_s, 1.0), st.config.session_timeout_s)
+        backend = st.backend
+        await st.sessions.open(
+            key,
+            wait_s=min(msg.wait_s, st.config.max_kv_wait_s),
+            blocks=blocks,
+            span=(msg.span_start, msg.span_end),
+            max_length=msg.max_length,
+            batch_size=msg.batch_size,
+            timeout_s=timeout_s,
+            cache=backend.new_cache(),
+            backend=backend,
+            on_close=on_close,
+            push_token=msg.push_token,
+            send_to_owner=send_to_owner,
+        )
+        if st.draining or backend is not st.backend:  # it began to drain (or moved) meanwhile
+            st.sessions.close(key, "draining")
+            why = "is shutting down" if st.draining else "moved to other blocks"
+            raise DrainingError(f"this server {why}; open the session elsewhere")
+        return SessionOpened(msg.stream_id, msg.span_start, msg.span_end, msg.max_length)
+
+    async def step(self, key: str, msg: Step) -> StepResult:
+        session = self.state.sessions.get(key)
+        hops = parse_next_hops(msg.next_hops)
+        out = await self._run(
+            session, msg.step_id, msg.position, msg.hidden, msg.attention_mask, msg.position_ids
+        )
+        push_error = ""
+        if hops:
+            push_error = await self._push_on(
+                hops, msg.step_id, msg.position, out, msg.attention_mask, msg.position_ids
+            )
+        return StepResult(
+            msg.stream_id, msg.step_id, out, draining=self._draining(session), push_error=push_error
+        )
+
+    def accept_push(self, sender_peer_id: str, msg: Push) -> tuple[Session, list[NextHop]]:
+        """The session a Push runs on and where to push on, or PushRefusedError (only a server,
+        a peer that named its peer id in Hello, holding the token the session's owner opened
+        it with may push) or BadRequestError (a malformed route)."""
+        stats = self.state.push_stats
+        if not sender_peer_id:
+            stats.pushes_refused += 1
+            raise PushRefusedError("only a server that names its peer id in Hello may push")
+        session = self.state.sessions.by_token(msg.token) if msg.token else None
+        if session is None or session.cache is None:
+            stats.pushes_refused += 1
+            raise PushRefusedError(
+                "no session here accepts this push token (never opened with it, closed or "
+                "timed out)"
+            )
+        try:
+            hops = parse_next_hops(msg.next_hops)
+        except BadRequestError:
+            stats.pushes_refused += 1
+            raise
+        return session, hops
+
+    async def run_push(self, session: Session, hops: list[NextHop], msg: Push) -> None:
+        """Run an accepted Push as the session's step, push on, tell the owner the result."""
+        sid = SessionRegistry.stream_of(session.key)
+        reply: Message
+        try:
+            out = await self._run(
+                session, msg.step_id, msg.position, msg.hidden, msg.attention_mask, msg.position_ids
+            )
+            self.state.push_stats.pushes_received += 1
+            push_error = ""
+            if hops:
+                push_error = await self._push_on(
+                    hops, msg.step_id, msg.position, out, msg.attention_mask, msg.position_ids
+                )
+            reply = StepResult(
+                sid, msg.step_id, out, draining=self._draining(session), push_error=push_error
+            )
+        except BeeError as exc:
+            reply = Error.from_exception(sid, exc)
+        except Exception as exc:
+            log.exception("push.failed key=%s", session.key)
+            reply = Error.from_exception(sid, InternalServerError(f"internal error: {exc!r}"))
+            self.state.sessions.close(session.key, "internal-error")
+        if session.send_to_owner is not None:
+            await session.send_to_owner(reply)
+
+    async def _run(
+        self,
+        session: Session,
+        step_id: int,
+        position: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One step of the session; on a push route, once: a repeat of its last step returns
+        the last output, and an older step is refused."""
+        st = self.state
+        async with session.lock:
+            _check_open(session, "step waited")
+            if session.push_token and session.last_step is not None:
+                if session.last_step == (step_id, position):
+                    st.push_stats.duplicate_steps += 1
+                    return session.last_output
+                if step_id < session.last_step[0]:
+                    raise BadRequestError(
+                        f"step {step_id} is older than the session's last step "
+                        f"{session.last_step[0]}"
+                    )
+            tokens = hidden.shape[1] if hidden.dim() == 3 else 0
+            if position + tokens > session.max_length:
+                raise BadRequestError(
+                    f"step at {position} with {tokens} tokens exceeds the session's "
+                    f"max_length {session.max_length}"
+                )
+            if hidden.dim() == 3 and hidden.shape[0] != session.batch_size:
+                raise BadRequestError(
+                    f"batch {hidden.shape[0]} != session batch {session.batch_size}"
+                )
+            request = StepRequest(
+                session.cache, session.blocks, hidden, position, mask, position_ids
+            )
+            began = time.perf_counter()
+            out = await st.scheduler.step(session.backend, request, session.key)
+            _check_open(session, "step ran (the server moved)")
+            log.debug(
+                "session.step key=%s position=%d tokens=%d compute_ms=%.2f",
+                session.key,
+                position,
+                tokens,
+                1000 * (time.perf_counter() - began),
+            )
+            session.length = position + tokens
+            session.touch()
+            if session.push_token:  # only sessions on a push route can see a step twice
+                session.last_step, session.last_output = (step_id, position), out
+        return out
+
+    async def _push_on(
+        self,
+        hops: list[NextHop],
+        step_id: int,
+        position: int,
+        out: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> str:
+        """Push `out` to the first of `hops` (with the rest of the route); "" once accepted,
+        else why not (the client then sends that hop the output itself)."""
+        first, rest = hops[0], hops[1:]
+        push = Push(
+            0,
+            token=first.token,
+            step_id=step_id,
+            position=position,
+            hidden=out,
+            attention_mask=mask,
+            position_ids=position_ids,
+            next_hops=tuple(h.as_dict() for h in rest),
+        )
+        stats = self.state.push_stats
+        try:
+            await self.state.pusher.push(first, push)
+        except BeeError as exc:
+            stats.push_failures += 1
+            log.info(
+                "push.failed to=%s:%d peer=%s error=%s",
+                first.host,
+                first.port,
+                first.peer_id[:8],
+                exc,
+            )
+            return f"push to {first.host}:{first.port} failed: {exc}"
+        stats.pushes_sent += 1
+        return ""
+
+    def _draining(self, session: Session) -> bool:
+        """A drain notice: the server is shutting down, or moved and retires these blocks."""
+        return self.state.draining or session.backend is not self.state.backend
+
+    async def truncate(self, key: str, msg: Truncate) -> Ack:
+        st = self.state
+        session = st.sessions.get(key)
+        async with session.lock:
+            _check_open(session, "request waited")
+            cache, blocks, backend = session.cache, session.blocks, session.backend
+            await st.scheduler.control(lambda: backend.truncate(cache, blocks, msg.position))
+            session.length = msg.position
+            session.touch()
+        return Ack(msg.stream_id)
+
+    async def close(self, key: str, stream_id: int) -> Ack:
+        st = self.state
+        session = st.sessions.get(key)  # 201 if it is gone already
+        async with session.lock:  # after the session's earlier requests: replies stay in order
+            st.sessions.close(key, "client")
+        return Ack(stream_id)
+
+    async def forward(self, msg: Forward) -> ForwardResult:
+        blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
+        backend = self.state.backend
+        out = await self.state.scheduler.call(
+            lambda: backend.forward(blocks, msg.hidden, msg.attention_mask)
+        )
+        return ForwardResult(msg.stream_id, out)
+
+    async def backward(self, msg: Backward) -> BackwardResult:
+        blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
+        backend = self.state.backend
+        grad = await self.state.scheduler.call(
+            lambda: backend.backward(blocks, msg.hidden, msg.grad_output, msg.attention_mask)
+        )
+        return BackwardResult(msg.stream_id, grad)
+
+
+def _check_open(session: Session, when: str) -> None:
+    if session.cache is None:
+        raise UnknownSessionError(f"the session was closed while this {when}")
