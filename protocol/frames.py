@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -96,7 +96,8 @@ def encode_message(
         value = getattr(msg, spec.name)
         kind = spec.kind
         if kind not in _TENSOR_KINDS:
-            header[spec.name] = value
+            if spec.omit is MISSING or value != spec.omit:
+                header[spec.name] = value
         elif kind is Kind.TENSORS:
             header[spec.name] = list(range(len(segments), len(segments) + len(value)))
             segments.extend(encode_tensor(t, codec_policy) for t in value)
@@ -291,7 +292,7 @@ def message_from_frame(frame: Frame) -> Message:
         raise UnknownMessageTypeError(f"unknown message type {frame.type}")
     header = frame.header
     kwargs: dict[str, Any] = {}
-    for name, kind, required in message_spec(cls):
+    for name, kind, required, _omit in message_spec(cls):
         value = header.get(name, _ABSENT)
         if value is _ABSENT:
             if required:

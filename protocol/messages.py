@@ -56,11 +56,13 @@ TENSOR_KINDS = frozenset({Kind.TENSOR, Kind.OPT_TENSOR, Kind.TENSORS})
 
 
 class FieldSpec(NamedTuple):
-    """One message field: its name, kind and whether the header may omit it."""
+    """One message field: its name, kind, whether the header may omit it, and the default the
+    reference encoder leaves out (extension fields: frames without them stay as before)."""
 
     name: str
     kind: Kind
     required: bool
+    omit: Any = MISSING  # a value equal to this is not written (MISSING: always written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,9 @@ def message_spec(cls: type[Message]) -> tuple[FieldSpec, ...]:
 
 _M = TypeVar("_M", bound=type[Message])
 
+# Extension fields: omitted from the header while they hold their default (docs/protocol.md §5).
+_EXT: Any = {"omit_default": True}
+
 
 def _register(cls: _M) -> _M:
     if cls.TYPE in MESSAGE_TYPES:
@@ -92,7 +97,8 @@ def _register(cls: _M) -> _M:
         if kind is None:  # pragma: no cover - a programming error in this module
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type {f.type}")
         required = f.default is MISSING and f.default_factory is MISSING
-        specs.append(FieldSpec(f.name, kind, required))
+        omit = f.default if f.metadata.get("omit_default") else MISSING
+        specs.append(FieldSpec(f.name, kind, required, omit))
     MESSAGE_TYPES[cls.TYPE] = cls
     _SPECS[cls] = tuple(specs)
     return cls
@@ -207,7 +213,9 @@ class OpenSession(Message):
     batch_size: int = 1
     timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
     wait_s: float = 0.0  # how long the server may wait for cache memory before answering 205
-    push_token: str = ""  # 32 hex digits: this session accepts Pushes that carry it ("" = none)
+    push_token: str = field(
+        default="", metadata=_EXT
+    )  # 32 hex digits: this session accepts Pushes that carry it ("" = none)
 
 
 @_register
@@ -234,7 +242,7 @@ class Step(Message):
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
-    next_hops: tuple[dict[str, Any], ...] = ()
+    next_hops: tuple[dict[str, Any], ...] = field(default=(), metadata=_EXT)
 
 
 @_register
@@ -248,7 +256,7 @@ class StepResult(Message):
     step_id: int
     hidden: torch.Tensor
     draining: bool = False
-    push_error: str = ""
+    push_error: str = field(default="", metadata=_EXT)
 
 
 @_register
@@ -274,7 +282,7 @@ class Push(Message):
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
-    next_hops: tuple[dict[str, Any], ...] = ()
+    next_hops: tuple[dict[str, Any], ...] = field(default=(), metadata=_EXT)
 
 
 @_register
