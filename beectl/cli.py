@@ -139,6 +139,14 @@ def _generation_options(f: Any) -> Any:
     help="Servers forward each step straight to the next server (--no-push: this client "
     "relays every hop, one round trip per server).",
 )
+@click.option(
+    "--compression",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: lossless compression of activations where a link's measured speed makes it "
+    "pay; off: always raw.",
+)
 @_peers_option
 @_generation_options
 def generate(
@@ -147,6 +155,7 @@ def generate(
     kv_wait: float,
     routing: str,
     push: bool,
+    compression: str,
     initial_peers: list[tuple[str, int]],
     **kwargs: Any,
 ) -> None:
@@ -159,7 +168,11 @@ def generate(
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either a PROMPT or --prompts FILE")
     config = ClientConfig(
-        initial_peers=tuple(initial_peers), kv_wait_s=kv_wait, routing=routing, push=push
+        initial_peers=tuple(initial_peers),
+        kv_wait_s=kv_wait,
+        routing=routing,
+        push=push,
+        compression=compression,
     )
     if prompts_file is not None:
         prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]

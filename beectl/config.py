@@ -23,6 +23,9 @@ class ClientConfig:
     failover_timeout_s: float = 60.0  # how long a session keeps looking for a replacement server
     retry_delay_s: float = 0.2  # first pause between failover attempts (doubles, max 5 s)
     routing: str = "latency"  # "latency": fastest route; "throughput": spread over replicas
+    compression: str = "auto"  # "auto": lossless codecs where the measured link pays; "off": raw
+    measure_servers: int = 8  # before routing, connect to at most this many unmeasured servers
+    measure_timeout_s: float = 1.5  # and wait this long for each one's Hello round trip
     push: bool = True  # servers forward each step to the next hop (False: the client relays)
     # Reads wait for each queried node up to rpc_timeout_s, and a lookup round waits for its
     # slowest node: right after a server dies its DHT node is still in routing tables, so the

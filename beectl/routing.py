@@ -2,10 +2,18 @@
 
 Blocks are graph nodes 0..N; a server announcing span [a, b) gives edges s -> e for every
 breakpoint a <= s < e <= b (breakpoints are the starts and ends of all candidate spans, so a route
-may use a sub-span of a server). An edge costs the expected time of one decode step through that
-hop: the measured round trip to the server plus the announced per-block compute time for the
-blocks used, plus a penalty when the server is low on free KV cache. Dijkstra finds the route with
-the least total; ties go to fewer hops.
+may use a sub-span of a server). A route costs the expected time of one decode step through it:
+the announced per-block compute time for the blocks each server runs, a penalty when a server is
+low on free KV cache, and the links the step crosses:
+
+- relayed (the client sends every hop its input): the client's round trip to each server;
+- push (each server sends its output to the next): half the client's round trip to the first
+  server, the one-way delay between consecutive servers (half the round trip the upstream
+  server announced for that pair, or half the mean of the client's round trips to both when it
+  announced none), and half the round trip from the last server back to the client.
+
+Because a push link depends on the previous server, Dijkstra runs over (block, last server)
+states; ties go to fewer hops.
 
 Two modes: "latency" (the default) takes the fastest chain for this session alone. "throughput"
 spreads independent sessions over replicas: a server's compute time counts once more for every
@@ -44,23 +52,27 @@ class Hop:
         return self.server.peer_id
 
 
-def _hop_cost(
-    server: ServerRecord,
-    blocks: int,
-    rtt_s: Mapping[str, float],
-    needed_kv_tokens: int,
-    weight: float = 1.0,
+def _compute_cost(
+    server: ServerRecord, blocks: int, needed_kv_tokens: int, weight: float = 1.0
 ) -> float:
-    rtt = rtt_s.get(server.peer_id, DEFAULT_RTT_S)
     per_block = (
         1.0 / server.compute_tokens_per_s
         if server.compute_tokens_per_s > 0
         else DEFAULT_BLOCK_TIME_S
     )
-    cost = rtt + blocks * per_block * weight
+    cost = blocks * per_block * weight
     if server.free_kv_tokens < needed_kv_tokens:
         cost += LOW_KV_PENALTY_S
     return cost
+
+
+def _one_way_s(prev: ServerRecord, server: ServerRecord, rtt_s: Mapping[str, float]) -> float:
+    """Expected one-way delay of a push from `prev` to `server`."""
+    announced = dict(prev.next_rtt_ms).get(server.peer_id)
+    if announced is not None:
+        return announced / 2000.0
+    client_rtt = rtt_s.get(prev.peer_id, DEFAULT_RTT_S) + rtt_s.get(server.peer_id, DEFAULT_RTT_S)
+    return client_rtt / 4.0
 
 
 def usable(server: ServerRecord, banned: Iterable[str] = ()) -> bool:
@@ -79,11 +91,13 @@ def find_route(
     mode: str = "latency",
     load: Mapping[str, int] | None = None,
     rng: random.Random | None = None,
+    push: bool = False,
 ) -> list[Hop]:
     """The cheapest chain of hops covering [start, end); NoRouteError naming the gap if none.
 
-    `load` (throughput mode): sessions this client runs on each server now; `rng` draws the
-    per-route jitter (a fresh one when not given)."""
+    `rtt_s`: the client's measured round trips by peer id; `push`: cost links as a pushed
+    chain (see the module docstring). `load` (throughput mode): sessions this client runs on
+    each server now; `rng` draws the per-route jitter (a fresh one when not given)."""
     if mode not in MODES:
         raise ValueError(f"routing mode must be one of {', '.join(MODES)}, got {mode!r}")
     banned_set = set(banned)
@@ -103,42 +117,57 @@ def find_route(
         | {min(max(s.span_start, start), end) for s in candidates}
         | {min(max(s.span_end, start), end) for s in candidates}
     )
-    # Dijkstra over breakpoints; cost is (seconds, hops) so equal times prefer fewer hops.
-    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
-    back: dict[int, Hop] = {}
-    queue: list[tuple[float, int, int]] = [(0.0, 0, start)]
+
+    def link_cost(prev: ServerRecord | None, server: ServerRecord, last: bool) -> float:
+        rtt = rtt_s.get(server.peer_id, DEFAULT_RTT_S)
+        if not push:
+            return rtt
+        cost = rtt / 2 if prev is None else _one_way_s(prev, server, rtt_s)
+        return cost + (rtt / 2 if last else 0.0)
+
+    # Dijkstra over (breakpoint, last server) states; cost is (seconds, hops).
+    State = tuple[int, str]
+    origin: State = (start, "")
+    best: dict[State, tuple[float, int]] = {origin: (0.0, 0)}
+    back: dict[State, tuple[State, Hop]] = {}
+    by_id = {s.peer_id: s for s in candidates}
+    queue: list[tuple[float, int, int, str]] = [(0.0, 0, start, "")]
+    goal: State | None = None
     while queue:
-        cost, hops, node = heapq.heappop(queue)
+        cost, hops, node, prev_id = heapq.heappop(queue)
+        state = (node, prev_id)
         if node == end:
+            goal = state
             break
-        if (cost, hops) > best.get(node, (math.inf, 0)):
+        if (cost, hops) > best.get(state, (math.inf, 0)):
             continue
+        prev = by_id.get(prev_id)
         for server in candidates:
             if not server.span_start <= node < server.span_end:
                 continue
             for point in points:
                 if point <= node or point > min(server.span_end, end):
                     continue
-                hop_cost = _hop_cost(
-                    server, point - node, rtt_s, needed_kv_tokens, weights[server.peer_id]
-                )
-                new = (cost + hop_cost, hops + 1)
-                if new < best.get(point, (math.inf, 0)):
-                    best[point] = new
-                    back[point] = Hop(server, node, point)
-                    heapq.heappush(queue, (new[0], new[1], point))
-    if end not in best:
-        reachable = max(best)
+                step = _compute_cost(
+                    server, point - node, needed_kv_tokens, weights[server.peer_id]
+                ) + link_cost(prev, server, point == end)
+                new = (cost + step, hops + 1)
+                target = (point, server.peer_id)
+                if new < best.get(target, (math.inf, 0)):
+                    best[target] = new
+                    back[target] = (state, Hop(server, node, point))
+                    heapq.heappush(queue, (new[0], new[1], point, server.peer_id))
+    if goal is None:
+        reachable = max(node for node, _ in best)
         raise NoRouteError(
             f"no online server covers block {reachable} (blocks {start}:{end} needed; "
             f"{len(candidates)} usable servers)"
         )
     route: list[Hop] = []
-    node = end
-    while node != start:
-        hop = back[node]
+    state = goal
+    while state != origin:
+        state, hop = back[state]
         route.append(hop)
-        node = hop.start
     route.reverse()
     return route
 

@@ -27,6 +27,8 @@ from protocol.messages import Close, OpenSession, SessionOpened, Step, StepResul
 
 log = logging.getLogger(__name__)
 
+_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -333,7 +335,11 @@ class InferenceSession:
                 f"{tokens} new tokens"
             )
         self._step_id += 1
-        hidden = hidden.cpu()  # the wire carries host memory (no-op for a CPU head)
+        # The wire carries host memory (a no-op for a CPU head), in the first server's dtype:
+        # it computes in that dtype anyway, so a bf16 server is sent bf16, not float32.
+        hidden = hidden.cpu()
+        if self._hops and hidden.is_floating_point():
+            hidden = hidden.to(_WIRE_DTYPES.get(self._hops[0].hop.server.dtype, hidden.dtype))
         draining: list[_OpenHop] = []
         index = 0
         relay_next = False  # after a failed push, the client sends that hop its input itself

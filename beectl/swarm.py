@@ -13,6 +13,7 @@ from beed.dht.node import DHTNode
 from beed.dht.records import ModelEntry, ServerRecord, ServerState
 from beed.net.peer import PeerConnection
 from protocol.errors import (
+    BeeError,
     ModelMismatchError,
     NoRouteError,
     PeerUnreachableError,
@@ -116,6 +117,7 @@ class Swarm:
         servers = await self.servers(fingerprint, num_blocks, max_age_s=max_age_s)
         if not servers:
             await self._explain_missing(fingerprint, model_name)
+        await self.measure(servers, start, num_blocks if end is None else end)
         try:
             return find_route(
                 servers,
@@ -126,12 +128,38 @@ class Swarm:
                 needed_kv_tokens=needed_kv_tokens,
                 mode=self.config.routing,
                 load=self.load,
+                push=self.config.push,
             )
         except NoRouteError as exc:
             raise NoRouteError(
                 f"{exc}. Start a server for the missing blocks: "
                 f"beed serve --model {model_name} --blocks N --initial-peers ..."
             ) from None
+
+    async def measure(self, servers: list[ServerRecord], start: int, end: int) -> None:
+        """Measure the round trip to servers of [start, end) not measured yet (connecting to
+        them, at most `measure_servers` at once, each bounded by `measure_timeout_s`), so that
+        routes are costed with real link latencies; a server that does not answer in time is
+        left to the default (and to the failover path, should a route use it)."""
+        todo = [
+            s
+            for s in servers
+            if s.peer_id not in self.rtt_s
+            and s.state == ServerState.ONLINE
+            and s.intersects(start, end)
+            and s.peer_id not in self.bans.banned()
+        ][: self.config.measure_servers]
+        if not todo:
+            return
+
+        async def one(server: ServerRecord) -> None:
+            try:
+                async with asyncio.timeout(self.config.measure_timeout_s):
+                    await self.connection(server)
+            except (BeeError, TimeoutError) as exc:
+                log.debug("swarm.measure_failed peer=%s error=%s", server.peer_id[:8], exc)
+
+        await asyncio.gather(*(one(s) for s in todo))
 
     async def _explain_missing(self, fingerprint: str, model_name: str) -> None:
         models = await self.models()
@@ -160,10 +188,16 @@ class Swarm:
             conn = self._connections.get(server.peer_id)
             if conn is not None and not conn.closed:
                 return conn
-            conn = PeerConnection(server.host, server.port, peer_id=server.peer_id)
-            began = time.perf_counter()
+            conn = PeerConnection(
+                server.host,
+                server.port,
+                peer_id=server.peer_id,
+                compression=self.config.compression,
+            )
             await conn.connect(self.config.connect_timeout_s)
-            self.rtt_s[server.peer_id] = time.perf_counter() - began
+            link = conn.link
+            if link is not None and link.min_rtt_s is not None:  # the Hello round trip
+                self.rtt_s[server.peer_id] = link.min_rtt_s
             self._connections[server.peer_id] = conn
             return conn
 

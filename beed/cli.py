@@ -128,6 +128,21 @@ def _parse_block_indices(
     "--public-host", default=None, help="Address announced to clients [default: derived]."
 )
 @click.option(
+    "--compression",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: lossless compression of activations on links whose measured speed makes it "
+    "pay (never on fast links); off: always send raw.",
+)
+@click.option(
+    "--public-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="TCP port announced to clients, when a proxy or port forward in front of this server "
+    "listens on another port [default: the bound port].",
+)
+@click.option(
     "--initial-peers",
     multiple=True,
     callback=initial_peers_callback,
@@ -232,6 +247,8 @@ def serve(
     port: int,
     dht_port: int | None,
     public_host: str | None,
+    public_port: int | None,
+    compression: str,
     initial_peers: list[tuple[str, int]],
     identity_path: Path | None,
     device: str,
@@ -270,6 +287,8 @@ def serve(
         port=port,
         dht_port=dht_port,
         public_host=public_host,
+        public_port=public_port,
+        compression=compression,
         initial_peers=tuple(initial_peers),
         identity_path=identity_path,
         device=device,

@@ -19,6 +19,8 @@ MAX_BLOCKS = 100_000
 _MAX_STR = {"h": 255, "fp": 128, "mn": 128, "dt": 32, "sw": 64}
 _MAX_CODECS = 16
 _MAX_CODEC_LEN = 32
+MAX_NEXT_RTTS = 32
+MAX_RTT_MS = 60_000.0
 
 
 class ServerState(enum.Enum):
@@ -50,6 +52,9 @@ class ServerRecord:
     protocol_version: int = 1  # wire protocol version spoken on the TCP port
     codecs: tuple[str, ...] = ("none",)  # tensor codecs supported
     software_version: str = ""  # beed version string
+    # Measured round trips from this server to servers of the following blocks, in ms, by peer
+    # id: routing adds a push hop's link from it (written only when non-empty).
+    next_rtt_ms: tuple[tuple[str, float], ...] = ()
     public_key: bytes = b""  # Ed25519 public key; filled in by DHTNode.announce
     issued_at: float = 0.0  # unix time of issue; newer replaces older (replay ordering)
     expires_at: float = 0.0  # unix time of expiry; taken from the signed DHT entry
@@ -100,6 +105,8 @@ def encode_record(record: ServerRecord) -> bytes:
         "sw": record.software_version,
         "ia": float(record.issued_at),
     }
+    if record.next_rtt_ms:
+        fields["nr"] = {peer: float(ms) for peer, ms in record.next_rtt_ms}
     return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
@@ -134,6 +141,7 @@ def decode_record(data: bytes, expires_at: float = 0.0) -> ServerRecord:
             protocol_version=_typed(fields, "pv", int),
             codecs=tuple(_codecs(fields)),
             software_version=_typed(fields, "sw", str),
+            next_rtt_ms=_next_rtts(fields),
             public_key=public_key,
             issued_at=_number(fields, "ia"),
             expires_at=expires_at,
@@ -175,6 +183,13 @@ def validate_record(record: ServerRecord) -> None:
             raise RecordError(f"{name} must be finite and non-negative")
     if record.free_kv_tokens < 0 or record.protocol_version < 0:
         raise RecordError("free_kv_tokens and protocol_version must be non-negative")
+    if len(record.next_rtt_ms) > MAX_NEXT_RTTS:
+        raise RecordError(f"more than {MAX_NEXT_RTTS} next-hop round trips")
+    for peer, ms in record.next_rtt_ms:
+        if not (isinstance(peer, str) and 0 < len(peer) <= 128):
+            raise RecordError("next-hop round trips must be keyed by peer ids")
+        if not (math.isfinite(ms) and 0 <= ms <= MAX_RTT_MS):
+            raise RecordError(f"next-hop round trip {ms!r} ms out of range")
 
 
 def with_signing_fields(
@@ -206,3 +221,15 @@ def _codecs(fields: dict[str, Any]) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
         raise RecordError("record field 'cd' must be a list of strings")
     return value
+
+
+def _next_rtts(fields: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    value = fields.get("nr", {})
+    if not isinstance(value, dict) or len(value) > MAX_NEXT_RTTS:
+        raise RecordError(f"record field 'nr' must be a map of at most {MAX_NEXT_RTTS} entries")
+    out = []
+    for peer, ms in value.items():
+        if not isinstance(ms, int | float) or isinstance(ms, bool):
+            raise RecordError("record field 'nr' values must be numbers")
+        out.append((peer, float(ms)))
+    return tuple(sorted(out))

@@ -7,8 +7,10 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 
 import beed
+from beed.net.link import LinkStats
 from beed.net.stream import FramedStream, open_stream
 from beed.net.tasks import TaskOwner
 from protocol.codecs import CodecPolicy
@@ -19,7 +21,17 @@ from protocol.errors import (
     PeerUnreachableError,
     PhaseTimeoutError,
 )
-from protocol.messages import PROTOCOL_VERSION, Error, Hello, Message, Step, StepResult, negotiate
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Step,
+    StepResult,
+    negotiate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +50,22 @@ class PeerConnection:
     one this side names in its own Hello (servers pushing to the next hop).
     """
 
-    def __init__(self, host: str, port: int, *, peer_id: str = "", local_peer_id: str = "") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        peer_id: str = "",
+        local_peer_id: str = "",
+        compression: str = "auto",
+    ) -> None:
         self.host, self.port, self.peer_id = host, port, peer_id
         self.local_peer_id = local_peer_id
+        self.compression = compression  # "auto": codecs follow the measured link; "off": raw
         self._stream: FramedStream | None = None
         self._waiters: dict[int, collections.deque[asyncio.Future[Message]]] = {}
         self._step_waiters: dict[tuple[int, int], asyncio.Future[Message]] = {}
+        self._pings: dict[int, asyncio.Future[float]] = {}  # nonce -> round trip
         self._stream_ids = itertools.count(1)
         self._tasks = TaskOwner(f"peer-{host}:{port}")
         self._closed: BeeError | None = None
@@ -53,16 +75,26 @@ class PeerConnection:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def link(self) -> LinkStats | None:
+        """Round trip and throughput measured on this connection (None before connect)."""
+        return self._stream.link if self._stream is not None else None
+
     async def connect(self, timeout_s: float) -> None:
-        stream = await open_stream(self.host, self.port, timeout_s=timeout_s)
+        stream = await open_stream(
+            self.host, self.port, timeout_s=timeout_s, compression=self.compression
+        )
         try:
             hello = Hello(
                 protocol_version=PROTOCOL_VERSION,
                 software_version=beed.__version__,
                 peer_id=self.local_peer_id,
             )
+            began = time.monotonic()
             await stream.send(hello, timeout_s=timeout_s)
             reply = await stream.read(timeout_s=timeout_s)
+            stream.link.add_rtt(time.monotonic() - began)
+            stream.link.last_rtt_probe = began
             if isinstance(reply, Error):
                 raise reply.to_exception()
             if not isinstance(reply, Hello):
@@ -106,6 +138,25 @@ class PeerConnection:
         future = self._step_waiters.pop((stream_id, step_id), None)
         if future is not None and not future.done():
             future.cancel()
+
+    async def ping(self, timeout_s: float) -> float:
+        """One measured round trip to the server, in seconds (also kept in `link`)."""
+        stream = self._check_open()
+        nonce = stream.link.probe(0)
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = future
+        began = time.monotonic()
+        try:
+            await stream.send(Ping(0, nonce), timeout_s=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                answered = await future
+        except TimeoutError as exc:
+            raise PhaseTimeoutError(
+                f"server {self.host}:{self.port} did not answer Ping within {timeout_s} s"
+            ) from exc
+        finally:
+            self._pings.pop(nonce, None)
+        return answered - began
 
     async def send(self, msg: Message, timeout_s: float) -> None:
         """Write msg without waiting for an answer (pair it with expect_step)."""
@@ -164,6 +215,14 @@ class PeerConnection:
                 msg = await stream.read()
                 if msg.stream_id == 0 and isinstance(msg, Error):
                     raise msg.to_exception()
+                if isinstance(msg, Ping):
+                    stream.send_nowait(Pong(msg.stream_id, msg.nonce))
+                    continue
+                if isinstance(msg, Pong):  # a link probe's answer (the stream accounted for it)
+                    ping = self._pings.pop(msg.nonce, None)
+                    if ping is not None and not ping.done():
+                        ping.set_result(time.monotonic())
+                    continue
                 if isinstance(msg, StepResult):
                     waiter = self._step_waiters.pop((msg.stream_id, msg.step_id), None)
                     if waiter is None:

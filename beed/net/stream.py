@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
+from beed.net.link import PROBE_BYTES, LinkStats, policy_for
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
     ConnectionClosed,
@@ -19,7 +21,7 @@ from protocol.errors import (
 )
 from protocol.frames import FrameDecoder, encode_message, message_from_frame
 from protocol.limits import Limits
-from protocol.messages import Message
+from protocol.messages import Hello, Message, Ping, Pong
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,15 @@ class FramedStream:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         limits: Limits | None = None,
+        compression: str = "auto",
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.decoder = FrameDecoder(limits or Limits())
         self.codec_policy: CodecPolicy | None = None
+        # "auto": the codec policy follows the measured link (beed/net/link.py); "off": raw.
+        self.compression = compression
+        self.link = LinkStats()
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # One-token steps are tiny frames: never wait for Nagle's algorithm.
@@ -51,10 +57,13 @@ class FramedStream:
             frame = self.decoder.next_frame()
             if frame is not None:
                 try:
-                    return message_from_frame(frame)
+                    msg = message_from_frame(frame)
                 except UnknownMessageTypeError as exc:
                     exc.stream_id = frame.stream_id  # type: ignore[attr-defined]  # to answer on
                     raise
+                if isinstance(msg, Pong) and self.link.pong(msg.nonce):
+                    self._update_policy()
+                return msg
             try:
                 async with asyncio.timeout(timeout_s):
                     data = await self.reader.read(READ_CHUNK_BYTES)
@@ -70,10 +79,31 @@ class FramedStream:
             self.decoder.feed(data)
 
     def send_nowait(self, msg: Message) -> None:
-        """Queue a message for writing (the caller drains when it wants backpressure)."""
+        """Queue a message for writing (the caller drains when it wants backpressure).
+
+        A large frame is followed by a Ping that measures the link's throughput; a connection in
+        use re-measures its round trip now and then (beed/net/link.py)."""
         if self.writer.is_closing():
             raise ConnectionClosed(f"connection to {self.peername} is closed")
-        self.writer.writelines(encode_message(msg, self.codec_policy))
+        buffers = encode_message(msg, self.codec_policy)
+        now = time.monotonic()
+        self.writer.writelines(buffers)
+        if self.compression == "off" or isinstance(msg, Ping | Pong | Hello):
+            return
+        nbytes = sum(len(b) for b in buffers)
+        if nbytes >= PROBE_BYTES:
+            self.writer.writelines(encode_message(Ping(0, self.link.probe(nbytes, now))))
+        elif self.link.rtt_probe_due(now):
+            self.ping_rtt(now)
+
+    def ping_rtt(self, now: float | None = None) -> None:
+        """Send a Ping that measures the round trip (its Pong is accounted for by read)."""
+        if not self.writer.is_closing():
+            self.writer.writelines(encode_message(Ping(0, self.link.probe(0, now))))
+
+    def _update_policy(self) -> None:
+        if self.codec_policy is not None:
+            self.codec_policy = policy_for(self.codec_policy, self.link, self.compression)
 
     async def send(self, msg: Message, timeout_s: float | None = None) -> None:
         self.send_nowait(msg)
@@ -96,7 +126,12 @@ class FramedStream:
 
 
 async def open_stream(
-    host: str, port: int, *, timeout_s: float, limits: Limits | None = None
+    host: str,
+    port: int,
+    *,
+    timeout_s: float,
+    limits: Limits | None = None,
+    compression: str = "auto",
 ) -> FramedStream:
     """Connect to host:port; PeerUnreachableError when that fails within timeout_s."""
     try:
@@ -106,4 +141,4 @@ async def open_stream(
         raise PeerUnreachableError(
             f"cannot connect to {host}:{port}: {exc or 'timed out'}"
         ) from exc
-    return FramedStream(reader, writer, limits)
+    return FramedStream(reader, writer, limits, compression)

@@ -31,6 +31,7 @@ class ServerConfig:
     port: int = 31337  # TCP port for activations; 0 picks a free one
     dht_port: int | None = None  # UDP port of the DHT node; None: same number as the TCP port
     public_host: str | None = None  # address announced to clients; None: derived from host
+    public_port: int | None = None  # TCP port announced to clients; None: the bound port
     initial_peers: tuple[tuple[str, int], ...] = ()  # DHT peers to join through
     identity_path: Path | None = None  # Ed25519 key file; None: a fresh identity per start
     device: str = "cpu"  # torch device of the blocks
@@ -49,6 +50,7 @@ class ServerConfig:
     max_streams_per_connection: int = 256  # open sessions and requests on one connection
     max_inflight_per_connection: int = 64  # requests running at once; past that, stop reading
     max_kv_wait_s: float = 60.0  # longest a new session may wait for cache memory to free up
+    compression: str = "auto"  # "auto": lossless codecs where a link's measured speed pays; "off"
     push_connect_timeout_s: float = 5.0  # connecting to a next hop to push to it (Hello included)
     push_ack_timeout_s: float = 10.0  # a next hop's Ack to one Push (it accepts before running)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

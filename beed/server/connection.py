@@ -121,6 +121,7 @@ class ServerConnection:
             features=self.state.hello.features,
         )
         await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
+        self.stream.ping_rtt()  # this side's round trip to the peer (for its codec policy)
 
     async def _dispatch(self, msg: Message) -> None:
         """Answer cheap requests inline; run compute requests as owned tasks.

@@ -67,8 +67,16 @@ def parse_next_hops(raw: Sequence[dict[str, Any]]) -> list[NextHop]:
 class Pusher:
     """Connections from this server to the servers it pushes to, reused while healthy."""
 
-    def __init__(self, local_peer_id: str, *, connect_timeout_s: float, ack_timeout_s: float):
+    def __init__(
+        self,
+        local_peer_id: str,
+        *,
+        connect_timeout_s: float,
+        ack_timeout_s: float,
+        compression: str = "auto",
+    ):
         self.local_peer_id = local_peer_id
+        self.compression = compression
         self.connect_timeout_s = connect_timeout_s
         self.ack_timeout_s = ack_timeout_s
         self._connections: dict[tuple[str, int, str], PeerConnection] = {}
@@ -87,7 +95,11 @@ class Pusher:
             if self._closed:
                 raise BadRequestError("the server is shutting down")
             conn = PeerConnection(
-                hop.host, hop.port, peer_id=hop.peer_id, local_peer_id=self.local_peer_id
+                hop.host,
+                hop.port,
+                peer_id=hop.peer_id,
+                local_peer_id=self.local_peer_id,
+                compression=self.compression,
             )
             await conn.connect(self.connect_timeout_s)
             self._connections[key] = conn

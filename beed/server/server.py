@@ -23,7 +23,7 @@ import beed
 from beed.dht.identity import Identity
 from beed.dht.node import DHTNode
 from beed.dht.peers import reachable_host
-from beed.dht.records import ServerRecord, ServerState
+from beed.dht.records import MAX_NEXT_RTTS, ServerRecord, ServerState
 from beed.models.adapters import load_config, num_blocks
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir, resolve_model
@@ -34,13 +34,13 @@ from beed.server.config import ServerConfig
 from beed.server.connection import ServerConnection
 from beed.server.kv_budget import KVBudget
 from beed.server.placement import better_span, choose_span
-from beed.server.push import Pusher
+from beed.server.push import NextHop, Pusher
 from beed.server.scheduler import Scheduler
 from beed.server.service import ServerState as SharedState
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
 from protocol.codecs import ALL_CODECS
-from protocol.errors import BadRequestError, DrainingError, InternalServerError
+from protocol.errors import BadRequestError, BeeError, DrainingError, InternalServerError
 from protocol.messages import PROTOCOL_VERSION, Hello
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class BlockServer:
                 span_start=span[0],
                 span_end=span[1],
                 host=public_host,
-                port=port,
+                port=cfg.public_port or port,
                 model_fingerprint=fingerprint,
                 model_name=source.name,
                 num_blocks=total,
@@ -164,6 +164,7 @@ class BlockServer:
                 identity.peer_id,
                 connect_timeout_s=cfg.push_connect_timeout_s,
                 ack_timeout_s=cfg.push_ack_timeout_s,
+                compression=cfg.compression,
             )
             self.scheduler = Scheduler(run_compute, cfg.scheduler, on_crash=self._crashed)
             self.scheduler.start()
@@ -184,6 +185,7 @@ class BlockServer:
             await self._announce()
             self._tasks.spawn(self._announce_loop(), "announce")
             self._tasks.spawn(self._reap_loop(), "reap")
+            self._tasks.spawn(self._next_rtt_loop(fingerprint, total), "next-rtt")
             if cfg.block_indices is None and cfg.rebalance_period_s > 0:
                 self._tasks.spawn(
                     self._rebalance_loop(source.path, fingerprint, total, run_compute), "rebalance"
@@ -407,6 +409,56 @@ class BlockServer:
             except Exception as exc:  # a failed refresh is retried next period
                 log.warning("announce.failed error=%r", exc)
 
+    async def _next_rtt_loop(self, fingerprint: str, total: int) -> None:
+        """Measure the round trip to the servers of the blocks after ours (those a route may
+        push to from here) every announce period, and announce it when it changed, so clients
+        cost push hops by real links."""
+        await asyncio.sleep(min(2.0, self.config.announce_period_s))
+        while True:
+            try:
+                await self._measure_next_rtts(fingerprint, total)
+            except Exception as exc:  # a failed round is retried next period
+                log.warning("next_rtt.failed error=%r", exc)
+            await asyncio.sleep(self.config.announce_period_s)
+
+    async def _measure_next_rtts(self, fingerprint: str, total: int) -> None:
+        if self.dht is None or self._record is None or self.pusher is None:
+            return
+        me = self._record
+        servers = await self.dht.get_servers(fingerprint, 0, total)
+        followers = [
+            s
+            for s in servers
+            if s.peer_id != me.peer_id
+            and s.state == ServerState.ONLINE
+            and (
+                s.span_start <= me.span_end < s.span_end  # serves the block after ours
+                or me.span_start < s.span_start <= me.span_end  # takes over inside our span
+            )
+        ][:MAX_NEXT_RTTS]
+        pusher = self.pusher
+
+        async def one(server: ServerRecord) -> tuple[str, float] | None:
+            hop = NextHop(server.host, server.port, server.peer_id, "0" * 32)
+            try:
+                async with asyncio.timeout(5.0):
+                    conn = await pusher.connection(hop)
+                    return server.peer_id, 1000 * min([await conn.ping(2.0) for _ in range(3)])
+            except (BeeError, TimeoutError) as exc:
+                log.debug("next_rtt.unreachable peer=%s error=%s", server.peer_id[:8], exc)
+                return None
+
+        found = [r for r in await asyncio.gather(*(one(s) for s in followers)) if r is not None]
+        measured = tuple(sorted((peer, round(ms, 2)) for peer, ms in found))
+        old = dict(me.next_rtt_ms)
+        changed = set(old) != {p for p, _ in measured} or any(
+            abs(old[p] - ms) > max(1.0, 0.2 * old[p]) for p, ms in measured
+        )
+        if changed and self._record is not None:
+            log.info("next_rtt.measured %s", " ".join(f"{p[:8]}={ms:.1f}ms" for p, ms in measured))
+            self._record = dataclasses.replace(self._record, next_rtt_ms=measured)
+            await self._announce()
+
     def _free_kv_tokens(self) -> int:
         return self.state.sessions.budget.free_tokens if self.state is not None else 0
 
@@ -438,7 +490,8 @@ class BlockServer:
             writer.close()
             return
         self._next_connection += 1
-        conn = ServerConnection(self.state, FramedStream(reader, writer), self._next_connection)
+        stream = FramedStream(reader, writer, compression=self.config.compression)
+        conn = ServerConnection(self.state, stream, self._next_connection)
         task = self._connections.spawn(conn.run(), f"conn-{conn.id}")
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
