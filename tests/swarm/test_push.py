@@ -163,6 +163,39 @@ async def test_a_step_that_arrives_by_push_and_directly_runs_once(swarm4, model_
         await pusher.aclose()
 
 
+def test_servers_announce_round_trips_to_the_next_servers(swarm4, model_path):
+    """The first server measures both replicas of the middle span, each middle server the
+    last one: clients cost push hops from these figures."""
+    import time
+
+    from beectl.config import ClientConfig
+    from beectl.swarm import Swarm
+
+    fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+    peers = {span: _server(swarm4, span).peer_id for span in SPANS if span != (10, 20)}
+    middle = {s.peer_id for s, span in zip(swarm4.servers, SPANS, strict=True) if span == (10, 20)}
+
+    async def read() -> dict[str, dict[str, float]]:
+        swarm = Swarm(ClientConfig(initial_peers=tuple(swarm4.initial_peers)))
+        await swarm.start()
+        try:
+            return {r.peer_id: dict(r.next_rtt_ms) for r in await swarm.servers(fingerprint, 30)}
+        finally:
+            await swarm.aclose()
+
+    deadline = time.monotonic() + 60
+    while True:
+        rtts = asyncio.run(read())
+        first, last = rtts.get(peers[(0, 10)], {}), rtts.get(peers[(20, 30)], {})
+        mids = [rtts.get(p, {}) for p in middle]
+        if set(first) == middle and all(set(m) == {peers[(20, 30)]} for m in mids):
+            break
+        assert time.monotonic() < deadline, rtts
+        time.sleep(1.0)
+    assert last == {}  # nothing comes after the last blocks
+    assert all(0 < ms < 1000 for m in (first, *mids) for ms in m.values())
+
+
 def test_kill_the_middle_server_with_push_on(swarm4, local_model, tokenizer):
     """Last in this module: it kills one of the two middle servers."""
     from tests.conftest import STORY

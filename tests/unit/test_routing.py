@@ -151,3 +151,34 @@ def test_throughput_mode_spreads_sessions_over_replicas():
     assert set(load) == {"a", "b"} and abs(load["a"] - load["b"]) <= 2
     with pytest.raises(ValueError, match="routing mode"):
         find_route(servers, 0, 30, mode="fastest")
+
+
+def test_push_costs_the_link_between_servers():
+    """Two second halves, equally near the client: with push the one the first server
+    announces a short link to wins; relayed, the client's round trips decide."""
+    import dataclasses
+
+    first = dataclasses.replace(rec("a", 0, 15), next_rtt_ms=(("b1", 150.0), ("b2", 2.0)))
+    servers = [first, rec("b1", 15, 30), rec("b2", 15, 30)]
+    rtt = {"a": 0.05, "b1": 0.04, "b2": 0.06}
+    assert spans(find_route(servers, 0, 30, rtt_s=rtt, push=True))[1][0] == "b2"
+    assert spans(find_route(servers, 0, 30, rtt_s=rtt, push=False))[1][0] == "b1"
+
+
+def test_push_makes_more_hops_cheap_when_servers_are_close():
+    """Relayed, every hop costs the client a round trip, so one slow full server beats three
+    fast thirds; pushed through servers close to each other, the thirds win."""
+    import dataclasses
+
+    near = (("b", 1.0), ("c", 1.0))
+    thirds = [
+        dataclasses.replace(rec("a", 0, 10, tps=10_000), next_rtt_ms=near),
+        dataclasses.replace(rec("b", 10, 20, tps=10_000), next_rtt_ms=near),
+        rec("c", 20, 30, tps=10_000),
+    ]
+    full = rec("full", 0, 30, tps=400)  # 30 blocks at 400/s: 75 ms of compute
+    rtt = {p: 0.1 for p in ("a", "b", "c", "full")}
+    relayed = spans(find_route([*thirds, full], 0, 30, rtt_s=rtt))
+    pushed = spans(find_route([*thirds, full], 0, 30, rtt_s=rtt, push=True))
+    assert relayed == [("full", 0, 30)]
+    assert [p for p, _, _ in pushed] == ["a", "b", "c"]
