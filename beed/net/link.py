@@ -4,12 +4,14 @@ Round trip: the Hello exchange, and a Ping (type 2) whose Pong comes straight ba
 after a frame of at least `PROBE_BYTES` the sender writes a Ping; the peer answers it once it
 has read the whole frame (a connection reads in order), so the Pong arrives after about
 `frame / throughput + rtt` and `frame / (elapsed - min rtt)` is the throughput of the link in
-the sending direction, compressed bytes as they crossed it. Both estimates feed the sender's
+the sending direction, compressed bytes as they crossed it (the best of the recent samples:
+every disturbance makes a sample low, never high). Both estimates feed the sender's
 codec policy (`policy_for`): compression switches on where the link, not the CPU, is the limit.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import random
@@ -20,6 +22,7 @@ from protocol.codecs import CodecPolicy
 
 PROBE_BYTES = 64 * 1024  # frames at least this large are followed by a throughput probe
 RTT_PROBE_PERIOD_S = 30.0  # a connection in use re-measures its round trip this often
+RATE_SAMPLES = 8  # the throughput is the best of this many recent samples
 RATE_CHANGE = 0.2  # the codec policy is rebuilt when the throughput moved by this share
 COMPRESSION_MODES = ("auto", "off")
 
@@ -30,11 +33,16 @@ class LinkStats:
 
     rtt_s: float | None = None  # smoothed round trip
     min_rtt_s: float | None = None  # the least seen: the part of a probe that is not transfer
-    send_bytes_per_s: float | None = None  # smoothed throughput of our frames to the peer
+    # Throughput of our frames to the peer: the best of the recent samples (a sample only errs
+    # low: anything queued ahead of the Pong, a busy peer, scheduling delays add time).
+    send_bytes_per_s: float | None = None
     rtt_samples: int = 0
     rate_samples: int = 0
     last_rtt_probe: float = 0.0  # monotonic time of the last round-trip probe sent
     _probes: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
+    _rates: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=RATE_SAMPLES), repr=False
+    )
     _next_nonce: int = field(default_factory=lambda: random.getrandbits(48), repr=False)
 
     def add_rtt(self, seconds: float) -> None:
@@ -50,8 +58,8 @@ class LinkStats:
             return
         rate = nbytes / max(transfer, 1e-4)  # a transfer hidden in the rtt's noise: fast link
         self.rate_samples += 1
-        old = self.send_bytes_per_s
-        self.send_bytes_per_s = rate if old is None else math.sqrt(old * rate)  # geometric mean
+        self._rates.append(rate)
+        self.send_bytes_per_s = max(self._rates)
 
     def probe(self, nbytes: int, now: float | None = None) -> int:
         """A nonce for a Ping sent now: after a frame of `nbytes` (throughput), or 0 (rtt)."""
