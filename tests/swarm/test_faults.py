@@ -44,9 +44,14 @@ class RawPeer:
         return reply
 
     def read(self):
+        """The next frame other than a Ping; Pings (link probes the server may send at any
+        time, docs/protocol.md §5) are answered as the spec requires."""
         deadline = time.monotonic() + 10
         while True:
             msg = self.decoder.next_message()
+            if isinstance(msg, Ping):
+                self.send(encode_message_bytes(Pong(0, msg.nonce)))
+                continue
             if msg is not None:
                 return msg
             assert time.monotonic() < deadline
