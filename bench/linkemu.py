@@ -308,7 +308,7 @@ class LinkEmulator:
                     w.transport.abort()
             for w in (c_writer, t_writer):
                 if w is not None and clean:
-                    with contextlib.suppress(OSError, ConnectionError, asyncio.CancelledError):
+                    with contextlib.suppress(OSError, TimeoutError):
                         await asyncio.wait_for(w.wait_closed(), 5.0)
 
     async def aclose(self) -> None:

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -231,7 +232,9 @@ class BeedSwarm:
     """A bootstrap node and one server per span on fixed ports, announcing PROXY_HOST:PORT."""
 
     def __init__(self, model: str, dtype: str, extra_args: list[str], log_dir: Path) -> None:
-        self.model, self.dtype, self.extra_args, self.log_dir = model, dtype, extra_args, log_dir
+        self.model, self.dtype, self.extra_args = model, dtype, extra_args
+        self.log_dir = log_dir / ("beed" + "".join(f"_{a.lstrip('-')}" for a in extra_args))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.daemons: list[Any] = []
@@ -443,25 +446,22 @@ def serve_supports(option: str) -> bool:
 
 
 def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """`value` formatted with `spec` ("8.1f"), or a dash as wide."""
+    return f"{'-':>{spec.split('.')[0]}}" if value is None else format(value, spec)
 
 
-def push_floor(rows: list[Row]) -> tuple[float | None, str]:
-    """Compute per token of the push chain (ms), from the RTT-0 push rows, and where it came from."""
-    hops = len(SPANS) + 1
-    push = [r for r in rows if r.system == "beed" and r.mode == "push" and r.ms_per_token]
-    zero = [r.ms_per_token for r in push if r.rtt_ms == 0 and r.ms_per_token is not None]
-    if zero:
-        return statistics.median(zero), "RTT-0 push ms/token"
-    if not push:
-        return None, ""
-    low = min(r.rtt_ms for r in push)
-    est = [
-        r.ms_per_token - hops * r.rtt_ms / 2
-        for r in push
-        if r.rtt_ms == low and r.ms_per_token is not None
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def push_compute_ms(rows: list[Row]) -> float | None:
+    """Compute per token of the push chain (ms): the median RTT-0 push ms/token, if measured."""
+    zero = [
+        r.ms_per_token
+        for r in rows
+        if r.system == "beed" and r.mode == "push" and r.rtt_ms == 0 and r.ms_per_token
     ]
-    return max(0.0, statistics.median(est)), f"RTT-{low:g} push ms/token less {hops} delays"
+    return statistics.median(zero) if zero else None
 
 
 def print_table(rows: list[Row]) -> None:
@@ -472,7 +472,7 @@ def print_table(rows: list[Row]) -> None:
         f"{'link MB':>8} | same tokens |"
     )
     print(head)
-    print("|" + "|".join("-" * (len(c) + 2) for c in head.strip("|").split("|")[:-1]) + "|------|")
+    print("|" + "|".join("-" * len(c) for c in head[1:-1].split("|")) + "|")
     for r in rows:
         p = petals.get((r.rtt_ms, r.rate_mbit))
         tps_ratio = ttft_ratio = "-"
@@ -496,6 +496,45 @@ def print_table(rows: list[Row]) -> None:
     )
 
 
+def print_checks(rows: list[Row], ref: Row | None) -> None:
+    mismatched = [r for r in rows if r.same_tokens is False]
+    if mismatched and ref is not None:
+        print(
+            f"\nWARNING: {len(mismatched)} row(s) generated other tokens than "
+            f"{ref.label} {ref.codec} at RTT {ref.rtt_ms:g} ms, {ref.rate_mbit:g} Mbit/s: "
+            + "; ".join(f"{r.label} {r.codec} RTT {r.rtt_ms:g} {r.rate_mbit:g}" for r in mismatched)
+        )
+
+
+def print_floor(
+    rows: list[Row], rtts: list[float], modes: list[str]
+) -> tuple[dict[float, float], float | None]:
+    """The push floor per RTT, (servers + 1) one-way delays + compute; returns it and compute."""
+    compute_ms = push_compute_ms(rows)
+    floors: dict[float, float] = {}
+    if compute_ms is None:
+        if "push" in modes:
+            print("\npush floor: needs a push row at RTT 0 (the compute estimate); add 0 to --rtts")
+        return floors, None
+    hops = len(SPANS) + 1
+    print(
+        f"\npush floor = ({len(SPANS)} servers + 1) one-way delays + compute "
+        f"({compute_ms:.1f} ms/token, the RTT-0 push ms/token)"
+    )
+    for rtt in rtts:
+        floor = floors[rtt] = hops * rtt / 2 + compute_ms
+        best = [
+            r.ms_per_token
+            for r in rows
+            if r.system == "beed" and r.mode == "push" and r.rtt_ms == rtt and r.ms_per_token
+        ]
+        line = f"  RTT {rtt:g} ms: {floor:.1f} ms/token ({1000 / floor:.2f} tok/s)"
+        if best:
+            line += f"; best push {min(best):.1f} ms/token ({min(best) / floor:.2f}x floor)"
+        print(line)
+    return floors, compute_ms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -511,6 +550,10 @@ def main() -> None:
     parser.add_argument("--no-petals", action="store_true")
     parser.add_argument("--json", metavar="OUT", help="write all results here")
     args = parser.parse_args()
+    # Ctrl-C and SIGTERM both end in the teardown below (also where a shell left SIGINT ignored:
+    # the daemons started from here then get the default disposition back).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     rtts = [float(x) for x in args.rtts.split(",")]
     rates = [float(x) for x in args.rates.split(",")]
     modes = args.modes.split(",")
@@ -538,8 +581,7 @@ def main() -> None:
         f"{' '.join(SPANS)}; decode: prompt {ids.shape[1]} tokens, {args.new_tokens} new, batch 1; "
         f"TTFT: prompt {long_ids.shape[1]} tokens, median of {args.runs}; links: one-way delay "
         f"RTT/2 and the rate, each direction; compression setting: client "
-        f"{'yes' if client_codec else 'NO'}, servers {'yes' if server_codec else 'NO'}; "
-        f"logs in {log_dir}",
+        f"{'yes' if client_codec else 'NO'}, servers {'yes' if server_codec else 'NO'}",
         flush=True,
     )
     if not (client_codec and server_codec) and len(codecs) > 1:
@@ -549,7 +591,7 @@ def main() -> None:
 
     rows: list[Row] = []
     began = time.perf_counter()
-    interrupted = False
+    interrupted = petals_failed = False
 
     def run_row(row: Row, measure: Any) -> None:
         t0 = time.perf_counter()
@@ -609,6 +651,7 @@ def main() -> None:
                             lambda r, p=petals: petals_row(p, args, r, ids, long_ids),
                         )
             except Exception as exc:
+                petals_failed = True
                 print(f"# Petals: {type(exc).__name__}: {exc}", flush=True)
             finally:
                 petals.stop()
@@ -634,34 +677,8 @@ def main() -> None:
     )
     print(f"\n# {len(rows)} rows in {time.perf_counter() - began:.0f} s")
     print_table(rows)
-    mismatched = [r for r in rows if r.same_tokens is False]
-    if mismatched:
-        print(
-            f"\nWARNING: {len(mismatched)} row(s) generated other tokens than the first "
-            f"({ref.label if ref else '-'}, {ref.codec if ref else '-'}, RTT {ref.rtt_ms if ref else '-'}): "
-            + "; ".join(f"{r.label} {r.codec} RTT {r.rtt_ms:g} {r.rate_mbit:g}" for r in mismatched)
-        )
-    compute_ms, source = push_floor(rows)
-    floors = {}
-    if compute_ms is not None:
-        hops = len(SPANS) + 1
-        print(
-            f"\npush floor = ({len(SPANS)} servers + 1) one-way delays + compute "
-            f"({compute_ms:.1f} ms/token: {source})"
-        )
-        for rtt in rtts:
-            floor = hops * rtt / 2 + compute_ms
-            floors[rtt] = floor
-            best = [
-                r.ms_per_token
-                for r in rows
-                if r.system == "beed" and r.mode == "push" and r.rtt_ms == rtt and r.ms_per_token
-            ]
-            measured = f"; best push {min(best):.1f} ms/token ({min(best) / floor:.2f}x floor)"
-            print(
-                f"  RTT {rtt:g} ms: {floor:.1f} ms/token ({1000 / floor:.2f} tok/s)"
-                + (measured if best else "")
-            )
+    print_checks(rows, ref)
+    floors, compute_ms = print_floor(rows, rtts, modes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -685,6 +702,10 @@ def main() -> None:
                 indent=1,
             )
         print(f"results written to {args.json}")
+    if interrupted or petals_failed or any(r.error for r in rows):
+        print(f"logs kept in {log_dir}")
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
     if interrupted:
         sys.exit(130)
 

@@ -89,7 +89,7 @@ async def behind() -> AsyncIterator[Callable[..., Awaitable[Setup]]]:
         await stop()
 
 
-async def test_round_trip_takes_two_delays(behind) -> None:
+async def test_round_trip_takes_two_delays(behind: Callable[..., Awaitable[Setup]]) -> None:
     setup = await behind(echo, linkemu.Link(delay_ms=50))
     reader, writer = await setup.connect()
     times = []
@@ -103,7 +103,7 @@ async def test_round_trip_takes_two_delays(behind) -> None:
     assert min(times) < 0.1 + 0.4  # generous: the machine is shared
 
 
-async def test_bandwidth_limits_a_bulk_transfer(behind) -> None:
+async def test_bandwidth_limits_a_bulk_transfer(behind: Callable[..., Awaitable[Setup]]) -> None:
     setup = await behind(count_then_reply, linkemu.Link(rate_mbit=100))
     reader, writer = await setup.connect()
     payload = os.urandom(2 * 1024 * 1024)
@@ -117,7 +117,9 @@ async def test_bandwidth_limits_a_bulk_transfer(behind) -> None:
     assert elapsed < 0.168 + 2.0
 
 
-async def test_bytes_arrive_intact_and_in_order_with_jitter(behind) -> None:
+async def test_bytes_arrive_intact_and_in_order_with_jitter(
+    behind: Callable[..., Awaitable[Setup]],
+) -> None:
     setup = await behind(echo, linkemu.Link(delay_ms=5, jitter_ms=5, rate_mbit=500))
     reader, writer = await setup.connect()
     sent = bytearray()
@@ -141,7 +143,7 @@ async def test_bytes_arrive_intact_and_in_order_with_jitter(behind) -> None:
     assert received == sent
 
 
-async def test_close_propagates_both_ways(behind) -> None:
+async def test_close_propagates_both_ways(behind: Callable[..., Awaitable[Setup]]) -> None:
     # The target closes: the client sees EOF.
     setup = await behind(close_at_once, linkemu.Link(delay_ms=5))
     reader, writer = await setup.connect()
