@@ -163,7 +163,20 @@ def _parse_block_indices(
     show_default=True,
     help="dtype the blocks run in.",
 )
-@click.option("--num-threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@click.option(
+    "--num-threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch intra-op CPU threads for prefills and batches [default: the CPU cores this "
+    "process may use].",
+)
+@click.option(
+    "--decode-threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch intra-op CPU threads for steps of at most 8 tokens (decode) [default: a quarter "
+    "of the cores, at least 1; see docs/performance.md, WAN].",
+)
 @click.option(
     "--kv-budget-tokens",
     type=click.IntRange(0),
@@ -254,6 +267,7 @@ def serve(
     device: str,
     dtype: str,
     num_threads: int | None,
+    decode_threads: int | None,
     kv_budget_tokens: int | None,
     max_session_length: int,
     session_timeout: float,
@@ -294,6 +308,7 @@ def serve(
         device=device,
         dtype=dtype,
         num_threads=num_threads,
+        decode_threads=decode_threads,
         kv_budget_tokens=kv_budget_tokens,
         max_session_length=max_session_length,
         session_timeout_s=session_timeout,

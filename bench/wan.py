@@ -549,6 +549,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="TTFT runs (median)")
     parser.add_argument("--no-petals", action="store_true")
     parser.add_argument("--json", metavar="OUT", help="write all results here")
+    parser.add_argument(
+        "--server-args", default="", help="extra `beed serve` arguments, e.g. '--num-threads 1'"
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the daemons' logs (BEED_LOG_LEVEL=DEBUG logs every step's compute time)",
+    )
     args = parser.parse_args()
     # Ctrl-C and SIGTERM both end in the teardown below (also where a shell left SIGINT ignored:
     # the daemons started from here then get the default disposition back).
@@ -617,6 +625,7 @@ def main() -> None:
         # One swarm per server compression setting (one swarm when servers have none).
         for server_codecs in [[c] for c in codecs] if server_codec else [codecs]:
             extra = ["--compression", server_codecs[0]] if server_codec else []
+            extra += args.server_args.split()
             swarm = BeedSwarm(args.model, args.dtype, extra, log_dir)
             try:
                 t0 = time.perf_counter()
@@ -702,7 +711,7 @@ def main() -> None:
                 indent=1,
             )
         print(f"results written to {args.json}")
-    if interrupted or petals_failed or any(r.error for r in rows):
+    if args.keep_logs or interrupted or petals_failed or any(r.error for r in rows):
         print(f"logs kept in {log_dir}")
     else:
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from beed.dht.config import DHTConfig
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_decode_threads(cores: int) -> int:
+    """Intra-op threads for decode-sized steps: a quarter of the cores, at least 1.
+
+    A one-token step is a chain of small matrix-vector products: one thread is nearly as fast
+    as two, and an OpenMP team that sleeps between steps (as it does whenever the next step is a
+    network round trip away) has to be woken for every one of its parallel regions. Measured on
+    the 2-core reference machine through 100 ms links (docs/performance.md, "WAN"): a 10-block
+    decode step took 45 ms with two threads and 25-27 ms with one, idle gaps or not; on loopback
+    both took 27 ms. Prefill chunks keep every thread (1.3 s against 2.4 s for 512 tokens).
+    """
+    return max(1, cores // 4)
 
 
 @dataclass(frozen=True)
@@ -18,6 +40,8 @@ class SchedulerConfig:
     active_window_s: float = 1.0  # a session that stepped this recently counts as active
     batch_wait_s: float = 0.005  # how long a step may wait for active sessions' steps to join it
     stateless_max_wait_s: float = 2.0  # Forward/Backward older than this run before steps
+    compute_threads: int = 0  # torch intra-op threads for large steps and stateless work (0: as is)
+    decode_threads: int = 0  # ... for steps of at most DECODE_STEP_TOKENS rows x tokens (0: as is)
 
 
 @dataclass(frozen=True)
@@ -36,7 +60,8 @@ class ServerConfig:
     identity_path: Path | None = None  # Ed25519 key file; None: a fresh identity per start
     device: str = "cpu"  # torch device of the blocks
     dtype: str = "float32"  # float32, bfloat16 or float16
-    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    num_threads: int | None = None  # torch intra-op threads for large steps; None: all cores
+    decode_threads: int | None = None  # ... for steps of few tokens; None: default_decode_threads
     kv_budget_tokens: int | None = None  # KV cache tokens for all sessions; None: from memory
     kv_memory_fraction: float = 0.25  # share of free memory for KV when kv_budget_tokens is None
     max_session_length: int = 8192  # longest max_length a session may ask for, in tokens

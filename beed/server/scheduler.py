@@ -33,6 +33,14 @@ from protocol.errors import InternalServerError, UnknownSessionError
 log = logging.getLogger(__name__)
 
 MIN_CHUNK_POSITIONS = 16  # a wide batch's prefill chunk still covers this many positions
+DECODE_STEP_TOKENS = 8  # a forward of at most this many rows x tokens runs on decode_threads
+
+
+def with_threads(threads: int, fn: Callable[[], Any]) -> Any:
+    """Run fn (on the compute thread) with `threads` torch intra-op threads (0: as set)."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return fn()
 
 
 @dataclass
@@ -273,7 +281,15 @@ class Scheduler:
         requests = [job.chunk(positions) for job, positions in batch]
         self._running = {job.owner for job, _ in batch}
         try:
-            results: list[Any] = await self._run_compute(lambda: backend.step_many(requests))
+            tokens = sum(job.rows * positions for job, positions in batch)
+            threads = (
+                self.config.decode_threads
+                if tokens <= DECODE_STEP_TOKENS
+                else self.config.compute_threads
+            )
+            results: list[Any] = await self._run_compute(
+                lambda: with_threads(threads, lambda: backend.step_many(requests))
+            )
         except Exception as exc:  # a bug: fail these jobs, keep serving the others
             log.exception("scheduler.batch_failed jobs=%d", len(batch))
             results = [exc] * len(batch)
@@ -316,7 +332,8 @@ class Scheduler:
 
     async def _run_stateless(self, job: _StatelessJob) -> None:
         try:
-            result = await self._run_compute(job.fn)
+            threads = self.config.compute_threads
+            result = await self._run_compute(lambda: with_threads(threads, job.fn))
         except Exception as exc:
             if not job.future.done():
                 job.future.set_exception(exc)

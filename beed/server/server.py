@@ -30,12 +30,12 @@ from beed.models.registry import cache_dir, resolve_model
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
 from beed.server.backend import BlockBackend
-from beed.server.config import ServerConfig
+from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
 from beed.server.kv_budget import KVBudget
 from beed.server.placement import better_span, choose_span
 from beed.server.push import NextHop, Pusher
-from beed.server.scheduler import Scheduler
+from beed.server.scheduler import Scheduler, with_threads
 from beed.server.service import ServerState as SharedState
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
@@ -93,8 +93,11 @@ class BlockServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        cores = available_cores()
+        threads = cfg.num_threads or cores
+        decode_threads = min(threads, cfg.decode_threads or default_decode_threads(cores))
+        torch.set_num_threads(threads)
+        log.info("server.threads compute=%d decode=%d cores=%d", threads, decode_threads, cores)
         # Every torch operation of this process runs on this one thread: libgomp gives each
         # calling thread its own OpenMP team, and once teams hold more threads than the machine
         # has cores it stops spin-waiting, which made every step ~60% slower (measured).
@@ -147,7 +150,9 @@ class BlockServer:
                     source.path, span[0], span[1], dtype=cfg.dtype, device=cfg.device
                 )
             )
-            per_block_tps = await run_compute(lambda: _measure_block_throughput(backend))
+            per_block_tps = await run_compute(
+                lambda: with_threads(decode_threads, lambda: _measure_block_throughput(backend))
+            )
             budget = KVBudget(self._kv_budget_tokens(backend), backend.info.kv_bytes_per_token)
             log.info(
                 "server.kv_budget tokens=%d bytes=%d",
@@ -166,7 +171,10 @@ class BlockServer:
                 ack_timeout_s=cfg.push_ack_timeout_s,
                 compression=cfg.compression,
             )
-            self.scheduler = Scheduler(run_compute, cfg.scheduler, on_crash=self._crashed)
+            scheduler_config = dataclasses.replace(
+                cfg.scheduler, compute_threads=threads, decode_threads=decode_threads
+            )
+            self.scheduler = Scheduler(run_compute, scheduler_config, on_crash=self._crashed)
             self.scheduler.start()
             self.state = SharedState(
                 config=cfg,
