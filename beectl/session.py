@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
+from asyncio import FIRST_COMPLETED
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,15 @@ from beectl.routing import Hop
 from beectl.swarm import Swarm
 from beed.net.peer import PeerConnection
 from protocol.errors import BadRequestError, BeeError, ConnectionClosed, NoRouteError
-from protocol.messages import Close, OpenSession, SessionOpened, Step, StepResult, Truncate
+from protocol.messages import (
+    Close,
+    Message,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+    Truncate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +127,6 @@ class _OpenHop:
 
 class PushFailedError(ConnectionClosed):
     """A server could not push its output to the next hop; the client sends it itself."""
-
-    relay = True
 
 
 class _ChainBroken(Exception):
@@ -360,7 +367,7 @@ class InferenceSession:
                 index += 1
             if error is None:
                 continue
-            if done and done[-1].push_error and getattr(error, "relay", False):
+            if isinstance(error, PushFailedError):
                 relay_next = True  # the hop may be fine: only the push to it failed
                 continue
             h = self._hops[index]
@@ -406,7 +413,10 @@ class InferenceSession:
         history). Raises _ChainBroken with the replies so far when a hop fails."""
         hops = self._hops[index : index + count]
         step_id = self._step_id
-        waits = [h.conn.expect_step(h.stream_id, step_id) for h in hops[1:]]
+        # Per hop: its result, and (all but the last) a notice that its push failed after it
+        # answered (the server confirms the next hop's Ack after sending its copy).
+        results = [h.conn.expect_step(h.stream_id, step_id) for h in hops]
+        notices = [h.conn.expect_step(h.stream_id, step_id) for h in hops[:-1]]
         first = hops[0]
         first.history.add(position, hidden, mask, position_ids)
         done: list[StepResult] = []
@@ -421,17 +431,14 @@ class InferenceSession:
                     position_ids,
                     next_hops=tuple(h.next_hop() for h in hops[1:]),
                 )
-                reply = await first.conn.request(step, self.config.step_timeout_s)
+                await first.conn.send(step, self.config.step_timeout_s)
             except BeeError as exc:
                 raise _ChainBroken(done, exc) from exc
             for j, h in enumerate(hops):
-                if j > 0:
-                    try:
-                        reply = await h.conn.wait(
-                            waits[j - 1], "a pushed Step", self.config.step_timeout_s
-                        )
-                    except BeeError as exc:
-                        raise _ChainBroken(done, exc) from exc
+                try:
+                    reply = await self._hop_result(h, results[j], notices[j - 1] if j else None)
+                except BeeError as exc:
+                    raise _ChainBroken(done, exc) from exc
                 if not isinstance(reply, StepResult):
                     wrong = BadRequestError(f"server answered Step with {type(reply).__name__}")
                     raise _ChainBroken(done, wrong)
@@ -442,8 +449,25 @@ class InferenceSession:
                         raise _ChainBroken(done, PushFailedError(reply.push_error))
             return done
         finally:
-            for h in hops[1:]:
+            for h in hops:
                 h.conn.forget_step(h.stream_id, step_id)
+
+    async def _hop_result(
+        self,
+        h: _OpenHop,
+        result: asyncio.Future[Message],
+        notice: asyncio.Future[Message] | None,
+    ) -> Message:
+        """Hop h's StepResult; PushFailedError if, first, the previous hop reports that its push
+        to h failed (h will never answer then)."""
+        timeout_s = self.config.step_timeout_s
+        if notice is not None:
+            await asyncio.wait({result, notice}, timeout=timeout_s, return_when=FIRST_COMPLETED)
+            if not result.done() and notice.done() and not notice.cancelled():
+                late = notice.result() if notice.exception() is None else None
+                if isinstance(late, StepResult) and late.push_error:
+                    raise PushFailedError(late.push_error)
+        return await h.conn.wait(result, "Step", timeout_s)
 
     async def _move_draining(self, h: _OpenHop) -> None:
         """The server is shutting down: move this hop now, while it still answers. The new

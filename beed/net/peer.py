@@ -64,7 +64,9 @@ class PeerConnection:
         self.compression = compression  # "auto": codecs follow the measured link; "off": raw
         self._stream: FramedStream | None = None
         self._waiters: dict[int, collections.deque[asyncio.Future[Message]]] = {}
-        self._step_waiters: dict[tuple[int, int], asyncio.Future[Message]] = {}
+        # (stream, step id) -> futures served in order: a step's result, then any later notice
+        # for the same step (a push that failed after the result was sent).
+        self._step_waiters: dict[tuple[int, int], collections.deque[asyncio.Future[Message]]] = {}
         self._pings: dict[int, asyncio.Future[float]] = {}  # nonce -> round trip
         self._stream_ids = itertools.count(1)
         self._tasks = TaskOwner(f"peer-{host}:{port}")
@@ -122,22 +124,19 @@ class PeerConnection:
         return self._stream
 
     def expect_step(self, stream_id: int, step_id: int) -> asyncio.Future[Message]:
-        """A future for the StepResult of `step_id` on `stream_id` (or the Error that fails it),
-        whether that step is sent on this connection or pushed to the server by another."""
+        """A future for the next StepResult of `step_id` on `stream_id` (or the Error that fails
+        it), whether that step is sent on this connection or pushed to the server by another.
+        Called twice, the second future gets the second such frame (a late push failure)."""
         self._check_open()
-        key = (stream_id, step_id)
-        old = self._step_waiters.get(key)
-        if old is not None and not old.done():
-            return old
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._step_waiters[key] = future
+        self._step_waiters.setdefault((stream_id, step_id), collections.deque()).append(future)
         return future
 
     def forget_step(self, stream_id: int, step_id: int) -> None:
-        """Stop waiting for that step's result (its hop was replaced)."""
-        future = self._step_waiters.pop((stream_id, step_id), None)
-        if future is not None and not future.done():
-            future.cancel()
+        """Stop waiting for that step's results (done, or its hop was replaced)."""
+        for future in self._step_waiters.pop((stream_id, step_id), ()):
+            if not future.done():
+                future.cancel()
 
     async def ping(self, timeout_s: float) -> float:
         """One measured round trip to the server, in seconds (also kept in `link`)."""
@@ -182,6 +181,18 @@ class PeerConnection:
             raise reply.to_exception()
         return reply
 
+    async def submit(self, msg: Message, timeout_s: float) -> asyncio.Future[Message]:
+        """Send msg (not a Step) and return the future of its reply, for wait()."""
+        stream = self._check_open()
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(msg.stream_id, collections.deque()).append(future)
+        try:
+            await stream.send(msg, timeout_s=timeout_s)
+        except PhaseTimeoutError as exc:
+            await self._fail(exc)
+            raise
+        return future
+
     async def request(self, msg: Message, timeout_s: float) -> Message:
         """Send msg and wait for the reply on its stream; an Error reply is raised."""
         stream = self._check_open()
@@ -191,7 +202,7 @@ class PeerConnection:
             try:
                 return await self.wait(future, "Step", timeout_s)
             finally:
-                self._step_waiters.pop((msg.stream_id, msg.step_id), None)
+                self.forget_step(msg.stream_id, msg.step_id)
         future = asyncio.get_running_loop().create_future()
         queue = self._waiters.setdefault(msg.stream_id, collections.deque())
         queue.append(future)
@@ -224,18 +235,24 @@ class PeerConnection:
                         ping.set_result(time.monotonic())
                     continue
                 if isinstance(msg, StepResult):
-                    waiter = self._step_waiters.pop((msg.stream_id, msg.step_id), None)
-                    if waiter is None:
+                    key = (msg.stream_id, msg.step_id)
+                    waiters = self._step_waiters.get(key)
+                    while waiters and waiters[0].done():  # cancelled by a caller
+                        waiters.popleft()
+                    if not waiters:
+                        self._step_waiters.pop(key, None)
                         log.debug("peer.late_step stream=%d step=%d", msg.stream_id, msg.step_id)
-                    elif not waiter.done():
-                        waiter.set_result(msg)
+                        continue
+                    waiters.popleft().set_result(msg)
+                    if not waiters:
+                        del self._step_waiters[key]
                     continue
                 queue = self._waiters.get(msg.stream_id)
                 if not queue and isinstance(msg, Error):
                     for key in [k for k in self._step_waiters if k[0] == msg.stream_id]:
-                        waiter = self._step_waiters.pop(key)
-                        if not waiter.done():
-                            waiter.set_result(msg)
+                        for waiter in self._step_waiters.pop(key):
+                            if not waiter.done():
+                                waiter.set_result(msg)
                     continue
                 if not queue:
                     log.debug(
@@ -264,9 +281,10 @@ class PeerConnection:
                 if not future.done():
                     future.set_exception(exc)
         self._waiters.clear()
-        for future in self._step_waiters.values():
-            if not future.done():
-                future.set_exception(exc)
+        for futures in self._step_waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
         self._step_waiters.clear()
         if self._stream is not None:
             await self._stream.aclose()

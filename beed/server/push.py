@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,13 +106,23 @@ class Pusher:
             log.info("push.connected host=%s port=%d peer=%s", hop.host, hop.port, hop.peer_id[:8])
             return conn
 
-    async def push(self, hop: NextHop, msg: Push) -> None:
-        """Send msg to `hop` and wait until it is accepted; raises a BeeError otherwise."""
+    async def send(self, hop: NextHop, msg: Push) -> Awaitable[None]:
+        """Write msg to `hop` (connecting first if needed); the awaitable returned completes
+        when the next hop accepted it and raises a BeeError when it did not (or timed out)."""
         conn = await self.connection(hop)
         msg = dataclasses.replace(msg, stream_id=conn.new_stream_id())
-        reply = await conn.request(msg, self.ack_timeout_s)
-        if not isinstance(reply, Ack):
-            raise BadRequestError(f"next hop answered Push with {type(reply).__name__}")
+        reply = await conn.submit(msg, self.ack_timeout_s)
+
+        async def accepted() -> None:
+            answer = await conn.wait(reply, "Push", self.ack_timeout_s)
+            if not isinstance(answer, Ack):
+                raise BadRequestError(f"next hop answered Push with {type(answer).__name__}")
+
+        return accepted()
+
+    async def push(self, hop: NextHop, msg: Push) -> None:
+        """Send msg to `hop` and wait until it is accepted; raises a BeeError otherwise."""
+        await (await self.send(hop, msg))
 
     async def aclose(self) -> None:
         self._closed = True

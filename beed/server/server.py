@@ -69,6 +69,7 @@ class BlockServer:
         self._stop = asyncio.Event()
         self._tasks = TaskOwner("server", on_crash=self._crashed)
         self._connections = TaskOwner("connections", isolate=True)
+        self._request_tasks = TaskOwner("requests", isolate=True)  # push confirmations
         self._failure: BaseException | None = None
         self._next_connection = 0
         self.state: SharedState | None = None
@@ -185,6 +186,7 @@ class BlockServer:
                 scheduler=self.scheduler,
                 info=lambda: self._info(),
                 pusher=self.pusher,
+                tasks=self._request_tasks,
             )
             tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock, limit=1 << 20)
             self._record = dataclasses.replace(
@@ -220,6 +222,7 @@ class BlockServer:
             if tcp is not None:
                 tcp.close()
             await self._connections.aclose()
+            await self._request_tasks.aclose()
             if self.pusher is not None:
                 await self.pusher.aclose()
             if self.scheduler is not None:

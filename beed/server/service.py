@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from beed.net.tasks import TaskOwner
 from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import ServerConfig
 from beed.server.push import NextHop, Pusher, check_token, parse_next_hops
@@ -80,6 +81,7 @@ class ServerState:
     scheduler: Scheduler  # all compute of steps and stateless requests
     info: Callable[[], dict[str, Any]]
     pusher: Pusher
+    tasks: TaskOwner  # background work of requests (push confirmations); per-request, isolated
     draining: bool = False
     push_stats: PushStats = field(default_factory=PushStats)
 
@@ -158,7 +160,7 @@ class SessionService:
         push_error = ""
         if hops:
             push_error = await self._push_on(
-                hops, msg.step_id, msg.position, out, msg.attention_mask, msg.position_ids
+                session, hops, msg.step_id, msg.position, out, msg.attention_mask, msg.position_ids
             )
         return StepResult(
             msg.stream_id, msg.step_id, out, draining=self._draining(session), push_error=push_error
@@ -198,7 +200,13 @@ class SessionService:
             push_error = ""
             if hops:
                 push_error = await self._push_on(
-                    hops, msg.step_id, msg.position, out, msg.attention_mask, msg.position_ids
+                    session,
+                    hops,
+                    msg.step_id,
+                    msg.position,
+                    out,
+                    msg.attention_mask,
+                    msg.position_ids,
                 )
             reply = StepResult(
                 sid, msg.step_id, out, draining=self._draining(session), push_error=push_error
@@ -266,6 +274,7 @@ class SessionService:
 
     async def _push_on(
         self,
+        session: Session,
         hops: list[NextHop],
         step_id: int,
         position: int,
@@ -273,8 +282,13 @@ class SessionService:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
     ) -> str:
-        """Push `out` to the first of `hops` (with the rest of the route); "" once accepted,
-        else why not (the client then sends that hop the output itself)."""
+        """Push `out` to the first of `hops` (with the rest of the route): "" once it is written,
+        else why it could not be (the client then sends that hop the output itself).
+
+        The next hop's Ack is awaited in the background, not before the answer to the client
+        (that would put a round trip between two servers on the path of every copy): if the
+        Ack does not come, the session's owner gets a second StepResult for the step with the
+        reason in `push_error` (docs/protocol.md, Push)."""
         first, rest = hops[0], hops[1:]
         push = Push(
             0,
@@ -286,21 +300,37 @@ class SessionService:
             position_ids=position_ids,
             next_hops=tuple(h.as_dict() for h in rest),
         )
-        stats = self.state.push_stats
         try:
-            await self.state.pusher.push(first, push)
+            ack = await self.state.pusher.send(first, push)
         except BeeError as exc:
-            stats.push_failures += 1
-            log.info(
-                "push.failed to=%s:%d peer=%s error=%s",
-                first.host,
-                first.port,
-                first.peer_id[:8],
-                exc,
-            )
-            return f"push to {first.host}:{first.port} failed: {exc}"
-        stats.pushes_sent += 1
+            return self._push_failed(first, exc)
+        self.state.tasks.spawn(
+            self._confirm_push(session, first, ack, step_id, out), name=f"confirm-{step_id}"
+        )
         return ""
+
+    async def _confirm_push(
+        self,
+        session: Session,
+        hop: NextHop,
+        ack: Awaitable[None],
+        step_id: int,
+        out: torch.Tensor,
+    ) -> None:
+        try:
+            await ack
+        except BeeError as exc:
+            error = self._push_failed(hop, exc)
+            if session.send_to_owner is not None and session.cache is not None:
+                sid = SessionRegistry.stream_of(session.key)
+                await session.send_to_owner(StepResult(sid, step_id, out, push_error=error))
+            return
+        self.state.push_stats.pushes_sent += 1
+
+    def _push_failed(self, hop: NextHop, exc: BeeError) -> str:
+        self.state.push_stats.push_failures += 1
+        log.info("push.failed to=%s:%d peer=%s error=%s", hop.host, hop.port, hop.peer_id[:8], exc)
+        return f"push to {hop.host}:{hop.port} failed: {exc}"
 
     def _draining(self, session: Session) -> bool:
         """A drain notice: the server is shutting down, or moved and retires these blocks."""

@@ -163,6 +163,30 @@ async def test_a_step_that_arrives_by_push_and_directly_runs_once(swarm4, model_
         await pusher.aclose()
 
 
+async def test_a_refused_push_is_reported_to_the_owner_after_the_copy(swarm4, model_path):
+    """The first server answers with its copy at once; when the next server then refuses the
+    push (a token it does not know), the owner gets a second StepResult saying so."""
+    fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+    first, nxt = _server(swarm4, (0, 10)), _server(swarm4, (20, 30))
+    owner = PeerConnection(*first.address)
+    await owner.connect(5.0)
+    try:
+        sid = await _open(owner, fingerprint, (0, 10), secrets.token_hex(16))
+        host, port = nxt.address
+        route = ({"host": host, "port": port, "peer_id": nxt.peer_id, "token": "ab" * 16},)
+        copy = owner.expect_step(sid, 1)
+        notice = owner.expect_step(sid, 1)
+        await owner.send(Step(sid, 1, 0, torch.randn(1, 2, 576), next_hops=route), 10.0)
+        got = await owner.wait(copy, "copy", 30.0)
+        assert isinstance(got, StepResult) and got.push_error == ""
+        late = await owner.wait(notice, "notice", 30.0)
+        assert isinstance(late, StepResult) and late.step_id == 1
+        assert "no session here accepts this push token" in late.push_error
+        assert torch.equal(late.hidden, got.hidden)
+    finally:
+        await owner.aclose()
+
+
 def test_servers_announce_round_trips_to_the_next_servers(swarm4, model_path):
     """The first server measures both replicas of the middle span, each middle server the
     last one: clients cost push hops from these figures."""
