@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from beectl.bans import BanList
@@ -22,6 +23,8 @@ from protocol.errors import (
 
 log = logging.getLogger(__name__)
 
+MEASURE_RETRY_S = 60.0  # a server that could not be measured is not tried again this soon
+
 
 class Swarm:
     """Finds servers of a model in the DHT and keeps one connection per server."""
@@ -35,6 +38,7 @@ class Swarm:
         self.bans = BanList()  # shared by every session of this client
         self._servers_cache: dict[str, tuple[float, list[ServerRecord]]] = {}
         self.load: dict[str, int] = {}  # server sessions this client holds, per server
+        self._measure_failed: dict[str, float] = {}  # peer id -> when measuring it failed
 
     def session_opened(self, peer_id: str) -> None:
         self.load[peer_id] = self.load.get(peer_id, 0) + 1
@@ -141,10 +145,12 @@ class Swarm:
         them, at most `measure_servers` at once, each bounded by `measure_timeout_s`), so that
         routes are costed with real link latencies; a server that does not answer in time is
         left to the default (and to the failover path, should a route use it)."""
+        now = time.monotonic()
         todo = [
             s
             for s in servers
             if s.peer_id not in self.rtt_s
+            and now - self._measure_failed.get(s.peer_id, -math.inf) > MEASURE_RETRY_S
             and s.state == ServerState.ONLINE
             and s.intersects(start, end)
             and s.peer_id not in self.bans.banned()
@@ -157,6 +163,7 @@ class Swarm:
                 async with asyncio.timeout(self.config.measure_timeout_s):
                     await self.connection(server)
             except (BeeError, TimeoutError) as exc:
+                self._measure_failed[server.peer_id] = time.monotonic()
                 log.debug("swarm.measure_failed peer=%s error=%s", server.peer_id[:8], exc)
 
         await asyncio.gather(*(one(s) for s in todo))
