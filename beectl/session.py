@@ -23,7 +23,13 @@ from beectl.config import ClientConfig
 from beectl.routing import Hop
 from beectl.swarm import Swarm
 from beed.net.peer import PeerConnection
-from protocol.errors import BadRequestError, BeeError, ConnectionClosed, NoRouteError
+from protocol.errors import (
+    BadRequestError,
+    BeeError,
+    ConnectionClosed,
+    InvalidReplyError,
+    NoRouteError,
+)
 from protocol.messages import (
     Close,
     Message,
@@ -97,6 +103,23 @@ class _History:
         if any(c.position_ids is not None for c in self.chunks):
             ids = torch.cat([_ids_of(c) for c in self.chunks], dim=1)
         return hidden, self.attention_mask, ids
+
+
+def _checked(reply: Message, shape: torch.Size) -> StepResult:
+    """reply, if it can be the answer to a step whose input had `shape`; else InvalidReplyError
+    (the hop's server is then treated as failed: banned, replaced, its history replayed)."""
+    if not isinstance(reply, StepResult):
+        raise InvalidReplyError(f"server answered a Step with {type(reply).__name__}")
+    out = reply.hidden
+    if out.shape != shape:
+        raise InvalidReplyError(
+            f"server answered a step of shape {list(shape)} with shape {list(out.shape)}"
+        )
+    if not out.is_floating_point():
+        raise InvalidReplyError(f"server answered a step with {out.dtype} values")
+    if not bool(torch.isfinite(out).all()):
+        raise InvalidReplyError("server answered a step with NaN or infinite values")
+    return reply
 
 
 def _ids_of(chunk: _Chunk) -> torch.Tensor:
@@ -290,9 +313,11 @@ class InferenceSession:
         except BeeError as exc:
             exc.failed_peer = h.hop.peer_id  # type: ignore[attr-defined]
             raise
-        if not isinstance(reply, StepResult):
-            raise BadRequestError(f"server answered Step with {type(reply).__name__}")
-        return reply
+        try:
+            return _checked(reply, hidden.shape)
+        except InvalidReplyError as exc:
+            exc.failed_peer = h.hop.peer_id  # type: ignore[attr-defined]
+            raise
 
     async def _replay(self, hops: list[_OpenHop], history: _History) -> torch.Tensor:
         hidden, mask, position_ids = history.replay()
@@ -386,6 +411,10 @@ class InferenceSession:
                 raise error
             hidden = output[:, -tokens:]
             index += replaced
+            # The hops after the replaced one get this step again, from another server's output:
+            # under a new step id, so that a late answer to the old one (computed from what the
+            # failed server pushed) can never be taken for it, and the server runs it again.
+            self._step_id += 1
         for h in draining:
             await self._move_draining(h)
         self.position += tokens
@@ -439,9 +468,10 @@ class InferenceSession:
                     reply = await self._hop_result(h, results[j], notices[j - 1] if j else None)
                 except BeeError as exc:
                     raise _ChainBroken(done, exc) from exc
-                if not isinstance(reply, StepResult):
-                    wrong = BadRequestError(f"server answered Step with {type(reply).__name__}")
-                    raise _ChainBroken(done, wrong)
+                try:
+                    reply = _checked(reply, hidden.shape)
+                except InvalidReplyError as exc:
+                    raise _ChainBroken(done, exc) from exc
                 done.append(reply)
                 if j + 1 < len(hops):
                     hops[j + 1].history.add(position, reply.hidden, mask, position_ids)

@@ -33,7 +33,9 @@ BeeError                          base of everything we raise on purpose
     ├── NoRouteError              302 no chain of servers covers the blocks
     ├── PeerUnreachableError      303 bootstrap / server could not be reached
     ├── PhaseTimeoutError         304 a phase (connect, step, ...) ran past its timeout
-    └── ConnectionClosed          305 the peer closed the connection, or it broke - retryable
+    ├── ConnectionClosed          305 the peer closed the connection, or it broke - retryable
+    ├── (306: a local test swarm's daemon failed to start; beectl.local_swarm)
+    └── InvalidReplyError         307 a server's answer failed the client's checks - retryable
 ```
 
 Every error carries a numeric `code`, a human `message` and `retryable`. `RemoteError` wraps an
@@ -209,6 +211,14 @@ class ConnectionClosed(ClientError):
     """The peer closed the connection (or it broke) while we were reading or writing."""
 
     code = 305
+    retryable = True
+
+
+class InvalidReplyError(ClientError):
+    """A server answered with something the request cannot have produced (wrong shape or
+    dtype, non-finite values): the client treats it as a failed server."""
+
+    code = 307
     retryable = True
 
 

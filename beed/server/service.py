@@ -229,13 +229,15 @@ class SessionService:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One step of the session; on a push route, once: a repeat of its last step returns
-        the last output, and an older step is refused."""
+        """One step of the session; on a push route, once: a repeat of its last step (same id,
+        position and input bits) returns the last output, and an older step is refused."""
         st = self.state
         async with session.lock:
             _check_open(session, "step waited")
             if session.push_token and session.last_step is not None:
-                if session.last_step == (step_id, position):
+                if session.last_step == (step_id, position) and torch.equal(
+                    hidden, session.last_input
+                ):
                     st.push_stats.duplicate_steps += 1
                     return session.last_output
                 if step_id < session.last_step[0]:
@@ -269,7 +271,8 @@ class SessionService:
             session.length = position + tokens
             session.touch()
             if session.push_token:  # only sessions on a push route can see a step twice
-                session.last_step, session.last_output = (step_id, position), out
+                session.last_step = (step_id, position)
+                session.last_input, session.last_output = hidden, out
         return out
 
     async def _push_on(

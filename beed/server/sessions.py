@@ -38,6 +38,7 @@ class Session:
     # The last step run, (step_id, position), and its output: a step that arrives again (by push
     # and by the client's fallback) is answered from here instead of running twice.
     last_step: tuple[int, int] | None = None
+    last_input: Any = None
     last_output: Any = None
 
     def touch(self) -> None:
@@ -151,7 +152,7 @@ class SessionRegistry:
         if session.push_token:
             self._by_token.pop(session.push_token, None)
         session.cache = None
-        session.last_output = None
+        session.last_input = session.last_output = None
         if session.on_close is not None:
             session.on_close()
         if self._on_close is not None:
