@@ -442,13 +442,21 @@ class InferenceSession:
         history). Raises _ChainBroken with the replies so far when a hop fails."""
         hops = self._hops[index : index + count]
         step_id = self._step_id
+        done: list[StepResult] = []
         # Per hop: its result, and (all but the last) a notice that its push failed after it
         # answered (the server confirms the next hop's Ack after sending its copy).
-        results = [h.conn.expect_step(h.stream_id, step_id) for h in hops]
+        results: list[asyncio.Future[Message]] = []
+        for j, h in enumerate(hops):
+            try:
+                results.append(h.conn.expect_step(h.stream_id, step_id))
+            except BeeError as exc:  # this hop's connection is gone already
+                if j == 0:
+                    raise _ChainBroken(done, exc) from exc
+                hops = hops[:j]  # go as far as the hop before; this one fails on its own turn
+                break
         notices = [h.conn.expect_step(h.stream_id, step_id) for h in hops[:-1]]
         first = hops[0]
         first.history.add(position, hidden, mask, position_ids)
-        done: list[StepResult] = []
         try:
             try:
                 step = Step(

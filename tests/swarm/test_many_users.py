@@ -126,7 +126,10 @@ async def test_sixteen_concurrent_clients_get_what_they_get_alone(swarm2, local_
 async def test_without_continuous_batching_each_step_runs_alone(local_model, tokenizer):
     ids = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS[:4]]
     refs = [reference(local_model, i, 8) for i in ids]
-    with LocalSwarm(num_servers=2, extra_args=["--no-continuous-batching"]) as swarm:
+    # Bit-identical needs the reference's thread count for decode steps too (a matrix product's
+    # sums are ordered by its threads); the default decode threads would give 1e-6 differences.
+    threads = ["--decode-threads", str(torch.get_num_threads())]
+    with LocalSwarm(num_servers=2, extra_args=["--no-continuous-batching", *threads]) as swarm:
         async with Clients(swarm, len(ids)) as models:
             outs = await asyncio.gather(
                 *(generate_one(m, i, 8) for m, i in zip(models, ids, strict=True))
