@@ -221,15 +221,20 @@ class LocalSwarm:
         return lines
 
     def stop(self) -> None:
-        for daemon in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
-            daemon.signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20.0
-        for daemon in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
-            if daemon.process is None:
-                continue
-            try:
-                daemon.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                daemon.process.kill()
-                daemon.process.wait()
+        stop_daemons([*self.servers, *([self.bootstrap] if self.bootstrap else [])])
         self._tmp.cleanup()
+
+
+def stop_daemons(daemons: list[Daemon], timeout_s: float = 20.0) -> None:
+    """SIGTERM every daemon, wait for all (together at most timeout_s), kill the stragglers."""
+    for daemon in daemons:
+        daemon.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for daemon in daemons:
+        if daemon.process is None:
+            continue
+        try:
+            daemon.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()

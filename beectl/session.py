@@ -20,6 +20,7 @@ import torch
 
 from beectl.bans import is_server_failure
 from beectl.config import ClientConfig
+from beectl.history import History
 from beectl.routing import Hop
 from beectl.swarm import Swarm
 from beed.net.peer import PeerConnection
@@ -54,57 +55,6 @@ class ModelRef:
     num_blocks: int
 
 
-@dataclass
-class _Chunk:
-    """One step's input to a hop: tokens [position, position + hidden.shape[1])."""
-
-    position: int
-    hidden: torch.Tensor
-    position_ids: torch.Tensor | None
-
-
-@dataclass
-class _History:
-    """Everything a hop was sent, so that another server can be brought to the same state."""
-
-    chunks: list[_Chunk] = field(default_factory=list)
-    attention_mask: torch.Tensor | None = None  # the last step's mask covers all positions
-
-    def truncate(self, position: int) -> None:
-        kept: list[_Chunk] = []
-        for chunk in self.chunks:
-            if chunk.position >= position:
-                break
-            cut = position - chunk.position
-            if cut < chunk.hidden.shape[1]:
-                ids = None if chunk.position_ids is None else chunk.position_ids[:, :cut]
-                chunk = _Chunk(chunk.position, chunk.hidden[:, :cut], ids)
-            kept.append(chunk)
-        self.chunks = kept
-        if self.attention_mask is not None:
-            self.attention_mask = self.attention_mask[:, :position]
-
-    def add(
-        self,
-        position: int,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> None:
-        self.truncate(position)
-        self.chunks.append(_Chunk(position, hidden, position_ids))
-        if mask is not None:
-            self.attention_mask = mask
-
-    def replay(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """All inputs as one step from position 0: hidden, attention mask, position ids."""
-        hidden = torch.cat([c.hidden for c in self.chunks], dim=1)
-        ids = None
-        if any(c.position_ids is not None for c in self.chunks):
-            ids = torch.cat([_ids_of(c) for c in self.chunks], dim=1)
-        return hidden, self.attention_mask, ids
-
-
 def _checked(reply: Message, shape: torch.Size) -> StepResult:
     """reply, if it can be the answer to a step whose input had `shape`; else InvalidReplyError
     (the hop's server is then treated as failed: banned, replaced, its history replayed)."""
@@ -122,20 +72,13 @@ def _checked(reply: Message, shape: torch.Size) -> StepResult:
     return reply
 
 
-def _ids_of(chunk: _Chunk) -> torch.Tensor:
-    if chunk.position_ids is not None:
-        return chunk.position_ids
-    batch, tokens = chunk.hidden.shape[:2]
-    return torch.arange(chunk.position, chunk.position + tokens).unsqueeze(0).expand(batch, -1)
-
-
 @dataclass
 class _OpenHop:
     hop: Hop
     conn: PeerConnection
     stream_id: int
     push_token: str = ""  # the server session accepts pushes with it ("" = relayed only)
-    history: _History = field(default_factory=_History)
+    history: History = field(default_factory=History)
 
     def next_hop(self) -> dict[str, object]:
         """This hop as a route entry for the previous hop's push."""
@@ -212,7 +155,7 @@ class InferenceSession:
         )
 
     async def _open_span(
-        self, start: int, end: int, *, replay: _History | None, wait: bool
+        self, start: int, end: int, *, replay: History | None, wait: bool
     ) -> tuple[list[_OpenHop], torch.Tensor | None]:
         """Open sessions covering [start, end), moving on to other servers while some fail.
 
@@ -319,7 +262,7 @@ class InferenceSession:
             exc.failed_peer = h.hop.peer_id  # type: ignore[attr-defined]
             raise
 
-    async def _replay(self, hops: list[_OpenHop], history: _History) -> torch.Tensor:
+    async def _replay(self, hops: list[_OpenHop], history: History) -> torch.Tensor:
         hidden, mask, position_ids = history.replay()
         for h in hops:
             hidden = (await self._send(h, 0, hidden, mask, position_ids)).hidden

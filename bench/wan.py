@@ -282,17 +282,9 @@ class BeedSwarm:
             server.wait_ready(START_TIMEOUT_S)
 
     def stop(self) -> None:
-        for daemon in reversed(self.daemons):
-            daemon.signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20.0
-        for daemon in reversed(self.daemons):
-            if daemon.process is None:
-                continue
-            try:
-                daemon.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                daemon.process.kill()
-                daemon.process.wait()
+        from beectl.local_swarm import stop_daemons
+
+        stop_daemons(list(reversed(self.daemons)))
         self.daemons.clear()
 
 

@@ -7,11 +7,9 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ import beed
 from beed.dht.identity import Identity
 from beed.dht.node import DHTNode
 from beed.dht.peers import reachable_host
-from beed.dht.records import MAX_NEXT_RTTS, ServerRecord, ServerState
+from beed.dht.records import ServerRecord, ServerState
 from beed.models.adapters import load_config, num_blocks
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir, resolve_model
@@ -33,14 +31,17 @@ from beed.server.backend import BlockBackend
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
 from beed.server.kv_budget import KVBudget
+from beed.server.listen import bind_tcp, start_dht
+from beed.server.neighbours import measure_next_rtts, rtts_changed
 from beed.server.placement import better_span, choose_span
-from beed.server.push import NextHop, Pusher
+from beed.server.probe import measure_block_throughput
+from beed.server.push import Pusher
 from beed.server.scheduler import Scheduler, with_threads
 from beed.server.service import ServerState as SharedState
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
 from protocol.codecs import ALL_CODECS
-from protocol.errors import BadRequestError, BeeError, DrainingError, InternalServerError
+from protocol.errors import BadRequestError, DrainingError, InternalServerError
 from protocol.messages import PROTOCOL_VERSION, Hello
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,9 @@ class BlockServer:
         tcp: asyncio.Server | None = None
         self.dht = dht = DHTNode(cfg.dht, identity, on_crash=self._crashed)
         try:
-            tcp_sock = _bind_tcp(cfg.host, cfg.port)
+            tcp_sock = bind_tcp(cfg.host, cfg.port)
             port = tcp_sock.getsockname()[1]
-            dht_port = await _start_dht(
+            dht_port = await start_dht(
                 dht, cfg.host, cfg.dht_port if cfg.dht_port is not None else port
             )
             if cfg.initial_peers:
@@ -152,7 +153,7 @@ class BlockServer:
                 )
             )
             per_block_tps = await run_compute(
-                lambda: with_threads(decode_threads, lambda: _measure_block_throughput(backend))
+                lambda: with_threads(decode_threads, lambda: measure_block_throughput(backend))
             )
             budget = KVBudget(self._kv_budget_tokens(backend), backend.info.kv_bytes_per_token)
             log.info(
@@ -302,7 +303,7 @@ class BlockServer:
         if self.state is None or self._record is None:
             return
         backend = self.state.backend
-        tps = await run_compute(lambda: _measure_block_throughput(backend))
+        tps = await run_compute(lambda: measure_block_throughput(backend))
         if tps > self._record.compute_tokens_per_s * 1.1:
             log.info("server.throughput old=%.0f new=%.0f", self._record.compute_tokens_per_s, tps)
             self._record = dataclasses.replace(self._record, compute_tokens_per_s=tps)
@@ -335,7 +336,7 @@ class BlockServer:
                     model_dir, target[0], target[1], dtype=cfg.dtype, device=cfg.device
                 )
             )
-            tps = await run_compute(lambda: _measure_block_throughput(backend))
+            tps = await run_compute(lambda: measure_block_throughput(backend))
         except Exception as exc:
             log.error("rebalance.load_failed to=%d:%d error=%r", target[0], target[1], exc)
             self._record = old_record
@@ -437,35 +438,8 @@ class BlockServer:
             return
         me = self._record
         servers = await self.dht.get_servers(fingerprint, 0, total)
-        followers = [
-            s
-            for s in servers
-            if s.peer_id != me.peer_id
-            and s.state == ServerState.ONLINE
-            and (
-                s.span_start <= me.span_end < s.span_end  # serves the block after ours
-                or me.span_start < s.span_start <= me.span_end  # takes over inside our span
-            )
-        ][:MAX_NEXT_RTTS]
-        pusher = self.pusher
-
-        async def one(server: ServerRecord) -> tuple[str, float] | None:
-            hop = NextHop(server.host, server.port, server.peer_id, "0" * 32)
-            try:
-                async with asyncio.timeout(5.0):
-                    conn = await pusher.connection(hop)
-                    return server.peer_id, 1000 * min([await conn.ping(2.0) for _ in range(3)])
-            except (BeeError, TimeoutError) as exc:
-                log.debug("next_rtt.unreachable peer=%s error=%s", server.peer_id[:8], exc)
-                return None
-
-        found = [r for r in await asyncio.gather(*(one(s) for s in followers)) if r is not None]
-        measured = tuple(sorted((peer, round(ms, 2)) for peer, ms in found))
-        old = dict(me.next_rtt_ms)
-        changed = set(old) != {p for p, _ in measured} or any(
-            abs(old[p] - ms) > max(1.0, 0.2 * old[p]) for p, ms in measured
-        )
-        if changed and self._record is not None:
+        measured = await measure_next_rtts(self.pusher, me, servers)
+        if self._record is not None and rtts_changed(me.next_rtt_ms, measured):
             log.info("next_rtt.measured %s", " ".join(f"{p[:8]}={ms:.1f}ms" for p, ms in measured))
             self._record = dataclasses.replace(self._record, next_rtt_ms=measured)
             await self._announce()
@@ -507,41 +481,3 @@ class BlockServer:
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(task)
-
-
-def _bind_tcp(host: str, port: int) -> socket.socket:
-    """Bind the TCP socket first (port 0 picks one), so the DHT can reuse its number."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
-async def _start_dht(dht: DHTNode, host: str, port: int) -> int:
-    try:
-        return (await dht.start(host, port))[1]
-    except OSError:
-        log.warning("dht.port_taken port=%d: using a free one", port)
-        return (await dht.start(host, 0))[1]
-
-
-def _measure_block_throughput(backend: BlockBackend, repeats: int = 5) -> float:
-    """Tokens per second per block of one-token steps, measured on this device."""
-    info = backend.info
-    blocks = backend.blocks(info.start, info.end)
-    cache = backend.new_cache()
-    hidden = torch.zeros(1, 1, info.hidden_size)
-    backend.step(cache, blocks, hidden, 0)
-    seconds = math.inf
-    for i in range(repeats):  # the fastest step: the others were slowed by someone else
-        began = time.perf_counter()
-        backend.step(cache, blocks, hidden, i + 1)
-        seconds = min(seconds, time.perf_counter() - began)
-    return (info.end - info.start) / seconds if 0 < seconds < math.inf else 0.0

@@ -4,9 +4,6 @@ compression on (both directions), a fast one keeps frames raw, and every tensor 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,19 +12,9 @@ from beed.net.link import LinkStats, policy_for
 from beed.net.stream import FramedStream, open_stream
 from protocol.codecs import ALL_CODECS, Codec, CodecPolicy, choose_codec
 from protocol.messages import Ping, Pong, Step, StepResult
+from tests.linkemu import load_linkemu
 
-
-def _linkemu():
-    path = Path(__file__).resolve().parents[2] / "bench" / "linkemu.py"
-    spec = importlib.util.spec_from_file_location("bench_linkemu", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-linkemu = _linkemu()
+linkemu = load_linkemu()
 POLICY = CodecPolicy(allowed=frozenset(ALL_CODECS))
 
 
