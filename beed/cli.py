@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from beed.cli_limits import peer_limit_options, peer_limits_from
 from beed.dht.peers import initial_peers_callback
 from beed.logs import setup_logging
 
@@ -252,6 +253,7 @@ def _parse_block_indices(
     show_default=True,
     help="Long prompts run in chunks of this many tokens while other sessions are decoding.",
 )
+@peer_limit_options
 def serve(
     model: str,
     num_blocks: int | None,
@@ -279,6 +281,7 @@ def serve(
     max_batch_tokens: int,
     prefill_chunk_tokens: int,
     batch_wait: float,
+    **limit_options: Any,
 ) -> None:
     """Load a span of a model's blocks and serve it to the swarm.
 
@@ -322,6 +325,7 @@ def serve(
             prefill_chunk_tokens=prefill_chunk_tokens,
             batch_wait_s=batch_wait,
         ),
+        limits=peer_limits_from(limit_options),
         record_ttl_s=3 * announce_period,
         dht=DHTConfig(default_ttl_s=3 * announce_period),
     )

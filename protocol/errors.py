@@ -27,6 +27,8 @@ BeeError                          base of everything we raise on purpose
 │   ├── ServerBusyError           205 no capacity now (KV cache budget, queue full) - retryable
 │   ├── DrainingError             206 the server is shutting down - retryable elsewhere
 │   ├── PushRefusedError          207 a Push names no session that accepts it (token, sender, step)
+│   ├── QuotaExceededError        208 the peer holds its share (connections, sessions, KV) - retryable
+│   ├── RequestTooLargeError      209 more tokens or bytes in one request than this server takes
 │   └── InternalServerError       299 a bug on the peer - retryable elsewhere
 └── ClientError                   300 raised by beectl for user-facing failures (3xx, never on the wire)
     ├── ModelNotFoundError        301 unknown model name or path
@@ -174,6 +176,19 @@ class DrainingError(RequestError):
 
 class PushRefusedError(RequestError):
     code = 207
+
+
+class QuotaExceededError(RequestError):
+    """One peer (an IPv4 address or IPv6 /64) already holds its share of this server."""
+
+    code = 208
+    retryable = True
+
+
+class RequestTooLargeError(RequestError):
+    """One request asks for more tokens or bytes than this server takes in one request."""
+
+    code = 209
 
 
 class InternalServerError(RequestError):

@@ -51,6 +51,36 @@ class Frame:
     tensors: list[torch.Tensor]
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class EncodedFrame:
+    """A complete frame whose header is parsed and checked but whose tensors are not decoded.
+
+    Decoding (decompression) is the expensive part of a frame: a receiver can account for
+    `raw_bytes` against a memory budget and run `decode_frame` where it likes (a worker thread).
+    """
+
+    type: int
+    stream_id: int
+    header: dict[str, Any]
+    segments: list[tuple[SegmentInfo, memoryview]]
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes the tensors take once decoded (Σ raw_len, checked against the limits)."""
+        return sum(info.raw_len for info, _ in self.segments)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether any segment is compressed (decoding it costs more than a copy)."""
+        return any(info.codec != 0 for info, _ in self.segments)
+
+
+def decode_frame(encoded: EncodedFrame) -> Frame:
+    """Decode the tensors of a complete frame (any thread; raises ProtocolError subclasses)."""
+    tensors = [decode_tensor(info, payload) for info, payload in encoded.segments]
+    return Frame(encoded.type, encoded.stream_id, encoded.header, tensors)
+
+
 # --- encoding -------------------------------------------------------------------------------------
 
 
@@ -167,6 +197,18 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None if more data is needed."""
+        encoded = self.next_encoded()
+        if encoded is None:
+            return None
+        try:
+            return decode_frame(encoded)
+        except ProtocolError as exc:
+            self._fail(exc)
+        return None  # pragma: no cover - _fail raises
+
+    def next_encoded(self) -> EncodedFrame | None:
+        """The next complete frame with its tensors still encoded, or None if more data is
+        needed. A ProtocolError from decode_frame(result) must be treated as fatal too."""
         if self._error is not None:
             raise self._error
         try:
@@ -191,7 +233,7 @@ class FrameDecoder:
         if have != MAGIC[: len(have)]:
             self._fail(BadMagicError(f"frame starts with {have!r}, expected magic {MAGIC!r}"))
 
-    def _next_frame(self) -> Frame | None:
+    def _next_frame(self) -> EncodedFrame | None:
         limits = self.limits
         start = self._pos
         avail = len(self._buf) - start
@@ -228,22 +270,29 @@ class FrameDecoder:
         if avail < PREFIX_SIZE + header_len + payload_len:
             return None
         header = self._header
-        tensors: list[torch.Tensor] = []
-        pos = start + PREFIX_SIZE + header_len
-        with memoryview(self._buf) as view:
-            for info in self._segments:
-                tensors.append(decode_tensor(info, view[pos : pos + info.enc_len]))
-                pos += info.enc_len
+        end = start + PREFIX_SIZE + header_len + payload_len
+        if end == len(self._buf):
+            # The frame ends the buffer: hand the buffer over instead of copying the payloads.
+            buf: bytes | bytearray = self._buf
+            offset = start
+            self._buf = bytearray()
+            self._pos = 0
+        else:
+            buf = bytes(memoryview(self._buf)[start:end])
+            offset = 0
+            self._pos = end
+        segments: list[tuple[SegmentInfo, memoryview]] = []
+        pos = offset + PREFIX_SIZE + header_len
+        view = memoryview(buf)
+        for info in self._segments:
+            segments.append((info, view[pos : pos + info.enc_len]))
+            pos += info.enc_len
         self._prefix = None
         self._header = None
         self._segments = []
-        if len(self._buf) > pos:
-            self._pos = pos
+        if self._pos < len(self._buf):
             self._check_magic()
-        else:  # everything consumed: drop the buffer (it may have held a large frame)
-            self._buf = bytearray()
-            self._pos = 0
-        return Frame(header["type"], header["stream_id"], header, tensors)
+        return EncodedFrame(header["type"], header["stream_id"], header, segments)
 
     def _parse_header(self, raw: memoryview, payload_len: int) -> dict[str, Any]:
         limits = self.limits

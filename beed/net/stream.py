@@ -7,6 +7,7 @@ handle one error tree.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import time
@@ -19,13 +20,45 @@ from protocol.errors import (
     PhaseTimeoutError,
     UnknownMessageTypeError,
 )
-from protocol.frames import FrameDecoder, encode_message, message_from_frame
+from protocol.frames import (
+    EncodedFrame,
+    FrameDecoder,
+    decode_frame,
+    encode_message,
+    message_from_frame,
+)
 from protocol.limits import Limits
 from protocol.messages import Hello, Message, Ping, Pong
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 1 << 20
+# Frames whose tensors are compressed or larger than this are decoded on a worker thread, so a
+# frame that is slow to decompress never stalls the event loop (other peers' requests).
+INLINE_DECODE_BYTES = 256 * 1024
+_decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _decoder_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _decode_pool
+    if _decode_pool is None:
+        _decode_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="beed-decode")
+    return _decode_pool
+
+
+async def decode_message(encoded: EncodedFrame) -> Message:
+    """The typed message of a complete frame; decompression runs off the event loop when it
+    costs more than a copy. ProtocolError subclasses are fatal to the connection."""
+    if encoded.segments and (encoded.compressed or encoded.raw_bytes > INLINE_DECODE_BYTES):
+        loop = asyncio.get_running_loop()
+        frame = await loop.run_in_executor(_decoder_pool(), decode_frame, encoded)
+    else:
+        frame = decode_frame(encoded)
+    try:
+        return message_from_frame(frame)
+    except UnknownMessageTypeError as exc:
+        exc.stream_id = frame.stream_id  # type: ignore[attr-defined]  # to answer on
+        raise
 
 
 class FramedStream:
@@ -52,31 +85,38 @@ class FramedStream:
         self.peername = writer.get_extra_info("peername")
 
     async def read(self, timeout_s: float | None = None) -> Message:
-        """The next message; ConnectionClosed at EOF, PhaseTimeoutError after timeout_s."""
-        while True:
-            frame = self.decoder.next_frame()
-            if frame is not None:
-                try:
-                    msg = message_from_frame(frame)
-                except UnknownMessageTypeError as exc:
-                    exc.stream_id = frame.stream_id  # type: ignore[attr-defined]  # to answer on
-                    raise
-                if isinstance(msg, Pong) and self.link.pong(msg.nonce):
-                    self._update_policy()
-                return msg
-            try:
-                async with asyncio.timeout(timeout_s):
-                    data = await self.reader.read(READ_CHUNK_BYTES)
-            except TimeoutError as exc:
-                raise PhaseTimeoutError(
-                    f"no message from {self.peername} within {timeout_s} s"
-                ) from exc
-            except OSError as exc:
-                raise ConnectionClosed(f"connection to {self.peername} broke: {exc}") from exc
-            if not data:
-                self.decoder.feed_eof()
-                raise ConnectionClosed(f"{self.peername} closed the connection")
-            self.decoder.feed(data)
+        """The next message; ConnectionClosed at EOF, PhaseTimeoutError when the whole message
+        has not arrived within timeout_s (a peer trickling bytes does not reset it)."""
+        return self.accounted(await decode_message(await self.read_encoded(timeout_s)))
+
+    def accounted(self, msg: Message) -> Message:
+        """Let the link statistics see a received message (Pongs time the link)."""
+        if isinstance(msg, Pong) and self.link.pong(msg.nonce):
+            self._update_policy()
+        return msg
+
+    async def read_encoded(self, timeout_s: float | None = None) -> EncodedFrame:
+        """The next complete frame, tensors not yet decoded (see decode_message)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    encoded = self.decoder.next_encoded()
+                    if encoded is not None:
+                        return encoded
+                    try:
+                        data = await self.reader.read(READ_CHUNK_BYTES)
+                    except OSError as exc:
+                        raise ConnectionClosed(
+                            f"connection to {self.peername} broke: {exc}"
+                        ) from exc
+                    if not data:
+                        self.decoder.feed_eof()
+                        raise ConnectionClosed(f"{self.peername} closed the connection")
+                    self.decoder.feed(data)
+        except TimeoutError as exc:
+            raise PhaseTimeoutError(
+                f"no complete message from {self.peername} within {timeout_s} s"
+            ) from exc
 
     def send_nowait(self, msg: Message) -> None:
         """Queue a message for writing (the caller drains when it wants backpressure).

@@ -45,6 +45,26 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class PeerLimits:
+    """What a stranger may take from one server (docs/security.md lists each with its flag).
+
+    A *peer* is the remote address of a connection: an IPv4 address, or an IPv6 /64 prefix.
+    """
+
+    max_connections: int = 1024  # TCP connections at once; when full, the oldest idle one closes
+    max_connections_per_peer: int = 64  # ... from one peer; one more is closed at once
+    hello_timeout_s: float = 5.0  # a new connection must complete its Hello within this, in all
+    idle_timeout_s: float = 120.0  # a connection with no session and no request closes after this
+    max_sessions_per_peer: int = 256  # open sessions of one peer (all its connections)
+    max_kv_share_per_peer: float = 0.5  # share of the KV budget one peer's sessions may reserve
+    first_step_timeout_s: float = 30.0  # a session that never steps gives its cache back after this
+    max_request_tokens: int = 16384  # rows x tokens of one Step, Push or Forward
+    max_backward_tokens: int = 2048  # rows x tokens of one Backward (it runs as one job)
+    max_buffer_bytes: int | None = None  # decoded request tensors held at once; None: 4 requests
+    buffer_wait_s: float = 10.0  # a frame waits this long for buffer room, then is refused (205)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Settings of one block server; only the CLI reads argv and environment to build it."""
 
@@ -71,7 +91,6 @@ class ServerConfig:
     drain_grace_s: float = 30.0  # SIGTERM or a move: how long running sessions may finish
     rebalance_period_s: float = 120.0  # how often a --blocks server re-checks its placement
     write_timeout_s: float = 30.0  # one reply's drain to a slow client
-    hello_timeout_s: float = 10.0  # a new connection must say Hello within this
     max_streams_per_connection: int = 256  # open sessions and requests on one connection
     max_inflight_per_connection: int = 64  # requests running at once; past that, stop reading
     max_kv_wait_s: float = 60.0  # longest a new session may wait for cache memory to free up
@@ -79,4 +98,5 @@ class ServerConfig:
     push_connect_timeout_s: float = 5.0  # connecting to a next hop to push to it (Hello included)
     push_ack_timeout_s: float = 10.0  # a next hop's Ack to one Push (it accepts before running)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    limits: PeerLimits = field(default_factory=PeerLimits)
     dht: DHTConfig = field(default_factory=DHTConfig)

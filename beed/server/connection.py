@@ -11,11 +11,13 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from beed.net.stream import FramedStream
+from beed.net.stream import FramedStream, decode_message
 from beed.net.tasks import TaskOwner
+from beed.server.admission import peer_of
 from beed.server.service import ServerState, SessionService
 from beed.server.sessions import SessionRegistry
 from protocol.codecs import CodecPolicy
@@ -30,8 +32,10 @@ from protocol.errors import (
     TooManyStreamsError,
     UnknownMessageTypeError,
 )
-from protocol.limits import StreamTable
+from protocol.frames import EncodedFrame
+from protocol.limits import Limits, StreamTable
 from protocol.messages import (
+    MESSAGE_TYPES,
     Ack,
     Backward,
     Close,
@@ -54,6 +58,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Until its Hello, a peer may send one small frame without tensors.
+HANDSHAKE_LIMITS = Limits(
+    max_frame_bytes=64 * 1024, max_header_bytes=16 * 1024, max_decompressed_bytes=0
+)
+
 
 class ServerConnection:
     """Serves one TCP connection until it closes; its sessions close with it."""
@@ -63,23 +72,28 @@ class ServerConnection:
         self.service = SessionService(state)
         self.stream = stream
         self.id = connection_id
+        self.peer = peer_of(stream.peername)
         self._tasks = TaskOwner(f"conn-{connection_id}", isolate=True)  # one per request
         self._streams = StreamTable(state.config.max_streams_per_connection)
         self._slots = asyncio.Semaphore(state.config.max_inflight_per_connection)
+        self._inflight = 0
+        self._last_active = time.monotonic()
         self.remote_hello: Hello | None = None
+
+    @property
+    def idle_since(self) -> float | None:
+        """Since when this connection has had no open stream and no request running."""
+        return None if self._inflight or len(self._streams) else self._last_active
+
+    def abort(self, reason: str) -> None:
+        log.info("conn.abort id=%d peer=%s reason=%s", self.id, self.stream.peername, reason)
+        self.stream.writer.close()
 
     async def run(self) -> None:
         prefix = SessionRegistry.key(self.id, 0)[:-1]  # "c{id}/s"
         try:
             await self._handshake()
-            while True:
-                try:
-                    msg = await self.stream.read()
-                except UnknownMessageTypeError as exc:
-                    # A newer peer's message: refused on its stream, the connection stays (spec §8).
-                    await self._answer(Error.from_exception(getattr(exc, "stream_id", 0), exc))
-                    continue
-                await self._dispatch(msg)
+            await self._serve()
         except ConnectionClosed:
             pass
         except PhaseTimeoutError as exc:
@@ -94,6 +108,7 @@ class ServerConnection:
                 pass
         finally:
             await self._tasks.aclose()
+            self.state.memory.release_connection(self.id)  # requests cancelled unstarted
             # A forward may still be writing these sessions' caches: their memory is given
             # back only once it is done.
             await self.state.scheduler.settle(prefix)
@@ -101,15 +116,69 @@ class ServerConnection:
             await self.stream.aclose()
             log.debug("conn.closed id=%d sessions=%d", self.id, closed)
 
+    async def _serve(self) -> None:
+        """Read frames until the peer leaves, breaks the spec, or stays idle too long.
+
+        Each frame's decoded size is reserved against this connection's and the server's
+        memory budget before it is decompressed (off the event loop); the reservation ends with
+        the request. Waiting for room stops reading this connection (backpressure)."""
+        limits = self.state.config.limits
+        memory = self.state.memory
+        while True:
+            try:
+                encoded = await self.stream.read_encoded(timeout_s=limits.idle_timeout_s)
+            except PhaseTimeoutError:
+                if self.idle_since is not None:
+                    raise PhaseTimeoutError(
+                        f"idle for {limits.idle_timeout_s} s with no session"
+                    ) from None
+                continue  # busy: a session or request is open; keep the partial frame
+            self._last_active = time.monotonic()
+            if encoded.type not in MESSAGE_TYPES:
+                # A newer peer's message: refused on its stream, the connection stays (spec §8).
+                error = UnknownMessageTypeError(f"unknown message type {encoded.type}")
+                await self._answer(Error.from_exception(encoded.stream_id, error))
+                continue
+            nbytes = encoded.raw_bytes
+            if nbytes:
+                try:
+                    await memory.acquire(self.id, nbytes, limits.buffer_wait_s)
+                except BeeError as exc:
+                    await self._refuse(encoded, exc)
+                    continue
+            try:
+                msg = self.stream.accounted(await decode_message(encoded))
+            except BaseException:
+                memory.release(self.id, nbytes)
+                raise
+            await self._dispatch(msg, nbytes)
+
+    async def _refuse(self, encoded: EncodedFrame, exc: BeeError) -> None:
+        """Answer a frame that is not taken (undecoded); a session it was for is gone (spec §8)."""
+        log.info("request.refused id=%d peer=%s error=%s", self.id, self.peer, exc)
+        sid = encoded.stream_id
+        self.state.sessions.close(SessionRegistry.key(self.id, sid), "refused")
+        self._streams.close(sid)
+        await self._answer(Error.from_exception(sid, exc))
+
     async def _handshake(self) -> None:
+        limits = self.state.config.limits
+        decoder = self.stream.decoder
+        decoder.limits = HANDSHAKE_LIMITS
         try:
-            msg = await self.stream.read(timeout_s=self.state.config.hello_timeout_s)
+            msg = await self.stream.read(timeout_s=limits.hello_timeout_s)
         except UnknownMessageTypeError as exc:
             raise StreamStateError(f"the first frame must be Hello ({exc})") from exc
+        except PhaseTimeoutError:
+            raise PhaseTimeoutError(f"no Hello within {limits.hello_timeout_s} s") from None
         if not isinstance(msg, Hello):
             raise StreamStateError(f"the first frame must be Hello, got {type(msg).__name__}")
         _version, codecs = negotiate(self.state.hello, msg)
         self.remote_hello = msg
+        per_request = self.state.memory.per_connection_bytes
+        decoder.limits = Limits(
+            max_frame_bytes=per_request + (1 << 20), max_decompressed_bytes=per_request
+        )
         self.stream.codec_policy = CodecPolicy(allowed=frozenset(codecs))
         reply = Hello(
             stream_id=0,
@@ -118,12 +187,13 @@ class ServerConnection:
             codecs=codecs,
             peer_id=self.state.hello.peer_id,
             max_streams=self.state.config.max_streams_per_connection,
+            max_frame_bytes=decoder.limits.max_frame_bytes,
             features=self.state.hello.features,
         )
         await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
         self.stream.ping_rtt()  # this side's round trip to the peer (for its codec policy)
 
-    async def _dispatch(self, msg: Message) -> None:
+    async def _dispatch(self, msg: Message, nbytes: int = 0) -> None:
         """Answer cheap requests inline; run compute requests as owned tasks.
 
         Requests that open a stream (OpenSession, GetInfo, Forward, Backward) count against the
@@ -132,32 +202,58 @@ class ServerConnection:
         At most `max_inflight_per_connection` requests run at once: past that the connection
         is not read until one finishes (backpressure), and inline answers wait for the peer to
         read them, so a client that never reads cannot grow the server's buffers.
+        `nbytes` of the memory budget are held by msg's tensors until its request ends.
         """
+        spawned = False
+        try:
+            spawned = await self._dispatch_one(msg, nbytes)
+        finally:
+            if not spawned:
+                self.state.memory.release(self.id, nbytes)
+
+    async def _dispatch_one(self, msg: Message, nbytes: int) -> bool:
         sid = msg.stream_id
         if isinstance(msg, Error | Pong):
             log.debug("conn.ignored id=%d type=%s", self.id, type(msg).__name__)
-            return  # answers are never answered (two peers would bounce errors forever)
+            return False  # answers are never answered (two peers would bounce errors forever)
         if isinstance(msg, Ping):
             await self._answer(Pong(sid, msg.nonce))
-            return
+            return False
         if isinstance(msg, GetInfo | OpenSession | Forward | Backward):
             try:
                 self._streams.open(sid)
             except TooManyStreamsError as exc:
                 await self._answer(Error.from_exception(sid, exc))
-                return
+                return False
         if isinstance(msg, GetInfo):
             self._streams.close(sid)
             await self._answer(Info(sid, self.state.info()))
-        elif isinstance(msg, Step | Truncate | Close | OpenSession | Forward | Backward):
+        elif isinstance(msg, Step | Truncate | Close | OpenSession | Forward | Backward | Push):
             await self._slots.acquire()
-            self._tasks.spawn(self._guarded(sid, self._handle(msg)), name=f"s{sid}")
-        elif isinstance(msg, Push):
-            await self._slots.acquire()
-            self._tasks.spawn(self._push(msg), name=f"push{sid}")
+            self._inflight += 1
+            work = (
+                self._push(msg) if isinstance(msg, Push) else self._guarded(sid, self._handle(msg))
+            )
+            if self._tasks.spawn(self._request(work, nbytes), name=f"s{sid}") is None:
+                work.close()  # a coroutine, never started
+                self._finished(nbytes)
+            return True
         else:
             error = BadRequestError(f"unexpected {type(msg).__name__} from a client")
             await self._answer(Error.from_exception(sid, error))
+        return False
+
+    async def _request(self, work: Awaitable[None], nbytes: int) -> None:
+        try:
+            await work
+        finally:
+            self._finished(nbytes)
+
+    def _finished(self, nbytes: int) -> None:
+        self.state.memory.release(self.id, nbytes)
+        self._inflight -= 1
+        self._last_active = time.monotonic()
+        self._slots.release()
 
     async def _answer(self, msg: Message) -> None:
         await self.stream.send(msg, timeout_s=self.state.config.write_timeout_s)
@@ -165,40 +261,34 @@ class ServerConnection:
     async def _guarded(self, sid: int, work: Awaitable[Message]) -> None:
         """Run one request; any failure becomes an Error frame on its stream, never a crash."""
         try:
-            try:
-                reply = await work
-            except BeeError as exc:
-                reply = Error.from_exception(sid, exc)
-            except Exception as exc:
-                log.exception("request.failed stream=%d", sid)
-                reply = Error.from_exception(sid, InternalServerError(f"internal error: {exc!r}"))
-                # A bug may have left the session's cache half-updated: drop it (spec §8, 299).
-                self.state.sessions.close(SessionRegistry.key(self.id, sid), "internal-error")
-            if SessionRegistry.key(self.id, sid) not in self.state.sessions:
-                # One-shot answers, Close's Ack, refused opens and gone sessions end the stream.
-                self._streams.close(sid)
-            with contextlib.suppress(BeeError):
-                await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
-        finally:
-            self._slots.release()
+            reply = await work
+        except BeeError as exc:
+            reply = Error.from_exception(sid, exc)
+        except Exception as exc:
+            log.exception("request.failed stream=%d", sid)
+            reply = Error.from_exception(sid, InternalServerError(f"internal error: {exc!r}"))
+            # A bug may have left the session's cache half-updated: drop it (spec §8, 299).
+            self.state.sessions.close(SessionRegistry.key(self.id, sid), "internal-error")
+        if SessionRegistry.key(self.id, sid) not in self.state.sessions:
+            # One-shot answers, Close's Ack, refused opens and gone sessions end the stream.
+            self._streams.close(sid)
+        with contextlib.suppress(BeeError):
+            await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
 
     async def _push(self, msg: Push) -> None:
         """Accept (Ack) or refuse (Error) a Push at once, then run it; its result goes to the
         owner of the session it names, not to the pushing server."""
+        sender = self.remote_hello.peer_id if self.remote_hello is not None else ""
         try:
-            sender = self.remote_hello.peer_id if self.remote_hello is not None else ""
-            try:
-                session, hops = self.service.accept_push(sender, msg)
-            except BeeError as exc:
-                log.info("push.refused id=%d peer=%s error=%s", self.id, self.stream.peername, exc)
-                with contextlib.suppress(BeeError):
-                    await self._answer(Error.from_exception(msg.stream_id, exc))
-                return
+            session, hops = self.service.accept_push(sender, msg)
+        except BeeError as exc:
+            log.info("push.refused id=%d peer=%s error=%s", self.id, self.stream.peername, exc)
             with contextlib.suppress(BeeError):
-                await self._answer(Ack(msg.stream_id))
-            await self.service.run_push(session, hops, msg)
-        finally:
-            self._slots.release()
+                await self._answer(Error.from_exception(msg.stream_id, exc))
+            return
+        with contextlib.suppress(BeeError):
+            await self._answer(Ack(msg.stream_id))
+        await self.service.run_push(session, hops, msg)
 
     async def send_on_stream(self, stream_id: int, msg: Message) -> None:
         """Send msg to this connection's peer on `stream_id` (results of pushed steps)."""
@@ -214,6 +304,7 @@ class ServerConnection:
                 msg,
                 on_close=lambda: self._streams.close(msg.stream_id),
                 send_to_owner=functools.partial(self.send_on_stream, msg.stream_id),
+                peer=self.peer,
             )
         if isinstance(msg, Step):
             return await service.step(key, msg)
@@ -222,7 +313,7 @@ class ServerConnection:
         if isinstance(msg, Close):
             return await service.close(key, msg.stream_id)
         if isinstance(msg, Forward):
-            return await service.forward(msg)
+            return await service.forward(msg, self.peer)
         if isinstance(msg, Backward):
             return await service.backward(msg)
         raise BadRequestError(f"unexpected {type(msg).__name__}")  # pragma: no cover

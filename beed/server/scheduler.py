@@ -49,6 +49,7 @@ class _StepJob:
     request: StepRequest
     owner: str  # session key
     future: asyncio.Future[torch.Tensor]
+    peer: str = "local"  # whose work it is (an address): peers get fair shares of a forward
     done_tokens: int = 0  # positions already run (chunked prefill)
     outputs: list[torch.Tensor] = field(default_factory=list)
     enqueued: float = field(default_factory=time.monotonic)
@@ -105,6 +106,8 @@ class Scheduler:
         self._batch_done = asyncio.Event()
         self._tasks = TaskOwner("scheduler", on_crash=self._crashed)
         self._on_crash = on_crash
+        self._stateless_ended = float("-inf")  # when the last stateless job ended
+        self._stateless_took = 0.0  # and how long it ran
         self.batches = 0  # forwards run (for Info and tests)
         self.batched_steps = 0  # step jobs (or chunks) they carried
 
@@ -135,14 +138,16 @@ class Scheduler:
     def queued_steps(self) -> int:
         return len(self._steps)
 
-    async def step(self, backend: BlockBackend, request: StepRequest, owner: str) -> torch.Tensor:
+    async def step(
+        self, backend: BlockBackend, request: StepRequest, owner: str, peer: str = "local"
+    ) -> torch.Tensor:
         """Run one session's step (batched with others); its output on the CPU."""
         self._check_running()
         backend.check_step(
             request.hidden, request.position, request.attention_mask, request.position_ids
         )
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._steps.append(_StepJob(backend, request, owner, future))
+        self._steps.append(_StepJob(backend, request, owner, future, peer))
         self._wakeup.set()
         return await future
 
@@ -189,7 +194,7 @@ class Scheduler:
             while True:
                 self._drop_abandoned()
                 if self._control:
-                    await self._run_stateless(self._control.popleft())
+                    await self._run_stateless(self._control.popleft(), timed=False)
                     continue
                 stateless = self._stateless_due()
                 if stateless is not None:
@@ -236,9 +241,16 @@ class Scheduler:
             self._stateless = deque(j for j in self._stateless if not j.future.done())
 
     def _stateless_due(self) -> _StatelessJob | None:
-        if self._stateless and (
-            not self._steps
-            or time.monotonic() - self._stateless[0].enqueued > self.config.stateless_max_wait_s
+        """The next Forward/Backward-style job if it may run before waiting steps: none are
+        waiting, or it waited past stateless_max_wait_s and steps have had at least as much
+        compute time since the last such job as that job took (stateless work gets at most
+        half the compute thread while sessions are stepping)."""
+        if not self._stateless:
+            return None
+        now = time.monotonic()
+        if not self._steps or (
+            now - self._stateless[0].enqueued > self.config.stateless_max_wait_s
+            and now - self._stateless_ended >= self._stateless_took
         ):
             return self._stateless.popleft()
         return None
@@ -253,18 +265,30 @@ class Scheduler:
             return [(first, first.remaining)]
         group = [j for j in self._steps if j.group == first.group]
         contended = len(group) > 1 or self._others_active(first.owner)
+        several_peers = len({j.peer for j in group}) > 1
         batch: list[tuple[_StepJob, int]] = []
         total = 0
+        # With several peers' work queued, one peer's jobs together get at most
+        # prefill_chunk_tokens of a forward (beyond a first chunk), so that many sessions of
+        # one peer cannot make every forward long.
+        peer_tokens: dict[str, int] = {}
         for job in group:
             positions = job.remaining
             if contended and job.rows * positions > cfg.prefill_chunk_tokens:
                 positions = max(MIN_CHUNK_POSITIONS, cfg.prefill_chunk_tokens // job.rows)
                 positions = min(positions, job.remaining)
+            used = peer_tokens.get(job.peer, 0)
+            if several_peers and used:
+                allowance = (cfg.prefill_chunk_tokens - used) // job.rows
+                if allowance < 1:
+                    continue
+                positions = min(positions, allowance)
             size = job.rows * positions
             if batch and total + size > cfg.max_batch_tokens:
                 continue  # a later, smaller job may still fit
             batch.append((job, positions))
             total += size
+            peer_tokens[job.peer] = used + size
         return batch
 
     def _prune_quiet(self) -> None:
@@ -330,7 +354,8 @@ class Scheduler:
         except ValueError:
             pass
 
-    async def _run_stateless(self, job: _StatelessJob) -> None:
+    async def _run_stateless(self, job: _StatelessJob, timed: bool = True) -> None:
+        began = time.monotonic()
         try:
             threads = self.config.compute_threads
             result = await self._run_compute(lambda: with_threads(threads, job.fn))
@@ -338,5 +363,9 @@ class Scheduler:
             if not job.future.done():
                 job.future.set_exception(exc)
             return
+        finally:
+            if timed:
+                self._stateless_ended = time.monotonic()
+                self._stateless_took = self._stateless_ended - began
         if not job.future.done():
             job.future.set_result(result)

@@ -27,11 +27,13 @@ from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir, resolve_model
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
+from beed.server.admission import Admission
 from beed.server.backend import BlockBackend
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
 from beed.server.kv_budget import KVBudget
 from beed.server.listen import bind_tcp, start_dht
+from beed.server.memory import request_memory
 from beed.server.neighbours import measure_next_rtts, rtts_changed
 from beed.server.placement import better_span, choose_span
 from beed.server.probe import measure_block_throughput
@@ -181,13 +183,15 @@ class BlockServer:
             self.state = SharedState(
                 config=cfg,
                 backend=backend,
-                sessions=SessionRegistry(budget, on_close=self.scheduler.forget),
+                sessions=SessionRegistry(budget, self.scheduler.forget, cfg.limits),
                 fingerprint=fingerprint,
                 hello=hello,
                 scheduler=self.scheduler,
                 info=lambda: self._info(),
                 pusher=self.pusher,
                 tasks=self._request_tasks,
+                memory=request_memory(cfg, backend.info.hidden_size),
+                admission=Admission(cfg.limits),
             )
             tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock, limit=1 << 20)
             self._record = dataclasses.replace(
@@ -385,6 +389,14 @@ class BlockServer:
             "batches": self.scheduler.batches if self.scheduler else 0,
             "batched_steps": self.scheduler.batched_steps if self.scheduler else 0,
             "waiting_sessions": self.state.sessions.waiting,
+            "connections": len(self.state.admission),
+            "connections_refused": self.state.admission.refused,
+            "connections_evicted": self.state.admission.evicted,
+            "request_bytes_held": self.state.memory.used_bytes,
+            "request_bytes_peak": self.state.memory.peak_bytes,
+            "request_bytes_budget": self.state.memory.total_bytes,
+            "requests_refused_for_memory": self.state.memory.refused,
+            "max_request_tokens": self.config.limits.max_request_tokens,
             **dataclasses.asdict(self.state.push_stats),
         }
 
@@ -477,7 +489,15 @@ class BlockServer:
         self._next_connection += 1
         stream = FramedStream(reader, writer, compression=self.config.compression)
         conn = ServerConnection(self.state, stream, self._next_connection)
-        task = self._connections.spawn(conn.run(), f"conn-{conn.id}")
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+        refusal = self.state.admission.admit(conn)
+        if refusal is not None:
+            log.info("conn.refused peer=%s reason=%s", stream.peername, refusal)
+            writer.close()
+            return
+        try:
+            task = self._connections.spawn(conn.run(), f"conn-{conn.id}")
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+        finally:
+            self.state.admission.leave(conn)

@@ -13,6 +13,7 @@ arrives twice (push and the client's fallback) runs once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -23,8 +24,10 @@ from typing import Any
 import torch
 
 from beed.net.tasks import TaskOwner
+from beed.server.admission import Admission
 from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import ServerConfig
+from beed.server.memory import MemoryBudget
 from beed.server.push import NextHop, Pusher, check_token, parse_next_hops
 from beed.server.scheduler import Scheduler
 from beed.server.sessions import Session, SessionRegistry
@@ -35,6 +38,7 @@ from protocol.errors import (
     InternalServerError,
     ModelMismatchError,
     PushRefusedError,
+    RequestTooLargeError,
     SpanNotServedError,
     UnknownSessionError,
 )
@@ -56,6 +60,7 @@ from protocol.messages import (
 )
 
 log = logging.getLogger(__name__)
+_forward_ids = itertools.count(1)
 
 
 @dataclass
@@ -82,6 +87,8 @@ class ServerState:
     info: Callable[[], dict[str, Any]]
     pusher: Pusher
     tasks: TaskOwner  # background work of requests (push confirmations); per-request, isolated
+    memory: MemoryBudget  # decoded request tensors held at once
+    admission: Admission  # live connections, by peer
     draining: bool = False
     push_stats: PushStats = field(default_factory=PushStats)
 
@@ -112,6 +119,7 @@ class SessionService:
         msg: OpenSession,
         on_close: Callable[[], object],
         send_to_owner: Callable[[Message], Awaitable[None]],
+        peer: str = "local",
     ) -> SessionOpened:
         st = self.state
         if msg.push_token:
@@ -144,6 +152,7 @@ class SessionService:
             on_close=on_close,
             push_token=msg.push_token,
             send_to_owner=send_to_owner,
+            peer=peer,
         )
         if st.draining or backend is not st.backend:  # it began to drain (or moved) meanwhile
             st.sessions.close(key, "draining")
@@ -246,6 +255,7 @@ class SessionService:
                         f"{session.last_step[0]}"
                     )
             tokens = hidden.shape[1] if hidden.dim() == 3 else 0
+            _check_tokens(hidden, st.config.limits.max_request_tokens, "step")
             if position + tokens > session.max_length:
                 raise BadRequestError(
                     f"step at {position} with {tokens} tokens exceeds the session's "
@@ -259,7 +269,7 @@ class SessionService:
                 session.cache, session.blocks, hidden, position, mask, position_ids
             )
             began = time.perf_counter()
-            out = await st.scheduler.step(session.backend, request, session.key)
+            out = await st.scheduler.step(session.backend, request, session.key, session.peer)
             _check_open(session, "step ran (the server moved)")
             log.debug(
                 "session.step key=%s position=%d tokens=%d compute_ms=%.2f",
@@ -269,6 +279,7 @@ class SessionService:
                 1000 * (time.perf_counter() - began),
             )
             session.length = position + tokens
+            session.stepped = True
             session.touch()
             if session.push_token:  # only sessions on a push route can see a step twice
                 session.last_step = (step_id, position)
@@ -357,21 +368,38 @@ class SessionService:
             st.sessions.close(key, "client")
         return Ack(stream_id)
 
-    async def forward(self, msg: Forward) -> ForwardResult:
+    async def forward(self, msg: Forward, peer: str = "local") -> ForwardResult:
+        """A stateless forward, run like a prefill on a throwaway cache: the scheduler chunks it
+        between other sessions' steps, so one long Forward cannot hold the compute thread."""
+        st = self.state
         blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
-        backend = self.state.backend
-        out = await self.state.scheduler.call(
-            lambda: backend.forward(blocks, msg.hidden, msg.attention_mask)
-        )
+        _check_tokens(msg.hidden, st.config.limits.max_request_tokens, "Forward")
+        backend = st.backend
+        owner = f"forward/{next(_forward_ids)}"
+        request = StepRequest(backend.new_cache(), blocks, msg.hidden, 0, msg.attention_mask, None)
+        try:
+            out = await st.scheduler.step(backend, request, owner, peer)
+        finally:
+            st.scheduler.forget(owner)
         return ForwardResult(msg.stream_id, out)
 
     async def backward(self, msg: Backward) -> BackwardResult:
         blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
+        _check_tokens(msg.hidden, self.state.config.limits.max_backward_tokens, "Backward")
         backend = self.state.backend
         grad = await self.state.scheduler.call(
             lambda: backend.backward(blocks, msg.hidden, msg.grad_output, msg.attention_mask)
         )
         return BackwardResult(msg.stream_id, grad)
+
+
+def _check_tokens(hidden: torch.Tensor, limit: int, what: str) -> None:
+    """RequestTooLargeError when a request's rows x tokens pass the server's limit."""
+    if hidden.dim() >= 2 and hidden.shape[0] * hidden.shape[1] > limit:
+        raise RequestTooLargeError(
+            f"a {what} of {hidden.shape[0]} rows x {hidden.shape[1]} tokens passes this server's "
+            f"limit of {limit} rows x tokens per request; split it"
+        )
 
 
 def _check_open(session: Session, when: str) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from beed.server.config import PeerLimits
 from beed.server.kv_budget import KVBudget
-from protocol.errors import BadRequestError, UnknownSessionError
+from protocol.errors import BadRequestError, QuotaExceededError, UnknownSessionError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,10 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     length: int = 0  # positions filled
+    peer: str = "local"  # the address (IPv4, or IPv6 /64) of the connection that opened it
+    # Until its first step a session keeps its cache only this long (an idle grab is cheap).
+    first_step_timeout_s: float = float("inf")
+    stepped: bool = False
     # The last step run, (step_id, position), and its output: a step that arrives again (by push
     # and by the client's fallback) is answered from here instead of running twice.
     last_step: tuple[int, int] | None = None
@@ -45,14 +51,23 @@ class Session:
         self.last_used = time.monotonic()
 
     def expired(self, now: float) -> bool:
-        return now - self.last_used > self.timeout_s and not self.lock.locked()
+        timeout = self.timeout_s if self.stepped else min(self.timeout_s, self.first_step_timeout_s)
+        return now - self.last_used > timeout and not self.lock.locked()
 
 
 class SessionRegistry:
     """All open sessions of a server; each holds a KV reservation until it is closed."""
 
-    def __init__(self, budget: KVBudget, on_close: Callable[[str], object] | None = None) -> None:
+    def __init__(
+        self,
+        budget: KVBudget,
+        on_close: Callable[[str], object] | None = None,
+        limits: PeerLimits | None = None,
+    ) -> None:
         self.budget = budget
+        self.limits = limits or PeerLimits()
+        self._peer_sessions: collections.Counter[str] = collections.Counter()
+        self._peer_tokens: collections.Counter[str] = collections.Counter()
         self._on_close = on_close  # told the key of every session that closes
         self._sessions: dict[str, Session] = {}
         self._by_token: dict[str, str] = {}  # push token -> key
@@ -94,16 +109,27 @@ class SessionRegistry:
         on_close: Callable[[], object] | None = None,
         push_token: str = "",
         send_to_owner: Callable[[Any], Awaitable[None]] | None = None,
+        peer: str = "local",
     ) -> Session:
-        """Reserve the session's cache (waiting up to `wait_s` for room) and register it."""
+        """Reserve the session's cache (waiting up to `wait_s` for room) and register it.
+
+        QuotaExceededError when the peer already holds max_sessions_per_peer sessions or would
+        reserve more than max_kv_share_per_peer of the budget."""
         if key in self._sessions:
             raise BadRequestError(f"a session is already open on this stream ({key})")
         if push_token and push_token in self._by_token:
             raise BadRequestError("another session already uses this push token")
-        await self.budget.reserve_waiting(key, max_length * batch_size, wait_s)
+        tokens = max_length * batch_size
+        self._check_quota(peer, tokens)
+        await self.budget.reserve_waiting(key, tokens, wait_s)
         if push_token and push_token in self._by_token:  # taken while we waited for memory
             self.budget.release(key)
             raise BadRequestError("another session already uses this push token")
+        try:
+            self._check_quota(peer, tokens)  # the peer's other sessions may have opened meanwhile
+        except QuotaExceededError:
+            self.budget.release(key)
+            raise
         session = Session(
             key,
             blocks,
@@ -116,8 +142,12 @@ class SessionRegistry:
             on_close,
             push_token=push_token,
             send_to_owner=send_to_owner,
+            peer=peer,
+            first_step_timeout_s=self.limits.first_step_timeout_s,
         )
         self._sessions[key] = session
+        self._peer_sessions[peer] += 1
+        self._peer_tokens[peer] += tokens
         if push_token:
             self._by_token[push_token] = key
         self._empty.clear()
@@ -130,6 +160,25 @@ class SessionRegistry:
             batch_size,
         )
         return session
+
+    def _check_quota(self, peer: str, tokens: int) -> None:
+        limits = self.limits
+        if self._peer_sessions[peer] >= limits.max_sessions_per_peer:
+            raise QuotaExceededError(
+                f"peer {peer} already has {self._peer_sessions[peer]} open sessions here "
+                f"(max_sessions_per_peer={limits.max_sessions_per_peer})"
+            )
+        share = int(limits.max_kv_share_per_peer * self.budget.capacity_tokens)
+        if self._peer_tokens[peer] + tokens > share:
+            raise QuotaExceededError(
+                f"peer {peer} holds {self._peer_tokens[peer]} cache tokens here; {tokens} more "
+                f"would pass its share of {share} (max_kv_share_per_peer="
+                f"{limits.max_kv_share_per_peer})"
+            )
+
+    def peer_usage(self, peer: str) -> tuple[int, int]:
+        """Open sessions and reserved cache tokens of one peer."""
+        return self._peer_sessions.get(peer, 0), self._peer_tokens.get(peer, 0)
 
     def get(self, key: str) -> Session:
         session = self._sessions.get(key)
@@ -149,6 +198,15 @@ class SessionRegistry:
         if session is None:
             return False
         self.budget.release(key)
+        for counter, amount in (
+            (self._peer_sessions, 1),
+            (self._peer_tokens, session.max_length * session.batch_size),
+        ):
+            left = counter[session.peer] - amount
+            if left > 0:
+                counter[session.peer] = left
+            else:
+                counter.pop(session.peer, None)
         if session.push_token:
             self._by_token.pop(session.push_token, None)
         session.cache = None

@@ -148,7 +148,7 @@ async def test_a_full_server_refuses_with_busy_and_admitted_sessions_finish(loca
     prompt = ids[:1]
     new_tokens = 24 - prompt.shape[1]
     ref = reference(local_model, prompt, new_tokens)
-    budget = ["--kv-budget-tokens", "150", "--announce-period", "1"]
+    budget = ["--kv-budget-tokens", "150", "--max-kv-share-per-peer", "1", "--announce-period", "1"]
     with LocalSwarm(num_servers=2, extra_args=budget) as swarm:
         async with Clients(swarm, 3, kv_wait_s=0.0) as models:
             gate = asyncio.Event()
@@ -234,7 +234,7 @@ async def test_a_filling_server_announces_it_and_clients_route_around_it(
     from protocol.messages import OpenSession
 
     # The periodic refresh is a minute away: only the announce on a big change can tell clients.
-    args = ["--kv-budget-tokens", "150", "--announce-period", "60"]
+    args = ["--kv-budget-tokens", "150", "--max-kv-share-per-peer", "1", "--announce-period", "60"]
     with LocalSwarm(spans=[(0, 30), (0, 30)], extra_args=args) as swarm:
         full, other = swarm.servers
         fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")

@@ -71,7 +71,9 @@ def test_blocks_not_covered_and_server_full(model_path):
         result = beectl("generate", "hi", "--initial-peers", peers_of(swarm)[0])
         assert_user_error(result, "no online server covers block 15", "beed serve")
 
-    with LocalSwarm(spans=[(0, 30)], extra_args=["--kv-budget-tokens", "100"]) as swarm:
+    with LocalSwarm(
+        spans=[(0, 30)], extra_args=["--kv-budget-tokens", "100", "--max-kv-share-per-peer", "1"]
+    ) as swarm:
         fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
 
         async def hold_and_generate() -> subprocess.CompletedProcess[str]:
