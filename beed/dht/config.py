@@ -28,3 +28,33 @@ class DHTConfig:
     max_subkeys_per_key: int = 4096  # entries one key may hold on one storing node
     max_keys: int = 65536  # keys one storing node holds
     socket_buffer_bytes: int = 1 << 20  # UDP send/receive buffer asked of the kernel (capped by it)
+    # --- hostile peers (docs/security.md, "DHT") ---------------------------------------------
+    # New entries one key may take from one source IP / one source prefix (/24 IPv4, /48 IPv6),
+    # counted by the STORE's datagram source; refreshes of a held subkey are never refused.
+    max_subkeys_per_ip: int = 128
+    max_subkeys_per_prefix: int = 256
+    # Requests handled per second from one (ip, port), one IP and in all (token buckets filled
+    # at the rate, holding up to the burst); excess datagrams are dropped before parsing.
+    request_rate_per_address_hz: float = 200.0
+    request_burst_per_address: int = 400
+    request_rate_per_ip_hz: float = 500.0
+    request_burst_per_ip: int = 1000
+    request_rate_hz: float = 2000.0
+    request_burst: int = 4000
+    # STOREs whose signature is checked, per second from one IP and in all (about 0.15 ms of
+    # CPU each); a STORE over budget is answered False without verifying.
+    store_rate_per_ip_hz: float = 100.0
+    store_burst_per_ip: int = 500
+    store_rate_hz: float = 500.0
+    store_burst: int = 2000
+    rate_table_size: int = 4096  # sources whose token buckets are kept (least recent evicted)
+    # A reply to a source we have no recent round trip with is at most this many times the
+    # request's bytes (requests are padded to get full replies); a round trip proves an address
+    # for proven_address_ttl_s seconds.
+    max_amplification: float = 3.0
+    proven_address_ttl_s: float = 600.0
+    max_contact_checks: int = 64  # pings in flight to check new senders and moved node ids
+    # Cheap checks before a signature is verified.
+    max_entry_lifetime_s: float = 86400.0  # an entry expiring later than now + this is refused
+    max_clock_skew_s: float = 600.0  # a record issued later than now + this is refused
+    max_span_blocks: int = 256  # a record's span is at most this many blocks (32 keys)

@@ -20,8 +20,9 @@ from kademlia.node import Node, NodeHeap
 
 from beed.dht.envelope import check_entry, entry_order
 from beed.dht.errors import RecordError
-from beed.dht.protocol import BeeProtocol, VerifiedEntry
+from beed.dht.protocol import BeeProtocol
 from beed.dht.records import ServerRecord
+from beed.dht.replies import VerifiedEntry
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def local_entries(protocol: BeeProtocol, key: bytes) -> list[VerifiedEntry]:
     found: list[VerifiedEntry] = []
     for entry in protocol.storage.entries(key):
         try:
-            found.append((entry, check_entry(key, entry, now)))
+            found.append((entry, check_entry(key, entry, now, protocol.config)))
         except RecordError:
             continue
     return found

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgpack
 
+from beed.dht.config import DHTConfig
 from beed.dht.errors import RecordError
 from beed.dht.identity import SIGNATURE_BYTES, Identity, verify
 from beed.dht.keys import keys_for_record
@@ -16,6 +17,8 @@ from beed.dht.records import ServerRecord, decode_record
 SIGNING_DOMAIN = b"beed-dht-entry/1"
 MAX_SUBKEY_CHARS = 64
 MAX_VALUE_BYTES = 2048
+
+DEFAULT_CONFIG = DHTConfig()
 
 Order = tuple[float, float]  # (issued_at, expires_at): the larger replaces the smaller
 
@@ -62,22 +65,45 @@ def sign_entry(identity: Identity, key: bytes, value: bytes, expires_at: float) 
     return SignedEntry(identity.peer_id, value, float(expires_at), identity.sign(payload))
 
 
-def check_entry(key: bytes, entry: SignedEntry, now: float) -> ServerRecord:
-    """Decode and authenticate an entry found under `key`; raises RecordError with the reason.
+def inspect_entry(
+    key: bytes, entry: SignedEntry, now: float, config: DHTConfig = DEFAULT_CONFIG
+) -> ServerRecord:
+    """The cheap checks of an entry found under `key`, all before its signature; raises RecordError.
 
-    Checks, in order: not expired; value decodes; subkey is the signer's peer id; the signature
-    verifies; the record belongs under `key` (one of its block groups or the model list).
+    In order: not expired, nor expiring later than `max_entry_lifetime_s` from now; value
+    decodes to a valid record; issued before it expires and not later than `max_clock_skew_s`
+    from now; span of at most `max_span_blocks` blocks; subkey is the signer's peer id; the
+    record belongs under `key` (one of its block groups or the model list).
     """
     if entry.expires_at <= now:
         raise RecordError("entry expired")
+    if entry.expires_at > now + config.max_entry_lifetime_s:
+        raise RecordError("entry expires too far in the future")
     record = decode_record(entry.value, expires_at=entry.expires_at)
+    if record.issued_at > now + config.max_clock_skew_s or record.issued_at > entry.expires_at:
+        raise RecordError("record issued in the future")
+    if record.span_end - record.span_start > config.max_span_blocks:
+        raise RecordError(f"record span longer than {config.max_span_blocks} blocks")
     if entry.subkey != record.peer_id:
         raise RecordError("entry subkey is not the signer's peer id")
+    if key not in keys_for_record(record):
+        raise RecordError("record does not belong under this key")
+    return record
+
+
+def verify_entry(key: bytes, entry: SignedEntry, record: ServerRecord) -> None:
+    """Raise RecordError unless the entry's signature verifies under the record's public key."""
     payload = signing_payload(key, entry.subkey, entry.value, entry.expires_at)
     if not verify(record.public_key, entry.signature, payload):
         raise RecordError("entry signature does not verify")
-    if key not in keys_for_record(record):
-        raise RecordError("record does not belong under this key")
+
+
+def check_entry(
+    key: bytes, entry: SignedEntry, now: float, config: DHTConfig = DEFAULT_CONFIG
+) -> ServerRecord:
+    """Decode and authenticate an entry found under `key`: inspect_entry, then verify_entry."""
+    record = inspect_entry(key, entry, now, config)
+    verify_entry(key, entry, record)
     return record
 
 

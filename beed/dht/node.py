@@ -21,7 +21,7 @@ from beed.dht.errors import ClientModeError, PeerUnreachableError, RecordError
 from beed.dht.identity import Identity
 from beed.dht.keys import dht_key, group_key_name, groups_for_span, keys_for_record, models_key_name
 from beed.dht.peers import format_initial_peers
-from beed.dht.protocol import Address, BeeProtocol, VerifiedEntry
+from beed.dht.protocol import Address, BeeProtocol
 from beed.dht.records import (
     ModelEntry,
     ServerRecord,
@@ -29,6 +29,7 @@ from beed.dht.records import (
     encode_record,
     with_signing_fields,
 )
+from beed.dht.replies import VerifiedEntry
 from beed.dht.storage import SubkeyStorage
 from beed.net.tasks import TaskOwner
 
@@ -53,7 +54,11 @@ class DHTNode:
         self.identity = identity or Identity.generate()
         self.client_mode = client_mode
         self.storage = SubkeyStorage(
-            self.config.max_ttl_s, self.config.max_subkeys_per_key, self.config.max_keys
+            self.config.max_ttl_s,
+            self.config.max_subkeys_per_key,
+            self.config.max_keys,
+            max_subkeys_per_ip=self.config.max_subkeys_per_ip,
+            max_subkeys_per_prefix=self.config.max_subkeys_per_prefix,
         )
         self.node = Node(self.identity.node_id)
         name = f"dht-{self.identity.peer_id[:8]}"
@@ -246,7 +251,7 @@ class DHTNode:
 
     def _store_locally(self, key: bytes, entry: SignedEntry) -> bool:
         try:
-            record = check_entry(key, entry, time.time())
+            record = check_entry(key, entry, time.time(), self.config)
         except RecordError:
             return False
         return self.storage.merge(key, entry, entry_order(record, entry))

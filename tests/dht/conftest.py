@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -73,8 +74,10 @@ async def swarm() -> AsyncIterator[SwarmFactory]:
 class _Raw(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.replies: dict[bytes, asyncio.Future[Any]] = {}
+        self.received: list[bytes] = []  # every datagram that arrived, in order
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received.append(data)
         future = self.replies.pop(data[1:21], None)
         if future is not None and not future.done() and data[:1] == b"\x01":
             future.set_result(umsgpack.unpackb(data[21:]))
@@ -91,13 +94,19 @@ class RawPeer:
         self.transport.sendto(data, addr)
 
     async def request(
-        self, addr: tuple[str, int], name: str, *args: Any, timeout_s: float = 1.0
+        self, addr: tuple[str, int], name: str, *args: Any, timeout_s: float = 1.0, pad: int = 0
     ) -> Any:
+        """Send one RPC (`pad` zero bytes after it) and wait for its decoded reply."""
         msg_id = os.urandom(20)
         future = asyncio.get_running_loop().create_future()
         self.protocol.replies[msg_id] = future
-        self.send(b"\x00" + msg_id + umsgpack.packb([name, list(args)]), addr)
+        self.send(b"\x00" + msg_id + umsgpack.packb([name, list(args)]) + bytes(pad), addr)
         return await asyncio.wait_for(future, timeout_s)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return (host, port)
 
 
 @pytest.fixture
@@ -107,3 +116,20 @@ async def raw_peer() -> AsyncIterator[RawPeer]:
     )
     yield RawPeer(transport, protocol)
     transport.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_peers(count: int, first_host: int = 2) -> AsyncIterator[list[RawPeer]]:
+    """`count` raw peers, each on its own loopback address 127.0.0.<first_host + i>."""
+    loop = asyncio.get_running_loop()
+    peers = []
+    try:
+        for i in range(count):
+            transport, protocol = await loop.create_datagram_endpoint(
+                _Raw, local_addr=(f"127.0.0.{first_host + i}", 0)
+            )
+            peers.append(RawPeer(transport, protocol))
+        yield peers
+    finally:
+        for peer in peers:
+            peer.transport.close()

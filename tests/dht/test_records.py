@@ -13,7 +13,7 @@ from beed.dht import Identity, RecordError, ServerRecord, ServerState
 from beed.dht.envelope import SignedEntry, check_entry, entry_order, sign_entry
 from beed.dht.keys import BLOCKS_PER_KEY, dht_key, group_key_name, groups_for_span, keys_for_record
 from beed.dht.records import decode_record, encode_record, with_signing_fields
-from beed.dht.storage import SubkeyStorage
+from beed.dht.storage import SubkeyStorage, entry_bytes, format_cursor
 
 
 def make(identity: Identity, start: int = 0, end: int = 12, **fields: object) -> ServerRecord:
@@ -147,7 +147,7 @@ def test_storage_merge_rules_and_pages() -> None:
     assert [e.subkey for e in storage.entries(key)] == ["a", "b", "c"]
 
     page, cursor = storage.page(key, None, max_bytes=250)
-    assert [e.subkey for e in page] == ["a"] and cursor == "a"
+    assert [e.subkey for e in page] == ["a"] and cursor == format_cursor(1)
     page, cursor = storage.page(key, cursor, max_bytes=10_000)
     assert [e.subkey for e in page] == ["b", "c"] and cursor is None
 
@@ -157,6 +157,44 @@ def test_storage_merge_rules_and_pages() -> None:
     assert [e.subkey for e in storage.entries(key)] == ["b"]
     clock[0] = 1100
     assert storage.entries(key) == [] and storage.get(key) is None and len(storage) == 0
+
+
+def test_storage_pages_oldest_first_and_caps_each_source() -> None:
+    storage = SubkeyStorage(
+        max_ttl_s=100,
+        max_subkeys_per_key=100,
+        max_keys=10,
+        clock=lambda: 1000.0,
+        max_subkeys_per_ip=3,
+        max_subkeys_per_prefix=4,
+    )
+    key = b"k" * 20
+
+    def entry(subkey: str) -> SignedEntry:
+        return SignedEntry(subkey, b"v" * 100, 1050.0, b"s" * 64)
+
+    def store(subkey: str, source: str, issued: float = 1.0) -> bool:
+        return storage.merge(key, entry(subkey), (issued, 1050.0), source)
+
+    assert store("z-honest", "10.0.0.1")
+    assert all(store(f"a-{i}", "10.0.0.2") for i in range(3))  # the /24 has 4 now
+    assert storage.refusal(key, "a-3", (1.0, 1050.0), "10.0.0.2") == "key full for this source ip"
+    assert storage.refusal(key, "b-0", (1.0, 1050.0), "10.0.0.9") == (
+        "key full for this source prefix"
+    )
+    assert store("b-0", "10.0.1.9")  # another /24
+    assert store("z-honest", "10.0.0.2", issued=2.0)  # a refresh is never refused
+    assert store("own", "")  # this node's own writes are not counted
+    order = [e.subkey for e in storage.entries(key)]
+    assert order[0] == "z-honest" and order[-1] == "own"  # first seen first, refresh keeps place
+    held = storage.entries(key)
+    page, cursor = storage.page(key, None, entry_bytes(held[0]) + entry_bytes(held[1]))
+    assert [e.subkey for e in page] == order[:2]
+    rest, end = storage.page(key, cursor, max_bytes=10_000)
+    assert [e.subkey for e in page + rest] == order and end is None
+    assert storage.page(key, None, max_bytes=10) == ([], format_cursor(0))  # nothing fits
+    with pytest.raises(ValueError):
+        storage.page(key, "a-1", max_bytes=10_000)  # not a cursor
 
 
 def test_entry_order_prefers_newer_issue_then_later_expiry() -> None:
