@@ -28,33 +28,24 @@ class DHTConfig:
     max_subkeys_per_key: int = 4096  # entries one key may hold on one storing node
     max_keys: int = 65536  # keys one storing node holds
     socket_buffer_bytes: int = 1 << 20  # UDP send/receive buffer asked of the kernel (capped by it)
-    # --- hostile peers (docs/security.md, "DHT") ---------------------------------------------
-    # New entries one key may take from one source IP / one source prefix (/24 IPv4, /48 IPv6),
-    # counted by the STORE's datagram source; refreshes of a held subkey are never refused.
-    max_subkeys_per_ip: int = 128
-    max_subkeys_per_prefix: int = 256
-    # Requests handled per second from one (ip, port), one IP and in all (token buckets filled
-    # at the rate, holding up to the burst); excess datagrams are dropped before parsing.
-    request_rate_per_address_hz: float = 200.0
-    request_burst_per_address: int = 400
-    request_rate_per_ip_hz: float = 500.0
-    request_burst_per_ip: int = 1000
-    request_rate_hz: float = 2000.0
-    request_burst: int = 4000
-    # STOREs whose signature is checked, per second from one IP and in all (about 0.15 ms of
-    # CPU each); a STORE over budget is answered False without verifying.
-    store_rate_per_ip_hz: float = 100.0
-    store_burst_per_ip: int = 500
-    store_rate_hz: float = 500.0
-    store_burst: int = 2000
+    # --- hostile peers (docs/security.md, "DHT"); refusals are logged at debug and counted ---
+    max_subkeys_per_ip: int = 128  # new subkeys one key takes whose first STORE came from one IP
+    max_subkeys_per_prefix: int = 256  # same, from one /24 (IPv4) or /48 (IPv6) network
+    max_entries_per_ip: int = 8192  # entries of all keys whose first STORE came from one IP
+    request_rate_per_address_hz: float = 200.0  # requests/s handled from one (ip, port)
+    request_burst_per_address: int = 400  # requests one (ip, port) may send at once
+    request_rate_per_ip_hz: float = 500.0  # requests/s handled from one IP, all ports
+    request_burst_per_ip: int = 1000  # requests one IP may send at once
+    request_rate_hz: float = 2000.0  # requests/s handled from everyone together
+    request_burst: int = 4000  # requests everyone together may send at once
+    store_rate_per_ip_hz: float = 100.0  # STORE signatures/s verified for one IP (~0.15 ms each)
+    store_burst_per_ip: int = 500  # STORE signatures one IP may have verified at once
+    store_rate_hz: float = 500.0  # STORE signatures/s verified for everyone together
+    store_burst: int = 2000  # STORE signatures verified at once for everyone together
     rate_table_size: int = 4096  # sources whose token buckets are kept (least recent evicted)
-    # A reply to a source we have no recent round trip with is at most this many times the
-    # request's bytes (requests are padded to get full replies); a round trip proves an address
-    # for proven_address_ttl_s seconds.
-    max_amplification: float = 3.0
-    proven_address_ttl_s: float = 600.0
-    max_contact_checks: int = 64  # pings in flight to check new senders and moved node ids
-    # Cheap checks before a signature is verified.
-    max_entry_lifetime_s: float = 86400.0  # an entry expiring later than now + this is refused
-    max_clock_skew_s: float = 600.0  # a record issued later than now + this is refused
-    max_span_blocks: int = 256  # a record's span is at most this many blocks (32 keys)
+    max_amplification: float = 3.0  # reply bytes / request bytes to an address not yet proven
+    proven_address_ttl_s: float = 600.0  # an address that answered our request counts as proven
+    max_contact_checks: int = 64  # pings in flight checking new senders and moved node ids
+    max_entry_lifetime_s: float = 86400.0  # entries expiring later than now + this are refused
+    max_clock_skew_s: float = 600.0  # records issued later than now + this are refused
+    max_span_blocks: int = 256  # records spanning more blocks are refused (32 keys to check)

@@ -59,6 +59,7 @@ class DHTNode:
             self.config.max_keys,
             max_subkeys_per_ip=self.config.max_subkeys_per_ip,
             max_subkeys_per_prefix=self.config.max_subkeys_per_prefix,
+            max_entries_per_ip=self.config.max_entries_per_ip,
         )
         self.node = Node(self.identity.node_id)
         name = f"dht-{self.identity.peer_id[:8]}"

@@ -90,12 +90,15 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
         clock: Callable[[], float] = time.time,
         max_subkeys_per_ip: int | None = None,
         max_subkeys_per_prefix: int | None = None,
+        max_entries_per_ip: int | None = None,
     ) -> None:
         self.max_ttl_s = max_ttl_s
         self.max_subkeys_per_key = max_subkeys_per_key
         self.max_keys = max_keys
         self.max_subkeys_per_ip = max_subkeys_per_ip or max_subkeys_per_key
         self.max_subkeys_per_prefix = max_subkeys_per_prefix or max_subkeys_per_key
+        self.max_entries_per_ip = max_entries_per_ip or max_keys * max_subkeys_per_key
+        self._per_ip: Counter[str] = Counter()  # entries of all keys by first source IP
         self._clock = clock
         self.data: OrderedDict[bytes, dict[str, StoredEntry]] = OrderedDict()
         self._state: dict[bytes, _KeyState] = {}
@@ -111,6 +114,8 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
         Cheap (no signature involved): protocol asks it before verifying an entry."""
         subkeys = self._live(key, self._clock())
         if subkeys is None:
+            if source and self._per_ip[source] >= self.max_entries_per_ip:
+                return "storage full for this source ip"
             return "storage full" if len(self.data) >= self.max_keys else None
         current = subkeys.get(subkey)
         if current is not None:
@@ -118,6 +123,8 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
         if len(subkeys) >= self.max_subkeys_per_key:
             return "key full"
         if source:
+            if self._per_ip[source] >= self.max_entries_per_ip:
+                return "storage full for this source ip"
             state = self._state[key]
             if state.per_ip[source] >= self.max_subkeys_per_ip:
                 return "key full for this source ip"
@@ -146,8 +153,7 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
             self._seq += 1
             stored = StoredEntry(entry, order, deadline, self._seq, source)
             if source:
-                state.per_ip[source] += 1
-                state.per_prefix[source_prefix(source)] += 1
+                self._count(state, source, 1)
             state.summary, state.seqs = None, None
         else:  # a refresh keeps the subkey's place and its source
             stored = StoredEntry(entry, order, deadline, current.seq, current.source)
@@ -213,12 +219,23 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
             state = self._state[key] = _KeyState()
             for stored in subkeys.values():
                 if stored.source:
-                    state.per_ip[stored.source] += 1
+                    state.per_ip[stored.source] += 1  # (the node-wide count was kept)
                     state.per_prefix[source_prefix(stored.source)] += 1
             state.next_deadline = -math.inf
         if now >= state.next_deadline:
             self._cull_key(key, subkeys, state, now)
         return self.data.get(key)
+
+    def _count(self, state: _KeyState, source: str, delta: int) -> None:
+        """Count one entry in (+1) or out (-1) of its source's caps."""
+        for counter, label in (
+            (state.per_ip, source),
+            (state.per_prefix, source_prefix(source)),
+            (self._per_ip, source),
+        ):
+            counter[label] += delta
+            if counter[label] <= 0:
+                del counter[label]
 
     def _cull_key(
         self, key: bytes, subkeys: dict[str, StoredEntry], state: _KeyState, now: float
@@ -227,10 +244,7 @@ class SubkeyStorage(IStorage):  # type: ignore[misc]
         for subkey in expired:
             stored = subkeys.pop(subkey)
             if stored.source:
-                state.per_ip[stored.source] -= 1
-                state.per_prefix[source_prefix(stored.source)] -= 1
-        state.per_ip = +state.per_ip  # drops counts that reached zero
-        state.per_prefix = +state.per_prefix
+                self._count(state, stored.source, -1)
         if expired:
             state.summary, state.seqs = None, None
         state.next_deadline = min((s.deadline for s in subkeys.values()), default=math.inf)

@@ -197,6 +197,20 @@ def test_storage_pages_oldest_first_and_caps_each_source() -> None:
         storage.page(key, "a-1", max_bytes=10_000)  # not a cursor
 
 
+def test_storage_caps_the_entries_of_one_source_ip_across_keys() -> None:
+    clock = [1000.0]
+    storage = SubkeyStorage(100, 100, 100, clock=lambda: clock[0], max_entries_per_ip=3)
+    entry = SignedEntry("a", b"v", 1050.0, b"s" * 64)
+    assert all(storage.merge(bytes([i]) * 20, entry, (1.0, 1050.0), "10.0.0.1") for i in range(3))
+    assert not storage.merge(b"x" * 20, entry, (1.0, 1050.0), "10.0.0.1")
+    assert storage.merge(b"x" * 20, entry, (1.0, 1050.0), "10.0.0.2")
+    clock[0] = 1050.0  # all expired: the source's count is back to zero
+    assert len(storage) == 0
+    assert storage.merge(
+        b"x" * 20, dataclasses.replace(entry, expires_at=1090.0), (2.0, 1090.0), "10.0.0.1"
+    )
+
+
 def test_entry_order_prefers_newer_issue_then_later_expiry() -> None:
     alice = Identity.generate()
     old, new = make(alice, issued_at=10.0), make(alice, issued_at=20.0)
