@@ -147,6 +147,12 @@ def _generation_options(f: Any) -> Any:
     help="auto: lossless compression of activations where a link's measured speed makes it "
     "pay; off: always raw.",
 )
+@click.option(
+    "--allow-private-addresses",
+    is_flag=True,
+    help="Use servers whose records name loopback or private addresses even though the "
+    "initial peers are public (by default only a swarm on such addresses may name them).",
+)
 @_peers_option
 @_generation_options
 def generate(
@@ -156,6 +162,7 @@ def generate(
     routing: str,
     push: bool,
     compression: str,
+    allow_private_addresses: bool,
     initial_peers: list[tuple[str, int]],
     **kwargs: Any,
 ) -> None:
@@ -173,6 +180,7 @@ def generate(
         routing=routing,
         push=push,
         compression=compression,
+        allow_private_addresses=allow_private_addresses or None,
     )
     if prompts_file is not None:
         prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]

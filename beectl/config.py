@@ -16,6 +16,8 @@ class ClientConfig:
     open_timeout_s: float = 30.0  # OpenSession answer, on top of kv_wait_s
     kv_wait_s: float = 10.0  # how long a full server may keep a new session waiting for memory
     step_timeout_s: float = 60.0  # one step's answer from one server (prefill included)
+    # Decode steps wait 10x the hop's typical answer time, at least this (beectl/timeouts.py).
+    min_step_timeout_s: float = 5.0
     close_timeout_s: float = 2.0  # Close answer when a session ends; then we just drop it
     discovery_timeout_s: float = 10.0  # one DHT read of the servers of a model
     session_timeout_s: float = 300.0  # idle lifetime we ask servers to keep our session for
@@ -27,6 +29,9 @@ class ClientConfig:
     measure_servers: int = 8  # before routing, connect to at most this many unmeasured servers
     measure_timeout_s: float = 1.5  # and wait this long for each one's Hello round trip
     push: bool = True  # servers forward each step to the next hop (False: the client relays)
+    # Loopback/private addresses named by records: True dials them, False never, None (auto)
+    # only when the initial peers are such addresses themselves (a LAN or test swarm).
+    allow_private_addresses: bool | None = None
     # Reads wait for each queried node up to rpc_timeout_s, and a lookup round waits for its
     # slowest node: right after a server dies its DHT node is still in routing tables, so the
     # client uses a shorter RPC timeout than servers (1 s is still ~3x a long WAN round trip).

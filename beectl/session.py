@@ -23,6 +23,7 @@ from beectl.config import ClientConfig
 from beectl.history import History
 from beectl.routing import Hop
 from beectl.swarm import Swarm
+from beectl.timeouts import HopTimer
 from beed.net.peer import PeerConnection
 from protocol.errors import (
     BadRequestError,
@@ -79,6 +80,7 @@ class _OpenHop:
     stream_id: int
     push_token: str = ""  # the server session accepts pushes with it ("" = relayed only)
     history: History = field(default_factory=History)
+    timer: HopTimer | None = None  # its answer times (adaptive step timeouts)
 
     def next_hop(self) -> dict[str, object]:
         """This hop as a route entry for the previous hop's push."""
@@ -391,13 +393,13 @@ class InferenceSession:
         results: list[asyncio.Future[Message]] = []
         for j, h in enumerate(hops):
             try:
-                results.append(h.conn.expect_step(h.stream_id, step_id))
+                results.append(h.conn.expect_step(h.stream_id, step_id, 4 * hidden.numel()))
             except BeeError as exc:  # this hop's connection is gone already
                 if j == 0:
                     raise _ChainBroken(done, exc) from exc
                 hops = hops[:j]  # go as far as the hop before; this one fails on its own turn
                 break
-        notices = [h.conn.expect_step(h.stream_id, step_id) for h in hops[:-1]]
+        notices = [h.conn.expect_step(h.stream_id, step_id, 4 * hidden.numel()) for h in hops[:-1]]
         first = hops[0]
         first.history.add(position, hidden, mask, position_ids)
         try:
@@ -414,11 +416,19 @@ class InferenceSession:
                 await first.conn.send(step, self.config.step_timeout_s)
             except BeeError as exc:
                 raise _ChainBroken(done, exc) from exc
+            size = hidden.shape[0] * hidden.shape[1]
+            since = time.monotonic()
             for j, h in enumerate(hops):
+                timer = self._timer(h)
                 try:
-                    reply = await self._hop_result(h, results[j], notices[j - 1] if j else None)
+                    reply = await self._hop_result(
+                        h, results[j], notices[j - 1] if j else None, timer.timeout_s(size)
+                    )
                 except BeeError as exc:
                     raise _ChainBroken(done, exc) from exc
+                now = time.monotonic()
+                timer.observe(size, now - since)
+                since = now
                 try:
                     reply = _checked(reply, hidden.shape)
                 except InvalidReplyError as exc:
@@ -438,10 +448,10 @@ class InferenceSession:
         h: _OpenHop,
         result: asyncio.Future[Message],
         notice: asyncio.Future[Message] | None,
+        timeout_s: float,
     ) -> Message:
         """Hop h's StepResult; PushFailedError if, first, the previous hop reports that its push
         to h failed (h will never answer then)."""
-        timeout_s = self.config.step_timeout_s
         if notice is not None:
             await asyncio.wait({result, notice}, timeout=timeout_s, return_when=FIRST_COMPLETED)
             if not result.done() and notice.done() and not notice.cancelled():
@@ -449,6 +459,11 @@ class InferenceSession:
                 if isinstance(late, StepResult) and late.push_error:
                     raise PushFailedError(late.push_error)
         return await h.conn.wait(result, "Step", timeout_s)
+
+    def _timer(self, h: _OpenHop) -> HopTimer:
+        if h.timer is None:
+            h.timer = HopTimer(self.config.min_step_timeout_s, self.config.step_timeout_s)
+        return h.timer
 
     async def _move_draining(self, h: _OpenHop) -> None:
         """The server is shutting down: move this hop now, while it still answers. The new

@@ -12,6 +12,7 @@ from beectl.config import ClientConfig
 from beectl.routing import Hop, find_route
 from beed.dht.node import DHTNode
 from beed.dht.records import ModelEntry, ServerRecord, ServerState
+from beed.net.dial import DialPolicy
 from beed.net.peer import PeerConnection
 from protocol.errors import (
     BeeError,
@@ -39,6 +40,11 @@ class Swarm:
         self._servers_cache: dict[str, tuple[float, list[ServerRecord]]] = {}
         self.load: dict[str, int] = {}  # server sessions this client holds, per server
         self._measure_failed: dict[str, float] = {}  # peer id -> when measuring it failed
+        # Records name addresses chosen by strangers: only those a swarm like ours may use.
+        self.policy = DialPolicy.for_swarm(
+            (host for host, _ in config.initial_peers), config.allow_private_addresses
+        )
+        self._refused_hosts: set[str] = set()
 
     def session_opened(self, peer_id: str) -> None:
         self.load[peer_id] = self.load.get(peer_id, 0) + 1
@@ -55,6 +61,9 @@ class Swarm:
             raise PeerUnreachableError(
                 "no --initial-peers given: pass the address printed by `beed bootstrap`"
             )
+        self.policy = await DialPolicy.for_swarm_resolved(
+            [host for host, _ in self.config.initial_peers], self.config.allow_private_addresses
+        )
         await self.dht.start("0.0.0.0", 0)
         await self.dht.bootstrap(list(self.config.initial_peers))
 
@@ -83,6 +92,16 @@ class Swarm:
             r.peer_id: r for r in (cached[1] if cached is not None else []) if r.expires_at > now
         }
         for record in found:
+            if not self.policy.allows(record.host):
+                if record.host not in self._refused_hosts:
+                    self._refused_hosts.add(record.host)
+                    log.warning(
+                        "swarm.address_refused peer=%s host=%s: a record of a public swarm names "
+                        "a private address; not used (--allow-private-addresses to use it)",
+                        record.peer_id[:8],
+                        record.host,
+                    )
+                continue
             old = merged.get(record.peer_id)
             if old is None or record.newer_than(old):
                 merged[record.peer_id] = record
@@ -200,6 +219,7 @@ class Swarm:
                 server.port,
                 peer_id=server.peer_id,
                 compression=self.config.compression,
+                policy=self.policy,
             )
             await conn.connect(self.config.connect_timeout_s)
             link = conn.link

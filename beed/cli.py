@@ -68,12 +68,17 @@ def bootstrap(
     `beectl`; logs go to stderr. Exits with code 0 on SIGINT or SIGTERM.
     """
     from beed.bootstrap import run_bootstrap
+    from protocol.errors import BeeError
 
     def on_ready(value: str) -> None:
         click.echo(f"--initial-peers {value}")
         sys.stdout.flush()
 
-    sys.exit(asyncio.run(run_bootstrap(host, port, identity_path, initial_peers, on_ready)))
+    try:
+        code = asyncio.run(run_bootstrap(host, port, identity_path, initial_peers, on_ready))
+    except BeeError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
 
 
 def _parse_block_indices(
@@ -253,6 +258,12 @@ def _parse_block_indices(
     show_default=True,
     help="Long prompts run in chunks of this many tokens while other sessions are decoding.",
 )
+@click.option(
+    "--allow-private-addresses",
+    is_flag=True,
+    help="Push to next servers at loopback or private addresses even when this server's own "
+    "announced address is public (by default only a swarm on such addresses may name them).",
+)
 @peer_limit_options
 def serve(
     model: str,
@@ -281,6 +292,7 @@ def serve(
     max_batch_tokens: int,
     prefill_chunk_tokens: int,
     batch_wait: float,
+    allow_private_addresses: bool,
     **limit_options: Any,
 ) -> None:
     """Load a span of a model's blocks and serve it to the swarm.
@@ -326,6 +338,7 @@ def serve(
             batch_wait_s=batch_wait,
         ),
         limits=peer_limits_from(limit_options),
+        allow_private_addresses=allow_private_addresses or None,
         record_ttl_s=3 * announce_period,
         dht=DHTConfig(default_ttl_s=3 * announce_period),
     )

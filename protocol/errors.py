@@ -37,7 +37,8 @@ BeeError                          base of everything we raise on purpose
     ├── PhaseTimeoutError         304 a phase (connect, step, ...) ran past its timeout
     ├── ConnectionClosed          305 the peer closed the connection, or it broke - retryable
     ├── (306: a local test swarm's daemon failed to start; beectl.local_swarm)
-    └── InvalidReplyError         307 a server's answer failed the client's checks - retryable
+    ├── InvalidReplyError         307 a server's answer failed the client's checks - retryable
+    └── AddressRefusedError       308 an address a stranger named is not one this side dials
 ```
 
 Every error carries a numeric `code`, a human `message` and `retryable`. `RemoteError` wraps an
@@ -235,6 +236,12 @@ class InvalidReplyError(ClientError):
 
     code = 307
     retryable = True
+
+
+class AddressRefusedError(ClientError):
+    """A record or route names an address this side does not dial (private, loopback, ...)."""
+
+    code = 308
 
 
 class RemoteError(BeeError):

@@ -100,7 +100,12 @@ class Identity:
         except OSError as exc:
             raise IdentityError(f"cannot read identity file {path}: {exc}") from exc
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("identity.permissions path=%s mode=%o expected=600", path, mode & 0o777)
+            # Anyone who can read the key can announce as this server (and sign its records).
+            raise IdentityError(
+                f"identity file {path} has mode {mode & 0o777:o}: other users may read or "
+                f"change the private key. Run `chmod 600 {path}` (or delete it to make a new "
+                "identity)."
+            )
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:

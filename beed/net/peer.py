@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import time
 
+import torch
+
 import beed
+from beed.net.dial import DialPolicy
 from beed.net.link import LinkStats
 from beed.net.stream import FramedStream, open_stream
 from beed.net.tasks import TaskOwner
@@ -21,6 +25,7 @@ from protocol.errors import (
     PeerUnreachableError,
     PhaseTimeoutError,
 )
+from protocol.limits import Limits
 from protocol.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -34,6 +39,10 @@ from protocol.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+# What a server may send before we asked for anything large: replies to steps raise it to fit
+# (allow_reply_bytes), so a server cannot make this side buffer or decompress gigabytes.
+REPLY_LIMITS = Limits(max_frame_bytes=4 << 20, max_decompressed_bytes=4 << 20)
 
 
 class PeerConnection:
@@ -58,10 +67,12 @@ class PeerConnection:
         peer_id: str = "",
         local_peer_id: str = "",
         compression: str = "auto",
+        policy: DialPolicy | None = None,
     ) -> None:
         self.host, self.port, self.peer_id = host, port, peer_id
         self.local_peer_id = local_peer_id
         self.compression = compression  # "auto": codecs follow the measured link; "off": raw
+        self.policy = policy  # which addresses may be dialled (None: any)
         self._stream: FramedStream | None = None
         self._waiters: dict[int, collections.deque[asyncio.Future[Message]]] = {}
         # (stream, step id) -> futures served in order: a step's result, then any later notice
@@ -84,7 +95,12 @@ class PeerConnection:
 
     async def connect(self, timeout_s: float) -> None:
         stream = await open_stream(
-            self.host, self.port, timeout_s=timeout_s, compression=self.compression
+            self.host,
+            self.port,
+            timeout_s=timeout_s,
+            compression=self.compression,
+            policy=self.policy,
+            limits=REPLY_LIMITS,
         )
         try:
             hello = Hello(
@@ -123,14 +139,29 @@ class PeerConnection:
             raise self._closed or ConnectionClosed(f"not connected to {self.host}:{self.port}")
         return self._stream
 
-    def expect_step(self, stream_id: int, step_id: int) -> asyncio.Future[Message]:
+    def expect_step(
+        self, stream_id: int, step_id: int, reply_bytes: int = 0
+    ) -> asyncio.Future[Message]:
         """A future for the next StepResult of `step_id` on `stream_id` (or the Error that fails
         it), whether that step is sent on this connection or pushed to the server by another.
-        Called twice, the second future gets the second such frame (a late push failure)."""
+        Called twice, the second future gets the second such frame (a late push failure).
+        `reply_bytes`: the size of the expected answer's tensors (see allow_reply_bytes)."""
         self._check_open()
+        self.allow_reply_bytes(reply_bytes)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._step_waiters.setdefault((stream_id, step_id), collections.deque()).append(future)
         return future
+
+    def allow_reply_bytes(self, nbytes: int) -> None:
+        """Let this server's frames carry up to nbytes of tensors (twice the largest reply
+        expected: a float32 answer to a bfloat16 step); never less than REPLY_LIMITS."""
+        stream = self._check_open()
+        limits = stream.decoder.limits
+        want = 2 * nbytes + (1 << 20)
+        if want > limits.max_decompressed_bytes:
+            stream.decoder.limits = dataclasses.replace(
+                limits, max_decompressed_bytes=want, max_frame_bytes=want + (1 << 20)
+            )
 
     def forget_step(self, stream_id: int, step_id: int) -> None:
         """Stop waiting for that step's results (done, or its hop was replaced)."""
@@ -184,6 +215,7 @@ class PeerConnection:
     async def submit(self, msg: Message, timeout_s: float) -> asyncio.Future[Message]:
         """Send msg (not a Step) and return the future of its reply, for wait()."""
         stream = self._check_open()
+        self.allow_reply_bytes(_tensor_bytes(msg))
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(msg.stream_id, collections.deque()).append(future)
         try:
@@ -197,12 +229,13 @@ class PeerConnection:
         """Send msg and wait for the reply on its stream; an Error reply is raised."""
         stream = self._check_open()
         if isinstance(msg, Step):
-            future = self.expect_step(msg.stream_id, msg.step_id)
+            future = self.expect_step(msg.stream_id, msg.step_id, 4 * msg.hidden.numel())
             await self.send(msg, timeout_s)
             try:
                 return await self.wait(future, "Step", timeout_s)
             finally:
                 self.forget_step(msg.stream_id, msg.step_id)
+        self.allow_reply_bytes(_tensor_bytes(msg))
         future = asyncio.get_running_loop().create_future()
         queue = self._waiters.setdefault(msg.stream_id, collections.deque())
         queue.append(future)
@@ -292,3 +325,13 @@ class PeerConnection:
     async def aclose(self) -> None:
         await self._fail(ConnectionClosed(f"connection to {self.host}:{self.port} closed"))
         await self._tasks.aclose()
+
+
+def _tensor_bytes(msg: Message) -> int:
+    """Bytes of msg's tensors in float32: what an answer of the same shapes may take."""
+    total = 0
+    for field in dataclasses.fields(msg):
+        value = getattr(msg, field.name)
+        if isinstance(value, torch.Tensor):
+            total += 4 * value.numel()
+    return total

@@ -12,9 +12,11 @@ import logging
 import socket
 import time
 
+from beed.net.dial import DialPolicy
 from beed.net.link import PROBE_BYTES, LinkStats, policy_for
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
+    AddressRefusedError,
     ConnectionClosed,
     PeerUnreachableError,
     PhaseTimeoutError,
@@ -172,13 +174,33 @@ async def open_stream(
     timeout_s: float,
     limits: Limits | None = None,
     compression: str = "auto",
+    policy: DialPolicy | None = None,
 ) -> FramedStream:
-    """Connect to host:port; PeerUnreachableError when that fails within timeout_s."""
+    """Connect to host:port; PeerUnreachableError when that fails within timeout_s, and
+    AddressRefusedError when `policy` does not allow the address (a name is resolved first and
+    only its allowed addresses are tried)."""
     try:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK_BYTES)
+            target = host
+            if policy is not None and not policy.allow_private:
+                target = await _allowed_address(host, port, policy)
+            reader, writer = await asyncio.open_connection(target, port, limit=READ_CHUNK_BYTES)
     except (TimeoutError, OSError) as exc:
         raise PeerUnreachableError(
             f"cannot connect to {host}:{port}: {exc or 'timed out'}"
         ) from exc
     return FramedStream(reader, writer, limits, compression)
+
+
+async def _allowed_address(host: str, port: int, policy: DialPolicy) -> str:
+    if not policy.allows(host):
+        raise AddressRefusedError(
+            f"{host} is not a public address (loopback, private or reserved): not dialled "
+            "(beectl/beed --allow-private-addresses dials such addresses)"
+        )
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for _family, _type, _proto, _name, sockaddr in infos:
+        address = str(sockaddr[0])
+        if policy.allows(address):
+            return address
+    raise AddressRefusedError(f"{host} resolves only to addresses that are not public")

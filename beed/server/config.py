@@ -96,6 +96,8 @@ class ServerConfig:
     max_kv_wait_s: float = 60.0  # longest a new session may wait for cache memory to free up
     compression: str = "auto"  # "auto": lossless codecs where a link's measured speed pays; "off"
     push_connect_timeout_s: float = 5.0  # connecting to a next hop to push to it (Hello included)
+    # Push to loopback/private next hops: True always, None (auto) when our own address is one.
+    allow_private_addresses: bool | None = None
     push_ack_timeout_s: float = 10.0  # a next hop's Ack to one Push (it accepts before running)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: PeerLimits = field(default_factory=PeerLimits)

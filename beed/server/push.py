@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from beed.net.dial import DialPolicy
 from beed.net.peer import PeerConnection
 from protocol.errors import BadRequestError
 from protocol.messages import Ack, Push
@@ -74,9 +75,11 @@ class Pusher:
         connect_timeout_s: float,
         ack_timeout_s: float,
         compression: str = "auto",
+        policy: DialPolicy | None = None,
     ):
         self.local_peer_id = local_peer_id
         self.compression = compression
+        self.policy = policy  # which next-hop addresses a route may name
         self.connect_timeout_s = connect_timeout_s
         self.ack_timeout_s = ack_timeout_s
         self._connections: dict[tuple[str, int, str], PeerConnection] = {}
@@ -100,6 +103,7 @@ class Pusher:
                 peer_id=hop.peer_id,
                 local_peer_id=self.local_peer_id,
                 compression=self.compression,
+                policy=self.policy,
             )
             await conn.connect(self.connect_timeout_s)
             self._connections[key] = conn

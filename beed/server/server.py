@@ -25,6 +25,7 @@ from beed.dht.records import ServerRecord, ServerState
 from beed.models.adapters import load_config, num_blocks
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir, resolve_model
+from beed.net.dial import DialPolicy
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
 from beed.server.admission import Admission
@@ -174,6 +175,9 @@ class BlockServer:
                 connect_timeout_s=cfg.push_connect_timeout_s,
                 ack_timeout_s=cfg.push_ack_timeout_s,
                 compression=cfg.compression,
+                policy=DialPolicy.for_swarm(
+                    [public_host, *(h for h, _ in cfg.initial_peers)], cfg.allow_private_addresses
+                ),
             )
             scheduler_config = dataclasses.replace(
                 cfg.scheduler, compute_threads=threads, decode_threads=decode_threads

@@ -42,5 +42,34 @@ def test_sign_and_verify() -> None:
 def test_corrupt_identity_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.id"
     path.write_bytes(b"not a key")
+    path.chmod(0o600)
     with pytest.raises(IdentityError, match="not an unencrypted PEM"):
         Identity.load_or_create(path)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_identity_files_others_can_read_are_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "node.id"
+    peer_id = Identity.load_or_create(path).peer_id
+    path.chmod(mode)
+    with pytest.raises(IdentityError, match=rf"mode {mode:o}.*chmod 600"):
+        Identity.load_or_create(path)
+    path.chmod(0o600)
+    assert Identity.load_or_create(path).peer_id == peer_id
+
+
+def test_beed_refuses_a_loose_identity_file_with_a_clear_message(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "node.id"
+    Identity.load_or_create(path)
+    path.chmod(0o644)
+    result = subprocess.run(
+        [sys.executable, "-m", "beed.cli", "bootstrap", "--port", "0", "--identity", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "chmod 600" in result.stderr and "Traceback" not in result.stderr, result.stderr
