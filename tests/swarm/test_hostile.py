@@ -1,0 +1,267 @@
+"""Strangers on the network: each attack on a real server is bounded, and an honest client on
+another address is still served, with the same text as before the attack.
+
+Attackers connect from other loopback addresses (127.0.0.2, ...): to the server they are other
+peers, as they would be on the internet.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from beectl.local_swarm import LocalSwarm
+from beed.models.fingerprint import model_fingerprint
+from beed.models.registry import cache_dir
+from protocol import encode_message_bytes
+from protocol.codecs import CodecPolicy
+from protocol.frames import MAGIC, PREFIX
+from protocol.messages import (
+    Error,
+    Forward,
+    GetInfo,
+    Hello,
+    Info,
+    OpenSession,
+    SessionOpened,
+    Step,
+)
+from tests.conftest import peers_of
+from tests.swarm.test_faults import RawPeer
+
+MAX_TOKENS = 2048
+LIMITS = [
+    "--hello-timeout",
+    "1",
+    "--idle-timeout",
+    "2",
+    "--first-step-timeout",
+    "3",
+    "--max-connections-per-peer",
+    "16",
+    "--max-request-tokens",
+    str(MAX_TOKENS),
+    "--buffer-wait",
+    "1",
+    "--kv-budget-tokens",
+    "4096",
+]
+PROMPT = "The capital of France is"
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    with LocalSwarm(spans=[(0, 30)], extra_args=LIMITS) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def fingerprint(model_path):
+    return model_fingerprint(model_path, cache_dir() / "fingerprints.json")
+
+
+@pytest.fixture(scope="module")
+def honest_text(swarm):
+    return generate(swarm).stdout
+
+
+def generate(swarm, tokens: int = 12) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "beectl.cli", "generate", PROMPT, "--raw", "--max-new-tokens"]
+        + [str(tokens), "--initial-peers", peers_of(swarm)[0]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def start_generate(swarm, tokens: int = 12) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "beectl.cli", "generate", PROMPT, "--raw", "--max-new-tokens"]
+        + [str(tokens), "--initial-peers", peers_of(swarm)[0]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return out
+
+
+class Attacker(RawPeer):
+    """A raw peer from another loopback address."""
+
+    def __init__(self, address: tuple[str, int], source: str) -> None:
+        self.sock = socket.create_connection(address, timeout=10, source_address=(source, 0))
+        from protocol import FrameDecoder
+
+        self.decoder = FrameDecoder()
+
+
+def server_rss(swarm) -> int:
+    pid = swarm.servers[0].process.pid
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def info(swarm) -> dict:
+    peer = RawPeer(swarm.servers[0].address)
+    try:
+        peer.hello()
+        peer.send(encode_message_bytes(GetInfo(1)))
+        reply = peer.read()
+        assert isinstance(reply, Info)
+        return reply.info
+    finally:
+        peer.close()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes sock within `seconds` (whatever it sent before)."""
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(1 << 16):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def bomb(tokens: int) -> bytes:
+    """A Step on a stream with no session: zeros that zstd squeezes to a few hundred bytes."""
+    hidden = torch.zeros(1, tokens, 576)
+    return encode_message_bytes(Step(7, 1, 0, hidden), CodecPolicy(force="zstd"))
+
+
+def test_compression_bombs_stay_within_the_budget_and_others_are_answered(swarm, honest_text):
+    idle_rss = server_rss(swarm)
+    frame = bomb(MAX_TOKENS)  # 4.7 MB decoded, the largest a request may be
+    assert len(frame) < 4096
+    attackers = [Attacker(swarm.servers[0].address, f"127.0.0.{2 + i}") for i in range(4)]
+    for a in attackers:
+        a.hello()
+    peak = idle_rss
+    watcher = RawPeer(swarm.servers[0].address)
+    watcher.hello()
+    for round_ in range(50):
+        for a in attackers:
+            a.send(frame * 4)
+        # Another client's GetInfo is answered while the bombs are decoded (off the loop).
+        watcher.send(encode_message_bytes(GetInfo(100 + round_)))
+        began = time.monotonic()
+        assert isinstance(watcher.read(), Info)
+        assert time.monotonic() - began < 5.0
+        peak = max(peak, server_rss(swarm))
+    for a in attackers:
+        a.close()
+    watcher.close()
+    assert peak - idle_rss < GiB, (idle_rss, peak)
+    # A bomb over the per-connection budget is refused before it is decompressed.
+    big = Attacker(swarm.servers[0].address, "127.0.0.9")
+    big.hello()
+    big.send(bomb(8 * MAX_TOKENS))
+    refused = big.read()
+    assert isinstance(refused, Error) and refused.code == 113
+    big.close()
+    for _ in range(50):
+        now = info(swarm)
+        if now["request_bytes_held"] == 0:
+            break
+        time.sleep(0.1)
+    assert now["request_bytes_held"] == 0
+    assert now["request_bytes_peak"] <= now["request_bytes_budget"]
+    assert generate(swarm).stdout == honest_text
+
+
+def test_idle_and_half_sent_connections_are_closed_and_a_client_still_generates(swarm, honest_text):
+    address = swarm.servers[0].address
+    hello = encode_message_bytes(Hello())
+    big_prefix = PREFIX.pack(MAGIC, 1, 0, 100, 1 << 20)
+    kinds = [b"", hello[:7], hello, hello + big_prefix + b"\x80"]
+    socks = []
+    for i in range(500):
+        sock = socket.create_connection(
+            address, timeout=10, source_address=(f"127.0.1.{1 + i % 250}", 0)
+        )
+        sock.sendall(kinds[i % len(kinds)])
+        socks.append(sock)
+    proc = start_generate(swarm)
+    # Deadlines: Hello within 1 s (however it trickles), then 2 s idle at most.
+    for sock in socks[:: len(kinds)]:
+        sock.sendall(b"B")  # trickling does not extend the Hello deadline
+    assert all(closed_within(sock, 15.0) for sock in socks)
+    for sock in socks:
+        sock.close()
+    assert finish(proc) == honest_text
+    assert info(swarm)["connections"] <= 2
+
+
+def test_one_address_cannot_take_every_connection(swarm, honest_text):
+    address = swarm.servers[0].address
+    socks = [Attacker(address, "127.0.0.20") for _ in range(16)]
+    for peer in socks:
+        peer.hello()
+    extra = Attacker(address, "127.0.0.20")
+    assert closed_within(extra.sock, 5.0)  # closed at once: the address has 16 already
+    assert generate(swarm).stdout == honest_text  # another address is served meanwhile
+    assert info(swarm)["connections_refused"] >= 1
+    for peer in [*socks, extra]:
+        peer.close()
+
+
+def test_a_session_grabber_is_capped_and_its_reservations_expire(swarm, fingerprint, honest_text):
+    grabber = Attacker(swarm.servers[0].address, "127.0.0.30")
+    grabber.hello()
+    grabber.send(encode_message_bytes(OpenSession(1, fingerprint, 0, 30, max_length=2048)))
+    assert isinstance(grabber.read(), SessionOpened)
+    grabber.send(encode_message_bytes(OpenSession(3, fingerprint, 0, 30, max_length=64)))
+    refused = grabber.read()
+    assert isinstance(refused, Error) and refused.code == 208, refused
+    assert "max_kv_share_per_peer" in refused.message
+    assert generate(swarm).stdout == honest_text  # the other half of the cache is free
+    # A session that never steps gives its reservation back (--first-step-timeout 3).
+    for _ in range(100):
+        if info(swarm)["free_kv_tokens"] == 4096:
+            break
+        time.sleep(0.1)
+    assert info(swarm)["free_kv_tokens"] == 4096
+    grabber.close()
+
+
+def test_huge_forwards_are_bounded_and_do_not_starve_decoding(swarm, fingerprint, honest_text):
+    attacker = Attacker(swarm.servers[0].address, "127.0.0.40")
+    attacker.hello()
+    over = Forward(1, fingerprint, 0, 30, torch.zeros(1, MAX_TOKENS + 1, 576))
+    attacker.send(encode_message_bytes(over, CodecPolicy(force="zstd")))
+    refused = attacker.read()
+    assert isinstance(refused, Error) and refused.code == 209, refused
+    # Forwards at the limit keep coming while an honest client generates: they run in chunks
+    # between its steps, so it finishes (with the same text).
+    proc = start_generate(swarm)
+    sid = 3
+    for _ in range(6):
+        hidden = torch.randn(1, MAX_TOKENS, 576)
+        attacker.send(encode_message_bytes(Forward(sid, fingerprint, 0, 30, hidden)))
+        sid += 2
+    assert finish(proc) == honest_text
+    attacker.close()
