@@ -71,10 +71,14 @@ def honest_text(swarm):
     return generate(swarm).stdout
 
 
+def command(swarm, tokens: int) -> list[str]:
+    args = ["generate", PROMPT, "--raw", "--max-new-tokens", str(tokens)]
+    return [sys.executable, "-m", "beectl.cli", *args, "--initial-peers", peers_of(swarm)[0]]
+
+
 def generate(swarm, tokens: int = 12) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "beectl.cli", "generate", PROMPT, "--raw", "--max-new-tokens"]
-        + [str(tokens), "--initial-peers", peers_of(swarm)[0]],
+        command(swarm, tokens),
         capture_output=True,
         text=True,
         timeout=300,
@@ -86,8 +90,7 @@ def generate(swarm, tokens: int = 12) -> subprocess.CompletedProcess[str]:
 
 def start_generate(swarm, tokens: int = 12) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "beectl.cli", "generate", PROMPT, "--raw", "--max-new-tokens"]
-        + [str(tokens), "--initial-peers", peers_of(swarm)[0]],
+        command(swarm, tokens),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
