@@ -268,3 +268,62 @@ def test_huge_forwards_are_bounded_and_do_not_starve_decoding(swarm, fingerprint
         sid += 2
     assert finish(proc) == honest_text
     attacker.close()
+
+
+async def test_records_naming_private_addresses_are_ignored_by_a_public_swarm_client(
+    swarm, fingerprint
+):
+    from beectl.config import ClientConfig
+    from beectl.swarm import Swarm
+
+    async def servers(allow: bool | None) -> list:
+        client = Swarm(
+            ClientConfig(
+                initial_peers=tuple(swarm.initial_peers), **{"allow_private_addresses": allow}
+            )
+        )
+        try:
+            await client.start()
+            return await client.servers(fingerprint, 30)
+        finally:
+            await client.aclose()
+
+    # Auto: the initial peer is on loopback, so is the swarm: its loopback records are used.
+    assert [r.peer_id for r in await servers(None)] == [swarm.servers[0].peer_id]
+    # A client of a public swarm (here: told so) ignores them: none is dialled.
+    assert await servers(False) == []
+
+
+def test_dial_policy_refuses_non_public_addresses():
+    from beed.net.dial import DialPolicy, is_public
+
+    for host in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "172.16.5.4",
+        "169.254.1.1",
+        "100.64.0.1",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::ffff:10.0.0.1",
+    ]:
+        assert not is_public(host), host
+        assert not DialPolicy.for_swarm(["8.8.8.8"]).allows(host), host
+        assert DialPolicy.for_swarm(["8.8.8.8"], allow_private=True).allows(host)
+    for host in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "example.org"]:
+        assert is_public(host) and DialPolicy.for_swarm(["8.8.8.8"]).allows(host)
+    assert DialPolicy.for_swarm(["127.0.0.1"]).allows("10.0.0.1")  # a private swarm
+
+
+async def test_a_hostname_is_checked_by_the_address_it_resolves_to():
+    from beed.net.dial import DialPolicy
+    from beed.net.stream import open_stream
+    from protocol.errors import AddressRefusedError
+
+    with pytest.raises(AddressRefusedError):
+        await open_stream("localhost", 9, timeout_s=5.0, policy=DialPolicy(False))
+    assert (await DialPolicy.for_swarm_resolved(["localhost"])).allow_private
