@@ -71,12 +71,15 @@ class SegmentedCache:
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         layer_idx: int,
-        cache_kwargs: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each session's keys and values; extra arguments go to each session's cache as given
+        (transformers 4.x passes cache_kwargs positionally, 5.x `kwargs=` by name)."""
         keys, values = [], []
         for segment, cache in zip(self.segments, self.caches, strict=True):
             k, v = cache.update(
-                segment.take(key_states), segment.take(value_states), layer_idx, cache_kwargs
+                segment.take(key_states), segment.take(value_states), layer_idx, *args, **kwargs
             )
             keys.append(k)
             values.append(v)

@@ -66,6 +66,7 @@ class BlockBackend:
             model_dir, lambda n: n.startswith(prefixes), dtype=self.dtype, device=self.device
         )
         self.span = Span(config, start, end, self.device)
+        self.batch_fallbacks = 0  # merged forwards that failed and ran session by session
         self.span.load_blocks(tensors, family)
         self.span.to(self.device)  # buffers computed at construction (weights are there already)
         self.span.eval().requires_grad_(False)
@@ -245,6 +246,7 @@ class BlockBackend:
         try:
             return list(self.span.forward_many(items, blocks))
         except Exception as exc:
+            self.batch_fallbacks += 1
             log.warning("backend.batch_failed sessions=%d error=%r", len(items), exc)
         outputs: list[torch.Tensor | Exception] = []
         for item, lengths in zip(items, saved, strict=True):

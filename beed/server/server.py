@@ -393,6 +393,7 @@ class BlockServer:
             "batches": self.scheduler.batches if self.scheduler else 0,
             "batched_steps": self.scheduler.batched_steps if self.scheduler else 0,
             "waiting_sessions": self.state.sessions.waiting,
+            "batch_fallbacks": self.state.backend.batch_fallbacks,
             "connections": len(self.state.admission),
             "connections_refused": self.state.admission.refused,
             "connections_evicted": self.state.admission.evicted,

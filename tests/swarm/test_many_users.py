@@ -120,6 +120,7 @@ async def test_sixteen_concurrent_clients_get_what_they_get_alone(swarm2, local_
         batches = now["batches"] - old["batches"]
         steps = now["batched_steps"] - old["batched_steps"]
         assert steps >= len(PROMPTS) * NEW_TOKENS and batches < steps, (server.name, now)
+        assert now["batch_fallbacks"] == 0, (server.name, now)  # merged, not run one by one
     await assert_idle(swarm2)
 
 

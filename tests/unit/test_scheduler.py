@@ -79,6 +79,8 @@ def test_batched_steps_equal_each_session_alone(backend: BlockBackend):
             assert isinstance(out, torch.Tensor)
             assert out.shape == want[step].shape
             assert (out - want[step]).abs().max().item() < 1e-5
+    # ... from one merged forward (not the per-session fallback after a failed one).
+    assert backend.batch_fallbacks == 0
     # A batch of one is the lone path itself: bit-identical.
     cache = backend.new_cache()
     (one,) = backend.step_many([StepRequest(cache, blocks, hidden(1, 5, 7), 0)])
