@@ -212,6 +212,8 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         try:
+            if self._prefix is None:
+                self._check_magic()
             return self._next_frame()
         except ProtocolError as exc:
             self._fail(exc)
@@ -290,8 +292,8 @@ class FrameDecoder:
         self._prefix = None
         self._header = None
         self._segments = []
-        if self._pos < len(self._buf):
-            self._check_magic()
+        # Bytes after this frame are checked on the next call: a complete frame followed by
+        # garbage in the same read is still returned (the garbage then fails the connection).
         return EncodedFrame(header["type"], header["stream_id"], header, segments)
 
     def _parse_header(self, raw: memoryview, payload_len: int) -> dict[str, Any]:

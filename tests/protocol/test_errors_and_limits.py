@@ -300,3 +300,16 @@ def test_import_protocol_pulls_in_no_asyncio_and_no_socket() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_frame_followed_by_garbage_in_one_read_is_returned_before_the_error() -> None:
+    from protocol import FrameDecoder, encode_message_bytes
+    from protocol.errors import BadMagicError
+    from protocol.messages import Ping
+
+    decoder = FrameDecoder()
+    decoder.feed(encode_message_bytes(Ping(0, 7)) + b"GET ")
+    msg = decoder.next_message()
+    assert isinstance(msg, Ping) and msg.nonce == 7
+    with pytest.raises(BadMagicError):
+        decoder.next_message()
