@@ -25,6 +25,9 @@ class Limits:
     max_tensors_per_frame: int = 16
     # Dimensions of one tensor.
     max_tensor_ndim: int = 8
+    # raw_len / enc_len of one compressed segment over 64 KiB; 0 = unchecked. Lossless codecs
+    # shrink activations by at most ~2x: a frame claiming far more is a decompression bomb.
+    max_compression_ratio: int = 0
     # Streams open at once on one connection (enforced by StreamTable in the connection layer).
     max_streams_per_connection: int = 256
 

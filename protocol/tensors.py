@@ -9,7 +9,7 @@ import numpy as np
 from protocol.codecs import Codec, CodecPolicy, choose_codec, codec_for_id, decode_payload
 from protocol.codecs import encode_payload as _encode_payload
 from protocol.dtypes import FLOAT_DTYPES, ITEMSIZE, NUMPY, torch_dtype, wire_name
-from protocol.errors import BadTensorError, TensorTooLargeError
+from protocol.errors import BadTensorError, DecompressionError, TensorTooLargeError
 from protocol.limits import Limits
 
 if TYPE_CHECKING:
@@ -84,6 +84,10 @@ def _encode_with(
     return [name, list(t.shape), int(codec), len(raw), len(payload)], payload
 
 
+# Segments at most this large are never refused for their compression ratio.
+RATIO_CHECK_BYTES = 64 * 1024
+
+
 def parse_descriptor(desc: object, limits: Limits) -> SegmentInfo:
     """Validate one descriptor from a header against the limits, before any allocation."""
     if not isinstance(desc, list) or len(desc) != 5:
@@ -118,6 +122,12 @@ def parse_descriptor(desc: object, limits: Limits) -> SegmentInfo:
         )
     if codec is Codec.NONE and enc_len != raw_len:
         raise BadTensorError(f"uncompressed tensor has encoded length {enc_len} != raw {raw_len}")
+    ratio = limits.max_compression_ratio
+    if ratio and raw_len > RATIO_CHECK_BYTES and raw_len > ratio * enc_len:
+        raise DecompressionError(
+            f"tensor of {raw_len} bytes encoded in {enc_len}: a compression ratio over "
+            f"max_compression_ratio={ratio} is a bomb, not activations"
+        )
     return SegmentInfo(name, tuple(shape), codec, raw_len, enc_len, itemsize)
 
 

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 # What a server may send before we asked for anything large: replies to steps raise it to fit
 # (allow_reply_bytes), so a server cannot make this side buffer or decompress gigabytes.
-REPLY_LIMITS = Limits(max_frame_bytes=4 << 20, max_decompressed_bytes=4 << 20)
+REPLY_LIMITS = Limits(
+    max_frame_bytes=4 << 20, max_decompressed_bytes=4 << 20, max_compression_ratio=32
+)
 
 
 class PeerConnection:
@@ -309,15 +311,14 @@ class PeerConnection:
         if self._closed is None:
             self._closed = exc
             log.debug("peer.closed host=%s port=%d reason=%s", self.host, self.port, exc)
-        for queue in self._waiters.values():
-            for future in queue:
-                if not future.done():
-                    future.set_exception(exc)
-        self._waiters.clear()
-        for futures in self._step_waiters.values():
+        for futures in [*self._waiters.values(), *self._step_waiters.values()]:
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)
+                    # Waiters still get it; one nobody awaits any more (a step whose result
+                    # was given up, a Close that timed out) is not logged as never retrieved.
+                    future.exception()
+        self._waiters.clear()
         self._step_waiters.clear()
         if self._stream is not None:
             await self._stream.aclose()

@@ -59,7 +59,7 @@ class PeerLimits:
     max_kv_share_per_peer: float = 0.5  # share of the KV budget one peer's sessions may reserve
     first_step_timeout_s: float = 30.0  # a session that never steps gives its cache back after this
     max_request_tokens: int = 16384  # rows x tokens of one Step, Push or Forward
-    max_backward_tokens: int = 2048  # rows x tokens of one Backward (it runs as one job)
+    max_backward_tokens: int = 1024  # rows x tokens of one Backward (runs in row groups)
     max_buffer_bytes: int | None = None  # decoded request tensors held at once; None: 4 requests
     buffer_wait_s: float = 10.0  # a frame waits this long for buffer room, then is refused (205)
 

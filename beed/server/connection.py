@@ -28,9 +28,13 @@ from protocol.errors import (
     InternalServerError,
     PhaseTimeoutError,
     ProtocolError,
+    PushRefusedError,
+    RequestTooLargeError,
+    ServerBusyError,
     StreamStateError,
     TooManyStreamsError,
     UnknownMessageTypeError,
+    UnknownSessionError,
 )
 from protocol.frames import EncodedFrame
 from protocol.limits import Limits, StreamTable
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Compressed activations shrink ~1.2-2x; a segment claiming more than this is refused (109).
+MAX_COMPRESSION_RATIO = 32
 # Until its Hello, a peer may send one small frame without tensors.
 HANDSHAKE_LIMITS = Limits(
     max_frame_bytes=64 * 1024, max_header_bytes=16 * 1024, max_decompressed_bytes=0
@@ -139,6 +145,10 @@ class ServerConnection:
                 error = UnknownMessageTypeError(f"unknown message type {encoded.type}")
                 await self._answer(Error.from_exception(encoded.stream_id, error))
                 continue
+            refusal = self._precheck(encoded)
+            if refusal is not None:
+                await self._refuse(encoded, refusal)
+                continue
             nbytes = encoded.raw_bytes
             if nbytes:
                 try:
@@ -153,12 +163,41 @@ class ServerConnection:
                 raise
             await self._dispatch(msg, nbytes)
 
+    def _precheck(self, encoded: EncodedFrame) -> BeeError | None:
+        """Why a frame will be refused, known from its header alone (before anything is
+        decompressed): a session request on a stream with no session, a Push no session here
+        accepts, or more rows x tokens than this server takes in one request."""
+        cls = MESSAGE_TYPES[encoded.type]
+        header = encoded.header
+        if cls in (Step, Truncate, Close) and encoded.stream_id not in self._streams:
+            return UnknownSessionError(
+                f"no open session on stream {encoded.stream_id}: closed, timed out or never opened"
+            )
+        if cls is Push:
+            token = header.get("token")
+            if not isinstance(token, str) or self.state.sessions.by_token(token) is None:
+                return PushRefusedError("no session here accepts this push token")
+        if cls in (Step, Push, Forward, Backward):
+            limits = self.state.config.limits
+            limit = limits.max_backward_tokens if cls is Backward else limits.max_request_tokens
+            index = header.get("hidden")
+            if type(index) is int and 0 <= index < len(encoded.segments):
+                shape = encoded.segments[index][0].shape
+                if len(shape) >= 2 and shape[0] * shape[1] > limit:
+                    return RequestTooLargeError(
+                        f"a {cls.__name__} of {shape[0]} rows x {shape[1]} tokens passes this "
+                        f"server's limit of {limit} rows x tokens per request; split it"
+                    )
+        return None
+
     async def _refuse(self, encoded: EncodedFrame, exc: BeeError) -> None:
         """Answer a frame that is not taken (undecoded); a session it was for is gone (spec §8)."""
-        log.info("request.refused id=%d peer=%s error=%s", self.id, self.peer, exc)
+        log.debug("request.refused id=%d peer=%s error=%s", self.id, self.peer, exc)
         sid = encoded.stream_id
-        self.state.sessions.close(SessionRegistry.key(self.id, sid), "refused")
-        self._streams.close(sid)
+        if isinstance(exc, ServerBusyError):  # after 205 the session is gone (spec §8)
+            self.state.sessions.close(SessionRegistry.key(self.id, sid), "refused")
+        if SessionRegistry.key(self.id, sid) not in self.state.sessions:
+            self._streams.close(sid)
         await self._answer(Error.from_exception(sid, exc))
 
     async def _handshake(self) -> None:
@@ -177,7 +216,9 @@ class ServerConnection:
         self.remote_hello = msg
         per_request = self.state.memory.per_connection_bytes
         decoder.limits = Limits(
-            max_frame_bytes=per_request + (1 << 20), max_decompressed_bytes=per_request
+            max_frame_bytes=per_request + (1 << 20),
+            max_decompressed_bytes=per_request,
+            max_compression_ratio=MAX_COMPRESSION_RATIO,
         )
         self.stream.codec_policy = CodecPolicy(allowed=frozenset(codecs))
         reply = Hello(

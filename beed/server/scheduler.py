@@ -16,6 +16,7 @@ next one, so a server with many clients runs one forward for all of their decode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -32,6 +33,8 @@ from protocol.errors import InternalServerError, UnknownSessionError
 
 log = logging.getLogger(__name__)
 
+# While sessions step, stateless work waits this many times its last job's duration.
+STATELESS_YIELD = 2.0
 MIN_CHUNK_POSITIONS = 16  # a wide batch's prefill chunk still covers this many positions
 DECODE_STEP_TOKENS = 8  # a forward of at most this many rows x tokens runs on decode_threads
 
@@ -206,8 +209,12 @@ class Scheduler:
                 if batch:
                     await self._run_batch(batch)
                     continue
-                if self._stateless:
-                    await self._run_stateless(self._stateless.popleft())
+                if self._stateless:  # held back by the time share: wake when it allows
+                    self._wakeup.clear()
+                    delay = max(0.001, self._stateless_wait(time.monotonic()))
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(delay, self.config.active_window_s)):
+                            await self._wakeup.wait()
                     continue
                 break
 
@@ -241,19 +248,28 @@ class Scheduler:
             self._stateless = deque(j for j in self._stateless if not j.future.done())
 
     def _stateless_due(self) -> _StatelessJob | None:
-        """The next Forward/Backward-style job if it may run before waiting steps: none are
-        waiting, or it waited past stateless_max_wait_s and steps have had at least as much
-        compute time since the last such job as that job took (stateless work gets at most
-        half the compute thread while sessions are stepping)."""
+        """The next Forward/Backward-style job if it may run now. With no session active it
+        runs at once. While sessions are stepping, stateless work gets at most a third of the
+        compute thread (after a job of d seconds, steps have the thread for 2d), and a step
+        that is waiting goes first unless the job has waited stateless_max_wait_s."""
         if not self._stateless:
             return None
-        now = time.monotonic()
-        if not self._steps or (
-            now - self._stateless[0].enqueued > self.config.stateless_max_wait_s
-            and now - self._stateless_ended >= self._stateless_took
-        ):
+        if not self._steps and not self._any_active():
             return self._stateless.popleft()
-        return None
+        now = time.monotonic()
+        if self._stateless_wait(now) > 0:
+            return None
+        if self._steps and now - self._stateless[0].enqueued <= self.config.stateless_max_wait_s:
+            return None
+        return self._stateless.popleft()
+
+    def _stateless_wait(self, now: float) -> float:
+        """Seconds until the time share lets the next stateless job run."""
+        return self._stateless_ended + STATELESS_YIELD * self._stateless_took - now
+
+    def _any_active(self) -> bool:
+        self._prune_quiet()
+        return bool(self._last_step)
 
     def _take_batch(self) -> list[tuple[_StepJob, int]]:
         """Jobs (and how many positions of each) for the next forward: the oldest job's group."""

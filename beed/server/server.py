@@ -34,7 +34,7 @@ from beed.server.config import ServerConfig, available_cores, default_decode_thr
 from beed.server.connection import ServerConnection
 from beed.server.kv_budget import KVBudget
 from beed.server.listen import bind_tcp, start_dht
-from beed.server.memory import request_memory
+from beed.server.memory import request_memory, return_large_blocks, trim_heap
 from beed.server.neighbours import measure_next_rtts, rtts_changed
 from beed.server.placement import better_span, choose_span
 from beed.server.probe import measure_block_throughput
@@ -98,6 +98,7 @@ class BlockServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        return_large_blocks()
         cores = available_cores()
         threads = cfg.num_threads or cores
         decode_threads = min(threads, cfg.decode_threads or default_decode_threads(cores))
@@ -465,10 +466,14 @@ class BlockServer:
         return self.state.sessions.budget.free_tokens if self.state is not None else 0
 
     async def _reap_loop(self) -> None:
+        tick = 0
         while True:
             await asyncio.sleep(1.0)
+            tick += 1
             if self.state is not None:
                 self.state.sessions.expire()
+            if tick % 10 == 0:  # freed compute memory goes back to the OS (off the loop)
+                await asyncio.to_thread(trim_heap)
 
     async def _drain(self) -> None:
         """Refuse new sessions, announce draining, let running sessions finish (bounded)."""

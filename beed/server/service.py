@@ -13,6 +13,7 @@ arrives twice (push and the client's fallback) runs once.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -29,7 +30,7 @@ from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import ServerConfig
 from beed.server.memory import MemoryBudget
 from beed.server.push import NextHop, Pusher, check_token, parse_next_hops
-from beed.server.scheduler import Scheduler
+from beed.server.scheduler import MIN_CHUNK_POSITIONS, Scheduler
 from beed.server.sessions import Session, SessionRegistry
 from protocol.errors import (
     BadRequestError,
@@ -369,27 +370,55 @@ class SessionService:
         return Ack(stream_id)
 
     async def forward(self, msg: Forward, peer: str = "local") -> ForwardResult:
-        """A stateless forward, run like a prefill on a throwaway cache: the scheduler chunks it
-        between other sessions' steps, so one long Forward cannot hold the compute thread."""
+        """A stateless forward, run like a prefill on throwaway caches: in groups of rows, one
+        group at a time, each chunked by the scheduler between other sessions' steps, so a long
+        or wide Forward cannot hold the compute thread. Each group's cache is reserved in the KV
+        budget (under the peer's share) while it runs."""
         st = self.state
         blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
         _check_tokens(msg.hidden, st.config.limits.max_request_tokens, "Forward")
         backend = st.backend
-        owner = f"forward/{next(_forward_ids)}"
-        request = StepRequest(backend.new_cache(), blocks, msg.hidden, 0, msg.attention_mask, None)
-        try:
-            out = await st.scheduler.step(backend, request, owner, peer)
-        finally:
-            st.scheduler.forget(owner)
+        backend.check_step(msg.hidden, 0, msg.attention_mask, None)
+        rows, tokens = msg.hidden.shape[:2]
+        chunk = st.config.scheduler.prefill_chunk_tokens
+        group = max(1, chunk // min(tokens, MIN_CHUNK_POSITIONS))
+        outputs: list[torch.Tensor] = []
+        for first in range(0, rows, group):
+            hidden = msg.hidden[first : first + group]
+            mask = None if msg.attention_mask is None else msg.attention_mask[first : first + group]
+            owner = f"forward/{next(_forward_ids)}"
+            need = hidden.shape[0] * tokens
+            await st.sessions.reserve_scratch(owner, peer, need, st.config.limits.buffer_wait_s)
+            try:
+                request = StepRequest(backend.new_cache(), blocks, hidden, 0, mask, None)
+                outputs.append(await st.scheduler.step(backend, request, owner, peer))
+            finally:
+                st.scheduler.forget(owner)
+                st.sessions.release_scratch(owner, peer, need)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
         return ForwardResult(msg.stream_id, out)
 
     async def backward(self, msg: Backward) -> BackwardResult:
+        """Gradients of the span, in groups of rows (one stateless job each), so that a wide
+        Backward yields the compute thread between groups; a group runs whole."""
         blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
         _check_tokens(msg.hidden, self.state.config.limits.max_backward_tokens, "Backward")
         backend = self.state.backend
-        grad = await self.state.scheduler.call(
-            lambda: backend.backward(blocks, msg.hidden, msg.grad_output, msg.attention_mask)
-        )
+        rows, tokens = (msg.hidden.shape[:2]) if msg.hidden.dim() >= 2 else (1, 1)
+        group = rows
+        if msg.hidden.dim() == 3 and msg.grad_output.shape == msg.hidden.shape:
+            group = max(1, self.state.config.scheduler.prefill_chunk_tokens // max(1, tokens))
+        grads: list[torch.Tensor] = []
+        for first in range(0, rows, group):
+            part = slice(first, first + group)
+            hidden, grad_output = msg.hidden[part], msg.grad_output[part]
+            mask = None if msg.attention_mask is None else msg.attention_mask[part]
+            grads.append(
+                await self.state.scheduler.call(
+                    functools.partial(backend.backward, blocks, hidden, grad_output, mask)
+                )
+            )
+        grad = grads[0] if len(grads) == 1 else torch.cat(grads, 0)
         return BackwardResult(msg.stream_id, grad)
 
 

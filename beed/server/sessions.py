@@ -176,6 +176,21 @@ class SessionRegistry:
                 f"{limits.max_kv_share_per_peer})"
             )
 
+    async def reserve_scratch(self, owner: str, peer: str, tokens: int, wait_s: float) -> None:
+        """Reserve cache tokens for work that is not a session (a Forward's throwaway cache),
+        under the same budget and per-peer share as sessions; release_scratch gives them back."""
+        self._check_quota(peer, tokens)
+        await self.budget.reserve_waiting(owner, tokens, wait_s)
+        self._peer_tokens[peer] += tokens
+
+    def release_scratch(self, owner: str, peer: str, tokens: int) -> None:
+        self.budget.release(owner)
+        left = self._peer_tokens[peer] - tokens
+        if left > 0:
+            self._peer_tokens[peer] = left
+        else:
+            self._peer_tokens.pop(peer, None)
+
     def peer_usage(self, peer: str) -> tuple[int, int]:
         """Open sessions and reserved cache tokens of one peer."""
         return self._peer_sessions.get(peer, 0), self._peer_tokens.get(peer, 0)
