@@ -284,10 +284,25 @@ class BlockBackend:
             )
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
-        with torch.enable_grad():
-            out = self.span(hidden, position_ids, None, attention_mask, blocks)
-            (grad_input,) = torch.autograd.grad(out, hidden, grad_output.to(out.device, out.dtype))
-        return grad_input.cpu()
+        # Block by block, recomputing each block's forward (activation checkpointing): the
+        # autograd graph of one block is held at a time, not the span's (1.2 GB more RSS for a
+        # 1024-token Backward through 30 blocks otherwise). The same operations run, so the
+        # gradient is the same.
+        inputs = [hidden.detach()]
+        with torch.no_grad():
+            for index in blocks[:-1]:
+                inputs.append(
+                    self.span(
+                        inputs[-1], position_ids, None, attention_mask, range(index, index + 1)
+                    )
+                )
+        grad = grad_output.to(self.device, self.dtype)
+        for index, block_input in zip(reversed(blocks), reversed(inputs), strict=True):
+            x = block_input.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = self.span(x, position_ids, None, attention_mask, range(index, index + 1))
+                (grad,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+        return grad.cpu()
 
 
 def _restore(cache: Any, lengths: list[int]) -> None:

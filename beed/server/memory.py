@@ -26,6 +26,7 @@ MiB = 1 << 20
 # Give freed heap back to the OS after this many bytes were released since the last time
 # (glibc keeps freed arenas otherwise: RSS would stay at the attack's peak).
 TRIM_AFTER_BYTES = 64 * MiB
+SMALL_REQUEST_BYTES = 1 * MiB
 
 
 def request_memory(config: ServerConfig, hidden_size: int) -> MemoryBudget:
@@ -74,7 +75,9 @@ class MemoryBudget:
                 f"a request of {nbytes} decoded bytes exceeds this server's per-connection "
                 f"budget of {self.per_connection_bytes} bytes"
             )
-        if not self._waiters and self._fits(connection, nbytes):
+        # Small requests (decode steps) never queue behind large ones waiting for room: a
+        # stranger's big frames must not hold up everyone's next token.
+        if (not self._waiters or nbytes <= SMALL_REQUEST_BYTES) and self._fits(connection, nbytes):
             self._take(connection, nbytes)
             return
         waiter = _Waiter(connection, nbytes, asyncio.get_running_loop().create_future())

@@ -53,6 +53,7 @@ class _StepJob:
     owner: str  # session key
     future: asyncio.Future[torch.Tensor]
     peer: str = "local"  # whose work it is (an address): peers get fair shares of a forward
+    always_chunk: bool = False  # cut into prefill chunks even alone (stateless Forwards)
     done_tokens: int = 0  # positions already run (chunked prefill)
     outputs: list[torch.Tensor] = field(default_factory=list)
     enqueued: float = field(default_factory=time.monotonic)
@@ -109,6 +110,7 @@ class Scheduler:
         self._batch_done = asyncio.Event()
         self._tasks = TaskOwner("scheduler", on_crash=self._crashed)
         self._on_crash = on_crash
+        self._background: set[str] = set()  # owners of queued stateless Forward chunks
         self._stateless_ended = float("-inf")  # when the last stateless job ended
         self._stateless_took = 0.0  # and how long it ran
         self.batches = 0  # forwards run (for Info and tests)
@@ -142,7 +144,12 @@ class Scheduler:
         return len(self._steps)
 
     async def step(
-        self, backend: BlockBackend, request: StepRequest, owner: str, peer: str = "local"
+        self,
+        backend: BlockBackend,
+        request: StepRequest,
+        owner: str,
+        peer: str = "local",
+        always_chunk: bool = False,
     ) -> torch.Tensor:
         """Run one session's step (batched with others); its output on the CPU."""
         self._check_running()
@@ -150,7 +157,9 @@ class Scheduler:
             request.hidden, request.position, request.attention_mask, request.position_ids
         )
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._steps.append(_StepJob(backend, request, owner, future, peer))
+        if always_chunk:
+            self._background.add(owner)
+        self._steps.append(_StepJob(backend, request, owner, future, peer, always_chunk))
         self._wakeup.set()
         return await future
 
@@ -178,6 +187,7 @@ class Scheduler:
     def forget(self, owner: str) -> None:
         """A session closed: its queued steps fail (201) and it no longer counts as active."""
         self._last_step.pop(owner, None)
+        self._background.discard(owner)
         for job in [j for j in self._steps if j.owner == owner]:
             self._remove(job)
             if not job.future.done():
@@ -209,7 +219,7 @@ class Scheduler:
                 if batch:
                     await self._run_batch(batch)
                     continue
-                if self._stateless:  # held back by the time share: wake when it allows
+                if self._stateless or self._steps:  # held back by the time share
                     self._wakeup.clear()
                     delay = max(0.001, self._stateless_wait(time.monotonic()))
                     with contextlib.suppress(TimeoutError):
@@ -268,18 +278,25 @@ class Scheduler:
         return self._stateless_ended + STATELESS_YIELD * self._stateless_took - now
 
     def _any_active(self) -> bool:
+        """Whether a session (not a stateless Forward) stepped within active_window_s."""
         self._prune_quiet()
-        return bool(self._last_step)
+        return any(key not in self._background for key in self._last_step)
 
     def _take_batch(self) -> list[tuple[_StepJob, int]]:
         """Jobs (and how many positions of each) for the next forward: the oldest job's group."""
         if not self._steps:
             return []
         cfg = self.config
-        first = self._steps[0]
+        # Stateless Forwards' chunks share the time of stateless work (at most a third of the
+        # compute while sessions step): held back, they do not join a session's forward.
+        background_ok = not self._any_active() or self._stateless_wait(time.monotonic()) <= 0
+        eligible = [j for j in self._steps if background_ok or not j.always_chunk]
+        if not eligible:
+            return []
+        first = eligible[0]
         if not cfg.continuous_batching:
             return [(first, first.remaining)]
-        group = [j for j in self._steps if j.group == first.group]
+        group = [j for j in eligible if j.group == first.group]
         contended = len(group) > 1 or self._others_active(first.owner)
         several_peers = len({j.peer for j in group}) > 1
         batch: list[tuple[_StepJob, int]] = []
@@ -290,8 +307,13 @@ class Scheduler:
         peer_tokens: dict[str, int] = {}
         for job in group:
             positions = job.remaining
-            if contended and job.rows * positions > cfg.prefill_chunk_tokens:
-                positions = max(MIN_CHUNK_POSITIONS, cfg.prefill_chunk_tokens // job.rows)
+            # Alone, a step still runs at most max_batch_tokens per forward (one long prompt
+            # must not hold the compute thread for a minute against later arrivals).
+            chunk = (
+                cfg.prefill_chunk_tokens if contended or job.always_chunk else cfg.max_batch_tokens
+            )
+            if job.rows * positions > chunk:
+                positions = max(MIN_CHUNK_POSITIONS, chunk // job.rows)
                 positions = min(positions, job.remaining)
             used = peer_tokens.get(job.peer, 0)
             if several_peers and used:
@@ -319,6 +341,7 @@ class Scheduler:
     async def _run_batch(self, batch: list[tuple[_StepJob, int]]) -> None:
         backend = batch[0][0].backend
         requests = [job.chunk(positions) for job, positions in batch]
+        began = time.monotonic()
         self._running = {job.owner for job, _ in batch}
         try:
             tokens = sum(job.rows * positions for job, positions in batch)
@@ -336,6 +359,9 @@ class Scheduler:
         finally:
             self._running = set()
             self._batch_done.set()
+            if any(job.always_chunk for job, _ in batch):
+                self._stateless_ended = time.monotonic()
+                self._stateless_took = self._stateless_ended - began
         self.batches += 1
         self.batched_steps += len(batch)
         now = time.monotonic()

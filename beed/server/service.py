@@ -381,7 +381,9 @@ class SessionService:
         backend.check_step(msg.hidden, 0, msg.attention_mask, None)
         rows, tokens = msg.hidden.shape[:2]
         chunk = st.config.scheduler.prefill_chunk_tokens
-        group = max(1, chunk // min(tokens, MIN_CHUNK_POSITIONS))
+        # Rows per group: a group's chunk of MIN_CHUNK_POSITIONS fits a prefill chunk, and its
+        # throwaway cache is at most a prefill chunk's rows (long rows run one at a time).
+        group = max(1, chunk // max(MIN_CHUNK_POSITIONS, min(tokens, chunk)))
         outputs: list[torch.Tensor] = []
         for first in range(0, rows, group):
             hidden = msg.hidden[first : first + group]
@@ -391,7 +393,9 @@ class SessionService:
             await st.sessions.reserve_scratch(owner, peer, need, st.config.limits.buffer_wait_s)
             try:
                 request = StepRequest(backend.new_cache(), blocks, hidden, 0, mask, None)
-                outputs.append(await st.scheduler.step(backend, request, owner, peer))
+                outputs.append(
+                    await st.scheduler.step(backend, request, owner, peer, always_chunk=True)
+                )
             finally:
                 st.scheduler.forget(owner)
                 st.sessions.release_scratch(owner, peer, need)
