@@ -64,7 +64,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
         "--max-backward-tokens",
         "max_backward_tokens",
         click.IntRange(1),
-        "Rows x tokens of one Backward (it runs as one piece of compute).",
+        "Rows x tokens of one Backward (it runs in row groups, block by block).",
     ),
     (
         "--max-buffer-mib",

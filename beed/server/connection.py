@@ -171,11 +171,13 @@ class ServerConnection:
         header = encoded.header
         if cls in (Step, Truncate, Close) and encoded.stream_id not in self._streams:
             return UnknownSessionError(
-                f"no open session on stream {encoded.stream_id}: closed, timed out or never opened"
+                f"no open session on this stream ({encoded.stream_id}): closed or timed out "
+                "(or never opened)"
             )
         if cls is Push:
             token = header.get("token")
             if not isinstance(token, str) or self.state.sessions.by_token(token) is None:
+                self.state.push_stats.pushes_refused += 1
                 return PushRefusedError("no session here accepts this push token")
         if cls in (Step, Push, Forward, Backward):
             limits = self.state.config.limits

@@ -169,7 +169,7 @@ class SessionRegistry:
                 f"(max_sessions_per_peer={limits.max_sessions_per_peer})"
             )
         share = int(limits.max_kv_share_per_peer * self.budget.capacity_tokens)
-        if self._peer_tokens[peer] + tokens > share:
+        if limits.max_kv_share_per_peer < 1.0 and self._peer_tokens[peer] + tokens > share:
             raise QuotaExceededError(
                 f"peer {peer} holds {self._peer_tokens[peer]} cache tokens here; {tokens} more "
                 f"would pass its share of {share} (max_kv_share_per_peer="
