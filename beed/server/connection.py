@@ -18,7 +18,7 @@ from typing import TypeVar
 from beed.net.stream import FramedStream, decode_message
 from beed.net.tasks import TaskOwner
 from beed.server.admission import peer_of
-from beed.server.service import ServerState, SessionService
+from beed.server.service import ServerState, SessionService, too_many_tokens
 from beed.server.sessions import SessionRegistry
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
@@ -29,7 +29,6 @@ from protocol.errors import (
     PhaseTimeoutError,
     ProtocolError,
     PushRefusedError,
-    RequestTooLargeError,
     ServerBusyError,
     StreamStateError,
     TooManyStreamsError,
@@ -184,12 +183,7 @@ class ServerConnection:
             limit = limits.max_backward_tokens if cls is Backward else limits.max_request_tokens
             index = header.get("hidden")
             if type(index) is int and 0 <= index < len(encoded.segments):
-                shape = encoded.segments[index][0].shape
-                if len(shape) >= 2 and shape[0] * shape[1] > limit:
-                    return RequestTooLargeError(
-                        f"a {cls.__name__} of {shape[0]} rows x {shape[1]} tokens passes this "
-                        f"server's limit of {limit} rows x tokens per request; split it"
-                    )
+                return too_many_tokens(cls.__name__, encoded.segments[index][0].shape, limit)
         return None
 
     async def _refuse(self, encoded: EncodedFrame, exc: BeeError) -> None:

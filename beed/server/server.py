@@ -32,6 +32,7 @@ from beed.server.admission import Admission
 from beed.server.backend import BlockBackend
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
+from beed.server.info import server_info
 from beed.server.kv_budget import KVBudget
 from beed.server.listen import bind_tcp, start_dht
 from beed.server.memory import request_memory, return_large_blocks, trim_heap
@@ -374,37 +375,7 @@ class BlockServer:
     def _info(self) -> dict[str, Any]:
         if self.state is None or self._record is None:
             return {}
-        rec = self._record
-        return {
-            "peer_id": rec.peer_id,
-            "model_name": rec.model_name,
-            "model_fingerprint": rec.model_fingerprint,
-            "span_start": rec.span_start,
-            "span_end": rec.span_end,
-            "num_blocks": rec.num_blocks,
-            "dtype": rec.dtype,
-            "state": "draining" if self.state.draining else rec.state.value,
-            "free_kv_tokens": self.state.sessions.budget.free_tokens,
-            "used_kv_bytes": self.state.sessions.budget.used_bytes,
-            "sessions": len(self.state.sessions),
-            "compute_tokens_per_s": rec.compute_tokens_per_s,
-            "software_version": beed.__version__,
-            "continuous_batching": self.config.scheduler.continuous_batching,
-            "queued_steps": self.scheduler.queued_steps if self.scheduler else 0,
-            "batches": self.scheduler.batches if self.scheduler else 0,
-            "batched_steps": self.scheduler.batched_steps if self.scheduler else 0,
-            "waiting_sessions": self.state.sessions.waiting,
-            "batch_fallbacks": self.state.backend.batch_fallbacks,
-            "connections": len(self.state.admission),
-            "connections_refused": self.state.admission.refused,
-            "connections_evicted": self.state.admission.evicted,
-            "request_bytes_held": self.state.memory.used_bytes,
-            "request_bytes_peak": self.state.memory.peak_bytes,
-            "request_bytes_budget": self.state.memory.total_bytes,
-            "requests_refused_for_memory": self.state.memory.refused,
-            "max_request_tokens": self.config.limits.max_request_tokens,
-            **dataclasses.asdict(self.state.push_stats),
-        }
+        return server_info(self.state, self._record)
 
     async def _announce(self) -> None:
         if self.dht is None or self._record is None:

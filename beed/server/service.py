@@ -18,7 +18,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -426,13 +426,21 @@ class SessionService:
         return BackwardResult(msg.stream_id, grad)
 
 
-def _check_tokens(hidden: torch.Tensor, limit: int, what: str) -> None:
-    """RequestTooLargeError when a request's rows x tokens pass the server's limit."""
-    if hidden.dim() >= 2 and hidden.shape[0] * hidden.shape[1] > limit:
-        raise RequestTooLargeError(
-            f"a {what} of {hidden.shape[0]} rows x {hidden.shape[1]} tokens passes this server's "
-            f"limit of {limit} rows x tokens per request; split it"
+def too_many_tokens(what: str, shape: Sequence[int], limit: int) -> RequestTooLargeError | None:
+    """The refusal of a request whose hidden states of `shape` pass `limit` rows x tokens (the
+    connection asks it of a frame's header before decoding; the service of every request)."""
+    if len(shape) >= 2 and shape[0] * shape[1] > limit:
+        return RequestTooLargeError(
+            f"a {what} of {shape[0]} rows x {shape[1]} tokens passes this server's limit of "
+            f"{limit} rows x tokens per request; split it"
         )
+    return None
+
+
+def _check_tokens(hidden: torch.Tensor, limit: int, what: str) -> None:
+    refusal = too_many_tokens(what, hidden.shape, limit)
+    if refusal is not None:
+        raise refusal
 
 
 def _check_open(session: Session, when: str) -> None:
