@@ -19,13 +19,12 @@ from typing import Any
 
 import click
 
+from beectl.cli_options import generation_options
 from beectl.config import ClientConfig
 from beed.dht.peers import initial_peers_callback
 from protocol.errors import BeeError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _setup_logging(level: str) -> None:
@@ -62,51 +61,6 @@ def _peers_option(f: Any) -> Any:
         help="DHT address printed by `beed bootstrap`, HOST:PORT (repeated or comma-separated; "
         "env BEED_INITIAL_PEERS).",
     )(f)
-
-
-def _generation_options(f: Any) -> Any:
-    options = [
-        click.option(
-            "--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path."
-        ),
-        click.option("--max-new-tokens", type=click.IntRange(0), default=64, show_default=True),
-        click.option(
-            "--temperature",
-            type=click.FloatRange(min=0, min_open=True),
-            default=None,
-            help="Sample with this temperature (default: greedy).",
-        ),
-        click.option(
-            "--top-k",
-            type=click.IntRange(0),
-            default=None,
-            help="Sample from the k most likely tokens.",
-        ),
-        click.option(
-            "--top-p",
-            type=click.FloatRange(0, 1, min_open=True),
-            default=None,
-            help="Sample from the smallest set with this probability mass.",
-        ),
-        click.option(
-            "--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None
-        ),
-        click.option(
-            "--seed", type=int, default=None, help="Seed for sampling (implies sampling)."
-        ),
-        click.option(
-            "--raw", is_flag=True, help="Send the prompt as is, without the chat template."
-        ),
-        click.option(
-            "--json",
-            "as_json",
-            is_flag=True,
-            help="Print one JSON object with the text and timings.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 @main.command()
@@ -154,7 +108,7 @@ def _generation_options(f: Any) -> Any:
     "initial peers are public (by default only a swarm on such addresses may name them).",
 )
 @_peers_option
-@_generation_options
+@generation_options
 def generate(
     prompt: str | None,
     prompts_file: Any,
@@ -458,7 +412,7 @@ def _ranges(blocks: list[int]) -> str:
 
 @main.command()
 @click.argument("prompt", default="Why is the sky blue?")
-@_generation_options
+@generation_options
 @click.option(
     "--servers",
     type=click.IntRange(1, 8),

@@ -21,6 +21,7 @@ import torch
 from beectl.bans import is_server_failure
 from beectl.config import ClientConfig
 from beectl.history import History
+from beectl.replies import checked_step_result
 from beectl.routing import Hop
 from beectl.swarm import Swarm
 from beectl.timeouts import HopTimer
@@ -54,23 +55,6 @@ class ModelRef:
     name: str
     fingerprint: str
     num_blocks: int
-
-
-def _checked(reply: Message, shape: torch.Size) -> StepResult:
-    """reply, if it can be the answer to a step whose input had `shape`; else InvalidReplyError
-    (the hop's server is then treated as failed: banned, replaced, its history replayed)."""
-    if not isinstance(reply, StepResult):
-        raise InvalidReplyError(f"server answered a Step with {type(reply).__name__}")
-    out = reply.hidden
-    if out.shape != shape:
-        raise InvalidReplyError(
-            f"server answered a step of shape {list(shape)} with shape {list(out.shape)}"
-        )
-    if not out.is_floating_point():
-        raise InvalidReplyError(f"server answered a step with {out.dtype} values")
-    if not bool(torch.isfinite(out).all()):
-        raise InvalidReplyError("server answered a step with NaN or infinite values")
-    return reply
 
 
 @dataclass
@@ -259,7 +243,7 @@ class InferenceSession:
             exc.failed_peer = h.hop.peer_id  # type: ignore[attr-defined]
             raise
         try:
-            return _checked(reply, hidden.shape)
+            return checked_step_result(reply, hidden.shape)
         except InvalidReplyError as exc:
             exc.failed_peer = h.hop.peer_id  # type: ignore[attr-defined]
             raise
@@ -430,7 +414,7 @@ class InferenceSession:
                 timer.observe(size, now - since)
                 since = now
                 try:
-                    reply = _checked(reply, hidden.shape)
+                    reply = checked_step_result(reply, hidden.shape)
                 except InvalidReplyError as exc:
                     raise _ChainBroken(done, exc) from exc
                 done.append(reply)

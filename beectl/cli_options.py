@@ -1,0 +1,54 @@
+"""Options shared by the `beectl` commands that generate text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def generation_options(f: Any) -> Any:
+    options = [
+        click.option(
+            "--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path."
+        ),
+        click.option("--max-new-tokens", type=click.IntRange(0), default=64, show_default=True),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Sample with this temperature (default: greedy).",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(0),
+            default=None,
+            help="Sample from the k most likely tokens.",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="Sample from the smallest set with this probability mass.",
+        ),
+        click.option(
+            "--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None
+        ),
+        click.option(
+            "--seed", type=int, default=None, help="Seed for sampling (implies sampling)."
+        ),
+        click.option(
+            "--raw", is_flag=True, help="Send the prompt as is, without the chat template."
+        ),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print one JSON object with the text and timings.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
