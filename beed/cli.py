@@ -238,6 +238,15 @@ def _parse_block_indices(
     help="Merge concurrent sessions' steps into one forward per batch.",
 )
 @click.option(
+    "--batch-matmul",
+    type=click.Choice(["auto", "shared", "per-session"]),
+    default="auto",
+    show_default=True,
+    help="Linear layers of a merged forward: once over all sessions' rows (shared: faster where "
+    "weights come from memory), or once per session (bit-identical to each session alone); "
+    "auto is per-session in float32, shared otherwise.",
+)
+@click.option(
     "--max-batch-tokens",
     type=click.IntRange(1),
     default=2048,
@@ -289,6 +298,7 @@ def serve(
     drain_grace: float,
     max_kv_wait: float,
     continuous_batching: bool,
+    batch_matmul: str,
     max_batch_tokens: int,
     prefill_chunk_tokens: int,
     batch_wait: float,
@@ -333,6 +343,7 @@ def serve(
         max_kv_wait_s=max_kv_wait,
         scheduler=SchedulerConfig(
             continuous_batching=continuous_batching,
+            batch_matmul=batch_matmul,
             max_batch_tokens=max_batch_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens,
             batch_wait_s=batch_wait,

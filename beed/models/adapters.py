@@ -22,7 +22,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from beed.models.segments import Segment, SegmentedCache, SegmentMasks, use_segmented_attention
+from beed.models.segments import (
+    Segment,
+    SegmentedCache,
+    SegmentedLinears,
+    SegmentMasks,
+    use_segmented_attention,
+)
 from protocol.errors import ModelNotFoundError
 
 
@@ -116,6 +122,8 @@ class Span(nn.Module):
         # segmented_attention, which is that same attention for one session at a time.
         self.config._attn_implementation = base.config._attn_implementation
         use_segmented_attention([layer.self_attn for layer in self.layers], self.config)
+        self._linears = SegmentedLinears()
+        self._linears.install(list(self.layers))
 
     def load_blocks(self, tensors: dict[str, torch.Tensor], family: Family) -> None:
         """Assign the blocks' weights (keys as in the full model's state dict)."""
@@ -164,11 +172,15 @@ class Span(nn.Module):
             )
         return hidden
 
-    def forward_many(self, items: Sequence[SpanInput], blocks: range) -> list[torch.Tensor]:
+    def forward_many(
+        self, items: Sequence[SpanInput], blocks: range, *, shared_matmul: bool = False
+    ) -> list[torch.Tensor]:
         """Run several sessions' new tokens through `blocks` in one batched forward.
 
-        Each item's result equals what `forward` gives for it alone up to the rounding of the
-        batched matrix products (attention runs per item with the shapes it has alone).
+        Attention runs per item with the shapes it has alone. The linear layers run per item
+        too (each result bit-identical to `forward` for it alone), or with `shared_matmul` once
+        over all rows (equal up to the rounding of the batched products; faster where weights
+        are read from memory for every product).
         """
         if len(items) == 1:
             item = items[0]
@@ -201,15 +213,19 @@ class Span(nn.Module):
         hidden = torch.cat([item.hidden.reshape(1, -1, item.hidden.shape[-1]) for item in items], 1)
         position_ids = torch.cat([item.position_ids.reshape(1, -1) for item in items], dim=1)
         cache = SegmentedCache(segments, [item.cache for item in items])
-        for i in blocks:
-            hidden = self.layers[i](
-                hidden,
-                attention_mask=masks[kinds[i]],
-                position_embeddings=rotaries[kinds[i]],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
+        self._linears.segments = None if shared_matmul else segments
+        try:
+            for i in blocks:
+                hidden = self.layers[i](
+                    hidden,
+                    attention_mask=masks[kinds[i]],
+                    position_embeddings=rotaries[kinds[i]],
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+        finally:
+            self._linears.segments = None
         return [hidden[0, s.start : s.stop].reshape(s.batch, s.tokens, -1) for s in segments]
 
     def _mask(

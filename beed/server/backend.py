@@ -17,6 +17,9 @@ from protocol.errors import BadRequestError, BeeError, InternalServerError
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How a merged forward runs its linear layers: "per-session" (bit-identical to each session
+# alone), "shared" (one product over all rows), "auto" (per-session in float32, else shared).
+BATCH_MATMUL = ("auto", "shared", "per-session")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,14 @@ class BlockBackend:
     """Blocks `[start, end)` of one model on one device, with per-session KV caches."""
 
     def __init__(
-        self, model_dir: Path, start: int, end: int, *, dtype: str = "float32", device: str = "cpu"
+        self,
+        model_dir: Path,
+        start: int,
+        end: int,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_matmul: str = "auto",
     ) -> None:
         config = load_config(model_dir)
         total = num_blocks(config)
@@ -58,7 +68,14 @@ class BlockBackend:
             raise BadRequestError(f"span {start}:{end} is outside the model's blocks 0:{total}")
         if dtype not in DTYPES:
             raise BadRequestError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if batch_matmul not in BATCH_MATMUL:
+            raise BadRequestError(f"batch_matmul {batch_matmul!r} is not one of {BATCH_MATMUL}")
         family = family_of(config)
+        # Merged forwards share their matrix products except in float32, where beed promises
+        # the local model's logits and each session's rows are multiplied alone (segments.py).
+        self.shared_matmul = batch_matmul == "shared" or (
+            batch_matmul == "auto" and dtype != "float32"
+        )
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         prefixes = tuple(family.block_prefix.format(i=i) for i in range(start, end))
@@ -244,7 +261,7 @@ class BlockBackend:
         to where it was and each runs alone, so only the step that fails alone fails."""
         saved = [[layer.get_seq_length() for layer in item.cache.layers] for item in items]
         try:
-            return list(self.span.forward_many(items, blocks))
+            return list(self.span.forward_many(items, blocks, shared_matmul=self.shared_matmul))
         except Exception as exc:
             self.batch_fallbacks += 1
             log.warning("backend.batch_failed sessions=%d error=%r", len(items), exc)

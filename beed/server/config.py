@@ -35,6 +35,9 @@ class SchedulerConfig:
     """How steps are merged; `continuous_batching=False` runs one step per forward, in order."""
 
     continuous_batching: bool = True
+    # Linear layers of a merged forward: "per-session" multiplies each session's rows alone
+    # (bit-identical to it alone), "shared" once over all rows, "auto" per-session in float32.
+    batch_matmul: str = "auto"
     max_batch_tokens: int = 2048  # rows × tokens of one batched forward (a lone step may exceed)
     prefill_chunk_tokens: int = 256  # rows × tokens of one prefill chunk when others are active
     active_window_s: float = 1.0  # a session that stepped this recently counts as active

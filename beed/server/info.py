@@ -28,6 +28,7 @@ def server_info(state: ServerState, rec: ServerRecord) -> dict[str, Any]:
         "compute_tokens_per_s": rec.compute_tokens_per_s,
         "software_version": beed.__version__,
         "continuous_batching": state.config.scheduler.continuous_batching,
+        "batch_matmul": "shared" if state.backend.shared_matmul else "per-session",
         "queued_steps": scheduler.queued_steps,
         "batches": scheduler.batches,
         "batched_steps": scheduler.batched_steps,

@@ -154,7 +154,12 @@ class BlockServer:
             await dht.announce(base, ttl_s=cfg.record_ttl_s)
             backend = await run_compute(
                 lambda: BlockBackend(
-                    source.path, span[0], span[1], dtype=cfg.dtype, device=cfg.device
+                    source.path,
+                    span[0],
+                    span[1],
+                    dtype=cfg.dtype,
+                    device=cfg.device,
+                    batch_matmul=cfg.scheduler.batch_matmul,
                 )
             )
             per_block_tps = await run_compute(
@@ -343,7 +348,12 @@ class BlockServer:
         try:
             backend = await run_compute(
                 lambda: BlockBackend(
-                    model_dir, target[0], target[1], dtype=cfg.dtype, device=cfg.device
+                    model_dir,
+                    target[0],
+                    target[1],
+                    dtype=cfg.dtype,
+                    device=cfg.device,
+                    batch_matmul=cfg.scheduler.batch_matmul,
                 )
             )
             tps = await run_compute(lambda: measure_block_throughput(backend))

@@ -124,13 +124,19 @@ async def test_sixteen_concurrent_clients_get_what_they_get_alone(swarm2, local_
     await assert_idle(swarm2)
 
 
-async def test_without_continuous_batching_each_step_runs_alone(local_model, tokenizer):
+@pytest.mark.parametrize("batching", [False, True], ids=["batching-off", "batching-on"])
+async def test_steps_are_bit_identical_to_the_local_model(local_model, tokenizer, batching):
+    """Batching off, each step runs alone; on, concurrent sessions' steps share forwards whose
+    linear layers multiply each session's rows alone (float32's --batch-matmul auto), so both
+    give the local model's logits bit for bit."""
     ids = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS[:4]]
     refs = [reference(local_model, i, 8) for i in ids]
-    # Bit-identical needs the reference's thread count for decode steps too (a matrix product's
-    # sums are ordered by its threads); the default decode threads would give 1e-6 differences.
+    # Bit-identical needs the reference's thread count for decode steps too (attention over 8
+    # or more cached tokens sums in an order set by its threads): the default decode threads
+    # give ~3e-5 differences.
     threads = ["--decode-threads", str(torch.get_num_threads())]
-    with LocalSwarm(num_servers=2, extra_args=["--no-continuous-batching", *threads]) as swarm:
+    mode = "--continuous-batching" if batching else "--no-continuous-batching"
+    with LocalSwarm(num_servers=2, extra_args=[mode, *threads]) as swarm:
         async with Clients(swarm, len(ids)) as models:
             outs = await asyncio.gather(
                 *(generate_one(m, i, 8) for m, i in zip(models, ids, strict=True))
@@ -140,7 +146,12 @@ async def test_without_continuous_batching_each_step_runs_alone(local_model, tok
             assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits, strict=True))
         for server in swarm.servers:
             now = await info(server)
-            assert not now["continuous_batching"] and now["batches"] == now["batched_steps"]
+            assert now["continuous_batching"] == batching
+            if batching:  # steps did share forwards, and not by falling back one by one
+                assert now["batches"] < now["batched_steps"] and now["batch_fallbacks"] == 0
+                assert now["batch_matmul"] == "per-session"
+            else:
+                assert now["batches"] == now["batched_steps"]
 
 
 async def test_a_full_server_refuses_with_busy_and_admitted_sessions_finish(local_model, tokenizer):

@@ -77,14 +77,33 @@ def test_batched_steps_equal_each_session_alone(backend: BlockBackend):
         outs = backend.step_many([rows[step] for rows in requests])
         for out, want in zip(outs, expected, strict=True):
             assert isinstance(out, torch.Tensor)
-            assert out.shape == want[step].shape
-            assert (out - want[step]).abs().max().item() < 1e-5
+            # float32: each session's rows are multiplied alone, so bit-identical.
+            assert torch.equal(out, want[step])
     # ... from one merged forward (not the per-session fallback after a failed one).
     assert backend.batch_fallbacks == 0
     # A batch of one is the lone path itself: bit-identical.
     cache = backend.new_cache()
     (one,) = backend.step_many([StepRequest(cache, blocks, hidden(1, 5, 7), 0)])
     assert torch.equal(one, alone(backend, [StepRequest(None, blocks, hidden(1, 5, 7), 0)])[0])
+
+
+def test_shared_matrix_products_agree_up_to_rounding(backend: BlockBackend):
+    """`--batch-matmul shared` (the bf16/fp16 default): one product over all sessions' rows."""
+    blocks = range(len(backend.span.layers))
+    lengths = [1, 1, 7, 3]
+    want = [
+        alone(backend, [StepRequest(None, blocks, hidden(1, n, 20 + n), 0)])[0] for n in lengths
+    ]
+    backend.shared_matmul = True
+    try:
+        steps = [StepRequest(backend.new_cache(), blocks, hidden(1, n, 20 + n), 0) for n in lengths]
+        outs = backend.step_many(steps)
+    finally:
+        backend.shared_matmul = False
+    for out, expected in zip(outs, want, strict=True):
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert backend.batch_fallbacks == 0
 
 
 def test_a_malformed_step_fails_alone(backend: BlockBackend):
