@@ -1,11 +1,11 @@
-"""What a client accepts as a server's answer to a step: nothing it has not checked."""
+"""What a client accepts as a server's answer: nothing it has not checked."""
 
 from __future__ import annotations
 
 import torch
 
 from protocol.errors import InvalidReplyError
-from protocol.messages import Message, StepResult
+from protocol.messages import Message, SessionOpened, StepResult
 
 
 def checked_step_result(reply: Message, shape: torch.Size) -> StepResult:
@@ -22,4 +22,18 @@ def checked_step_result(reply: Message, shape: torch.Size) -> StepResult:
         raise InvalidReplyError(f"server answered a step with {out.dtype} values")
     if not bool(torch.isfinite(out).all()):
         raise InvalidReplyError("server answered a step with NaN or infinite values")
+    return reply
+
+
+def checked_session_opened(reply: Message, start: int, end: int, max_length: int) -> SessionOpened:
+    """reply, if it opens blocks [start, end) for `max_length` tokens as asked; else
+    InvalidReplyError (a server that opens other blocks than asked would compute the wrong
+    thing, silently)."""
+    if not isinstance(reply, SessionOpened):
+        raise InvalidReplyError(f"server answered OpenSession with {type(reply).__name__}")
+    if (reply.span_start, reply.span_end) != (start, end) or reply.max_length < max_length:
+        raise InvalidReplyError(
+            f"server opened blocks {reply.span_start}:{reply.span_end} for {reply.max_length} "
+            f"tokens when asked for {start}:{end} and {max_length}"
+        )
     return reply

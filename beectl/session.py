@@ -21,7 +21,7 @@ import torch
 from beectl.bans import is_server_failure
 from beectl.config import ClientConfig
 from beectl.history import History
-from beectl.replies import checked_step_result
+from beectl.replies import checked_session_opened, checked_step_result
 from beectl.routing import Hop
 from beectl.swarm import Swarm
 from beectl.timeouts import HopTimer
@@ -37,7 +37,6 @@ from protocol.messages import (
     Close,
     Message,
     OpenSession,
-    SessionOpened,
     Step,
     StepResult,
     Truncate,
@@ -167,8 +166,17 @@ class InferenceSession:
                     needed_kv_tokens=self.max_length * self.batch_size,
                     max_age_s=max_age_s,
                 )
+                # Counted as this client's load from now, not once open: sessions opening at
+                # the same time route around each other (throughput routing).
                 for hop in route:
-                    opened.append(await self._open_hop(hop))
+                    self.swarm.session_opened(hop.peer_id)
+                try:
+                    for hop in route:
+                        opened.append(await self._open_hop(hop))
+                except BaseException:
+                    for hop in route[len(opened) :]:
+                        self.swarm.session_closed(hop.peer_id)
+                    raise
                 output = None
                 if replay is not None and replay.chunks:
                     output = await self._replay(opened, replay)
@@ -219,9 +227,11 @@ class InferenceSession:
         except BeeError as exc:
             exc.failed_peer = hop.peer_id  # type: ignore[attr-defined]
             raise
-        if not isinstance(reply, SessionOpened):
-            raise BadRequestError(f"server answered OpenSession with {type(reply).__name__}")
-        self.swarm.session_opened(hop.peer_id)
+        try:
+            checked_session_opened(reply, hop.start, hop.end, self.max_length)
+        except BeeError as exc:
+            exc.failed_peer = hop.peer_id  # type: ignore[attr-defined]
+            raise
         return _OpenHop(hop, conn, stream_id, token)
 
     async def _send(
