@@ -19,9 +19,9 @@ from beed.net.stream import FramedStream, open_stream
 from beed.net.tasks import TaskOwner
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
-    BadRequestError,
     BeeError,
     ConnectionClosed,
+    InvalidReplyError,
     PeerUnreachableError,
     PhaseTimeoutError,
 )
@@ -118,7 +118,7 @@ class PeerConnection:
             if isinstance(reply, Error):
                 raise reply.to_exception()
             if not isinstance(reply, Hello):
-                raise BadRequestError(f"server answered Hello with {type(reply).__name__}")
+                raise InvalidReplyError(f"server answered Hello with {type(reply).__name__}")
             _version, codecs = negotiate(hello, reply)
             if self.peer_id and reply.peer_id != self.peer_id:
                 raise PeerUnreachableError(

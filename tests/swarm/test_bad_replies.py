@@ -1,16 +1,20 @@
-"""A server that answers steps with garbage (NaNs, a wrong shape, integers) is treated as failed:
-the client bans it, moves its blocks to a replica, and the text equals local transformers."""
+"""A server that answers with garbage (NaNs, a wrong shape, integers, other blocks than asked, a
+reply far larger than the step) or that stops answering is treated as failed: the client bans it,
+moves its blocks to a replica, and the text equals local transformers."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import time
 
 import pytest
 import torch
 
 import beed
 from beectl import AutoDistributedModelForCausalLM
+from beectl.config import ClientConfig
 from beectl.local_swarm import LocalSwarm
 from beed.dht.identity import Identity
 from beed.dht.node import DHTNode
@@ -18,6 +22,7 @@ from beed.dht.records import ServerRecord, ServerState
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir
 from beed.net.stream import FramedStream
+from beed.server.backend import BlockBackend
 from protocol.codecs import ALL_CODECS
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -35,6 +40,7 @@ from protocol.messages import (
 from tests.conftest import STORY, peers_of
 
 NEW_TOKENS = 12
+HONEST_STEPS = 5  # a "hang" server answers this many steps right, then none
 
 
 def garbage(kind: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -42,16 +48,23 @@ def garbage(kind: str, hidden: torch.Tensor) -> torch.Tensor:
         return torch.full_like(hidden, float("nan"))
     if kind == "shape":
         return torch.zeros(hidden.shape[0], hidden.shape[1] + 1, hidden.shape[2])
+    if kind == "huge":  # ~46 MB for a step that answers a few KB
+        return torch.zeros(hidden.shape[0], 20_000, hidden.shape[2])
     return torch.zeros(hidden.shape, dtype=torch.int64)
 
 
 class LyingServer:
     """Speaks the protocol correctly and announces blocks 15:30 as a very fast server, but
-    answers every Step with garbage of one `kind`. Runs its own event loop in a thread."""
+    misbehaves in one way (`kind`): answers every Step with garbage, opens sessions for other
+    blocks than asked ("span"), or computes the blocks honestly for a few steps and then never
+    answers again ("hang"). Runs its own event loop in a thread."""
 
-    def __init__(self, kind: str, initial_peers, fingerprint: str) -> None:
+    def __init__(self, kind: str, initial_peers, fingerprint: str, model_path=None) -> None:
         self.kind, self.initial_peers, self.fingerprint = kind, initial_peers, fingerprint
         self.identity = Identity.generate()
+        self.backend = BlockBackend(model_path, 15, 30) if kind == "hang" else None
+        self.caches: dict[int, object] = {}
+        self.opened = 0
         self.steps = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -83,12 +96,23 @@ class LyingServer:
                 if isinstance(msg, Ping):
                     await stream.send(Pong(0, msg.nonce), timeout_s=10)
                 elif isinstance(msg, OpenSession):
-                    reply = SessionOpened(msg.stream_id, msg.span_start, msg.span_end, 10_000)
+                    self.opened += 1
+                    start = msg.span_start + (1 if self.kind == "span" else 0)
+                    reply = SessionOpened(msg.stream_id, start, msg.span_end, 10_000)
+                    if self.backend is not None:
+                        self.caches[msg.stream_id] = self.backend.new_cache()
                     await stream.send(reply, timeout_s=10)
                 elif isinstance(msg, Step):
                     self.steps += 1
-                    bad = garbage(self.kind, msg.hidden)
-                    await stream.send(StepResult(msg.stream_id, msg.step_id, bad), timeout_s=10)
+                    if self.backend is None:
+                        out = garbage(self.kind, msg.hidden)
+                    elif self.steps <= HONEST_STEPS:
+                        out = self.backend.step(
+                            self.caches[msg.stream_id], range(15), msg.hidden, msg.position
+                        )
+                    else:
+                        continue  # hangs: the connection stays open, the answer never comes
+                    await stream.send(StepResult(msg.stream_id, msg.step_id, out), timeout_s=60)
                 elif isinstance(msg, Truncate | Close):
                     await stream.send(Ack(msg.stream_id), timeout_s=10)
         except Exception:
@@ -122,6 +146,8 @@ class LyingServer:
             await self._stop.wait()
         finally:
             server.close()
+            # Gone from routes at once (the next test's liar is the only fast server).
+            await dht.announce(dataclasses.replace(record, state=ServerState.OFFLINE), ttl_s=120)
             await dht.aclose()
 
 
@@ -131,23 +157,33 @@ def swarm_with_replica():
         yield swarm
 
 
-@pytest.mark.parametrize("kind", ["nan", "shape", "int"])
+@pytest.mark.parametrize("kind", ["nan", "shape", "int", "huge", "span", "hang"])
 def test_a_server_answering_garbage_is_banned_and_the_text_is_exact(
     kind, swarm_with_replica, local_model, tokenizer, model_path
 ):
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
     ids = tokenizer(STORY, return_tensors="pt").input_ids
     ref = local_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    with LyingServer(kind, swarm_with_replica.initial_peers, fingerprint) as liar:
+    liar = LyingServer(kind, swarm_with_replica.initial_peers, fingerprint, model_path)
+    with liar:
         with AutoDistributedModelForCausalLM.from_pretrained(
             "smollm2-135m", initial_peers=peers_of(swarm_with_replica)
         ) as model:
             with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+                began = time.monotonic()
                 out = model.generate(
                     ids, max_new_tokens=NEW_TOKENS, eos_token_id=None, session=session
                 )
+                took = time.monotonic() - began
                 recoveries = session.inner.recoveries
                 route = [h.peer_id for h in session.inner.route]
-        assert liar.steps >= 1, "the lying server was never used: the test proves nothing"
-        assert recoveries >= 1 and liar.identity.peer_id not in route
+        used = liar.steps if kind != "span" else liar.opened
+        assert used >= 1, "the lying server was never used: the test proves nothing"
+        # (A bad open is routed around while the session opens, not recovered from later.)
+        assert (recoveries >= 1 or kind == "span") and liar.identity.peer_id not in route
     assert torch.equal(out, ref)
+    if kind == "hang":
+        # It answered decode steps in milliseconds, so the hung step was given up after the
+        # adaptive timeout (at least min_step_timeout_s), not the fixed minute.
+        assert liar.steps > HONEST_STEPS
+        assert took < ClientConfig().step_timeout_s / 2, took
