@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,28 @@ class BlockBackend:
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gradient of the span's output with respect to its input; weights stay frozen."""
-        hidden = self._check_hidden(hidden).detach().requires_grad_(True)
+        for out in self.backward_units(blocks, hidden, grad_output, attention_mask):
+            if out is not None:
+                return out
+        raise AssertionError("backward_units ended without a gradient")  # pragma: no cover
+
+    def backward_units(
+        self,
+        blocks: range,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Iterator[torch.Tensor | None]:
+        """`backward` one block at a time: yields None after each block's forward and each
+        block's backward (the scheduler runs other work between them), then the gradient.
+
+        Activation checkpointing: the inputs of every block are kept, and each block's forward
+        is recomputed under autograd just before its backward, so the autograd graph of one
+        block is held at a time, not the span's (1.2 GB more RSS for a 1024-token Backward
+        through 30 blocks otherwise). The same operations run, so the gradient is the same.
+        No grad mode is held across a yield (other jobs run on this thread in between).
+        """
+        hidden = self._check_hidden(hidden).detach()
         attention_mask = self._check_mask(attention_mask, hidden.shape[0], hidden.shape[1])
         if grad_output.shape != hidden.shape or not grad_output.is_floating_point():
             raise BadRequestError(
@@ -301,25 +323,22 @@ class BlockBackend:
             )
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
-        # Block by block, recomputing each block's forward (activation checkpointing): the
-        # autograd graph of one block is held at a time, not the span's (1.2 GB more RSS for a
-        # 1024-token Backward through 30 blocks otherwise). The same operations run, so the
-        # gradient is the same.
-        inputs = [hidden.detach()]
-        with torch.no_grad():
-            for index in blocks[:-1]:
-                inputs.append(
-                    self.span(
-                        inputs[-1], position_ids, None, attention_mask, range(index, index + 1)
-                    )
-                )
+        inputs = [hidden]
+        for index in blocks[:-1]:
+            with torch.no_grad():
+                one = range(index, index + 1)
+                inputs.append(self.span(inputs[-1], position_ids, None, attention_mask, one))
+            yield None
         grad = grad_output.to(self.device, self.dtype)
         for index, block_input in zip(reversed(blocks), reversed(inputs), strict=True):
             x = block_input.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = self.span(x, position_ids, None, attention_mask, range(index, index + 1))
                 (grad,) = torch.autograd.grad(out, x, grad.to(out.dtype))
-        return grad.cpu()
+            del out, x
+            if index != blocks[0]:
+                yield None
+        yield grad.cpu()
 
 
 def _restore(cache: Any, lengths: list[int]) -> None:

@@ -403,8 +403,10 @@ class SessionService:
         return ForwardResult(msg.stream_id, out)
 
     async def backward(self, msg: Backward) -> BackwardResult:
-        """Gradients of the span, in groups of rows (one stateless job each), so that a wide
-        Backward yields the compute thread between groups; a group runs whole."""
+        """Gradients of the span, in groups of rows (bounding the autograd graph's memory),
+        each one block's forward or backward per stateless job, so that a Backward yields the
+        compute thread to decode steps between blocks (a whole group through 30 blocks held it
+        for seconds)."""
         blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
         _check_tokens(msg.hidden, self.state.config.limits.max_backward_tokens, "Backward")
         backend = self.state.backend
@@ -417,11 +419,10 @@ class SessionService:
             part = slice(first, first + group)
             hidden, grad_output = msg.hidden[part], msg.grad_output[part]
             mask = None if msg.attention_mask is None else msg.attention_mask[part]
-            grads.append(
-                await self.state.scheduler.call(
-                    functools.partial(backend.backward, blocks, hidden, grad_output, mask)
-                )
-            )
+            units = backend.backward_units(blocks, hidden, grad_output, mask)
+            while (grad := await self.state.scheduler.call(functools.partial(next, units))) is None:
+                pass
+            grads.append(grad)
         grad = grads[0] if len(grads) == 1 else torch.cat(grads, 0)
         return BackwardResult(msg.stream_id, grad)
 

@@ -237,3 +237,19 @@ def test_a_step_that_breaks_the_merged_forward_fails_alone(backend: BlockBackend
     ]
     assert torch.equal(first, expected[0]) and torch.equal(last, expected[1])
     assert [BlockBackend.cache_length(c, blocks) for c in caches] == [6, 7]
+
+
+def test_backward_block_by_block_equals_autograd_through_the_span(backend: BlockBackend):
+    """Backward runs one block per scheduler job (recomputing each block's forward): the
+    gradient is bit-identical to autograd through the whole span at once."""
+    blocks = range(len(backend.span.layers))
+    h, g = hidden(2, 6, 30).to(backend.device), hidden(2, 6, 31).to(backend.device)
+    x = h.clone().requires_grad_(True)
+    positions = torch.arange(6, device=backend.device).unsqueeze(0).expand(2, -1)
+    with torch.enable_grad():
+        out = backend.span(x, positions, None, None, blocks)
+        (want,) = torch.autograd.grad(out, x, g)
+    units = list(backend.backward_units(blocks, h, g))
+    assert len(units) == 2 * len(blocks) - 1  # a forward and a backward per block, then done
+    assert all(u is None for u in units[:-1])
+    assert torch.equal(units[-1], want.cpu())
