@@ -79,6 +79,13 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
         click.FloatRange(0.0),
         "Seconds a frame waits for buffer memory before it is refused as busy (205).",
     ),
+    (
+        "--max-unread-kib",
+        "max_unread_kib",
+        click.IntRange(16),
+        "KiB of answers a connection may leave unread before its next compute request waits "
+        "for it to read (a peer that then reads nothing for 30 s is closed).",
+    ),
 ]
 
 

@@ -194,6 +194,9 @@ def clients(args: argparse.Namespace) -> None:
     results = {}
     for batching in (True, False):
         extra = ["--device", args.device] + ([] if batching else ["--no-continuous-batching"])
+        # Every client here is one more connection from 127.0.0.1: lift the per-address caps
+        # a public server keeps against strangers (docs/security.md, "Strangers").
+        extra += ["--max-connections-per-peer", "1024", "--max-kv-share-per-peer", "1"]
         if args.threads:
             extra += ["--num-threads", str(args.threads)]
         extra += args.server_arg

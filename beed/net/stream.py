@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import time
 
 from beed.net.dial import DialPolicy
@@ -156,6 +159,21 @@ class FramedStream:
             raise PhaseTimeoutError(f"{self.peername} did not read for {timeout_s} s") from exc
         except OSError as exc:
             raise ConnectionClosed(f"connection to {self.peername} broke: {exc}") from exc
+
+    def unsent_bytes(self) -> int:
+        """Bytes written to this connection that the peer has not received yet: the
+        transport's buffer plus the kernel's send queue (Linux SIOCOUTQ; elsewhere only the
+        transport's). A peer that stops reading makes this grow without bound."""
+        transport = self.writer.transport
+        pending = transport.get_write_buffer_size() if not transport.is_closing() else 0
+        sock = self.writer.get_extra_info("socket")
+        if sock is None or not hasattr(termios, "TIOCOUTQ"):
+            return pending
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return pending
+        return pending + int(struct.unpack("i", raw)[0])
 
     async def aclose(self) -> None:
         if not self.writer.is_closing():

@@ -13,6 +13,7 @@ import time
 from typing import Any, Protocol
 
 from beed.server.config import PeerLimits
+from protocol.errors import BeeError, QuotaExceededError, ServerBusyError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Admission:
         self._per_peer: collections.Counter[str] = collections.Counter()
         self.refused = 0
         self.evicted = 0
+        self.reader_waits = 0  # compute requests held until their peer read earlier answers
+        self.reader_closed = 0  # connections closed for reading nothing (write_timeout_s)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -62,21 +65,25 @@ class Admission:
     def connections_of(self, peer: str) -> int:
         return self._per_peer.get(peer, 0)
 
-    def admit(self, conn: Admitted) -> str | None:
-        """Register conn, or say why it is refused. A full server first closes its oldest idle
-        connection to make room (a stranger's idle connections cannot lock honest peers out)."""
+    def admit(self, conn: Admitted) -> BeeError | None:
+        """Register conn, or the error it is refused with. A full server first closes its oldest
+        idle connection to make room (a stranger's idle connections cannot lock honest peers
+        out)."""
         limits = self.limits
         if self._per_peer[conn.peer] >= limits.max_connections_per_peer:
             self.refused += 1
-            return (
-                f"peer {conn.peer} already has {self._per_peer[conn.peer]} connections "
-                f"(max_connections_per_peer={limits.max_connections_per_peer})"
+            return QuotaExceededError(
+                f"peer {conn.peer} already has {self._per_peer[conn.peer]} connections to this "
+                f"server (--max-connections-per-peer {limits.max_connections_per_peer})"
             )
         if len(self._live) >= limits.max_connections:
             oldest = self._oldest_idle()
             if oldest is None:
                 self.refused += 1
-                return f"server has {len(self._live)} busy connections (max_connections)"
+                return ServerBusyError(
+                    f"server has {len(self._live)} busy connections "
+                    f"(--max-connections {limits.max_connections})"
+                )
             self.evicted += 1
             self.leave(oldest)
             oldest.abort("the server is full and this connection was the oldest idle one")

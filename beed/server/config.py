@@ -65,6 +65,9 @@ class PeerLimits:
     max_backward_tokens: int = 1024  # rows x tokens of one Backward (runs in row groups)
     max_buffer_bytes: int | None = None  # decoded request tensors held at once; None: 4 requests
     buffer_wait_s: float = 10.0  # a frame waits this long for buffer room, then is refused (205)
+    # Answers a connection may leave unread (our buffers and the kernel's) before its next
+    # Step/Forward/Backward waits; one that reads nothing for write_timeout_s is closed.
+    max_unread_kib: int = 256
 
 
 @dataclass(frozen=True)

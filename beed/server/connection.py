@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+UNREAD_POLL_S = 0.02  # how often a connection waiting for its peer to read looks again
 # Compressed activations shrink ~1.2-2x; a segment claiming more than this is refused (109).
 MAX_COMPRESSION_RATIO = 32
 # Until its Hello, a peer may send one small frame without tensors.
@@ -148,6 +149,8 @@ class ServerConnection:
             if refusal is not None:
                 await self._refuse(encoded, refusal)
                 continue
+            if MESSAGE_TYPES[encoded.type] in (Step, Forward, Backward):
+                await self._wait_for_reader()
             nbytes = encoded.raw_bytes
             if nbytes:
                 try:
@@ -161,6 +164,33 @@ class ServerConnection:
                 memory.release(self.id, nbytes)
                 raise
             await self._dispatch(msg, nbytes)
+
+    async def _wait_for_reader(self) -> None:
+        """Before computing more for this peer, wait until it has read its earlier answers (to
+        within --max-unread-kib): a peer that pipelines steps and never reads would otherwise
+        get compute whose answers only pile up. Not reading stops this connection's reads; a
+        peer whose unread answers do not shrink for write_timeout_s is closed. An honest client
+        loses nothing: its answers queue behind the unread ones on the same socket anyway."""
+        limit = self.state.config.limits.max_unread_kib * 1024
+        unsent = self.stream.unsent_bytes()
+        if unsent <= limit:
+            return
+        self.state.admission.reader_waits += 1
+        timeout_s = self.state.config.write_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while unsent > limit:
+            if self.stream.writer.is_closing():
+                raise ConnectionClosed(f"{self.stream.peername} closed the connection")
+            if time.monotonic() > deadline:
+                self.state.admission.reader_closed += 1
+                raise PhaseTimeoutError(
+                    f"left {unsent} bytes of answers unread for {timeout_s:.0f} s"
+                )
+            await asyncio.sleep(UNREAD_POLL_S)
+            now = self.stream.unsent_bytes()
+            if now < unsent:  # it reads, however slowly: keep waiting
+                deadline = time.monotonic() + timeout_s
+            unsent = now
 
     def _precheck(self, encoded: EncodedFrame) -> BeeError | None:
         """Why a frame will be refused, known from its header alone (before anything is

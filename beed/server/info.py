@@ -37,6 +37,8 @@ def server_info(state: ServerState, rec: ServerRecord) -> dict[str, Any]:
         "connections": len(state.admission),
         "connections_refused": state.admission.refused,
         "connections_evicted": state.admission.evicted,
+        "reader_waits": state.admission.reader_waits,
+        "reader_closed": state.admission.reader_closed,
         "request_bytes_held": state.memory.used_bytes,
         "request_bytes_peak": state.memory.peak_bytes,
         "request_bytes_budget": state.memory.total_bytes,

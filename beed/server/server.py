@@ -45,8 +45,8 @@ from beed.server.service import ServerState as SharedState
 from beed.server.sessions import SessionRegistry
 from beed.systemd import notify_systemd
 from protocol.codecs import ALL_CODECS
-from protocol.errors import BadRequestError, DrainingError, InternalServerError
-from protocol.messages import PROTOCOL_VERSION, Hello
+from protocol.errors import BadRequestError, BeeError, DrainingError, InternalServerError
+from protocol.messages import PROTOCOL_VERSION, Error, Hello
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +483,10 @@ class BlockServer:
         refusal = self.state.admission.admit(conn)
         if refusal is not None:
             log.info("conn.refused peer=%s reason=%s", stream.peername, refusal)
+            # One small frame, never waited for: the peer learns why (a flood costs us ~100
+            # bytes of socket buffer per connection, freed with it).
+            with contextlib.suppress(OSError, BeeError):
+                stream.send_nowait(Error.from_exception(0, refusal))
             writer.close()
             return
         try:

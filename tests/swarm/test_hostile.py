@@ -107,10 +107,15 @@ def finish(proc: subprocess.Popen[str]) -> str:
 class Attacker(RawPeer):
     """A raw peer from another loopback address."""
 
-    def __init__(self, address: tuple[str, int], source: str) -> None:
-        self.sock = socket.create_connection(address, timeout=10, source_address=(source, 0))
+    def __init__(self, address: tuple[str, int], source: str, rcvbuf: int | None = None) -> None:
         from protocol import FrameDecoder
 
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # before connect: the window it advertises follows it
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind((source, 0))
+        self.sock.settimeout(10)
+        self.sock.connect(address)
         self.decoder = FrameDecoder()
 
 
@@ -248,7 +253,10 @@ def test_one_address_cannot_take_every_connection(swarm, honest_text):
     for peer in socks:
         peer.hello()
     extra = Attacker(address, "127.0.0.20")
-    assert closed_within(extra.sock, 5.0)  # closed at once: the address has 16 already
+    refusal = extra.read()  # told why, then closed at once: the address has 16 already
+    assert isinstance(refusal, Error) and refusal.code == 208, refusal
+    assert "--max-connections-per-peer 16" in refusal.message
+    assert closed_within(extra.sock, 5.0)
     assert generate(swarm).stdout == honest_text  # another address is served meanwhile
     assert info(swarm)["connections_refused"] >= 1
     for peer in [*socks, extra]:
@@ -291,6 +299,33 @@ def test_huge_forwards_are_bounded_and_do_not_starve_decoding(swarm, fingerprint
         sid += 2
     assert finish(proc) == honest_text
     attacker.close()
+
+
+def test_a_peer_that_never_reads_its_answers_gets_no_more_compute(swarm, fingerprint, honest_text):
+    """Slowloris with compute: a session pipelines one-token steps into a 4 KB receive buffer
+    and reads nothing. The server computes until about --max-unread-kib of answers wait, then
+    stops reading that connection; an honest client is served meanwhile."""
+    reader = Attacker(swarm.servers[0].address, "127.0.0.50", rcvbuf=4096)
+    reader.hello()
+    reader.send(encode_message_bytes(OpenSession(1, fingerprint, 0, 30, max_length=512)))
+    assert isinstance(reader.read(), SessionOpened)
+    before = info(swarm)
+    steps = 400  # 2.3 KB answers each: ~900 KB if they were all computed
+    reader.send(
+        b"".join(
+            encode_message_bytes(Step(1, 1 + i, i, torch.randn(1, 1, 576))) for i in range(steps)
+        )
+    )
+    for _ in range(100):
+        now = info(swarm)
+        if now["reader_waits"] > before["reader_waits"]:
+            break
+        time.sleep(0.1)
+    assert now["reader_waits"] > before["reader_waits"], now
+    assert generate(swarm).stdout == honest_text  # served while the reader is held
+    computed = info(swarm)["batched_steps"] - before["batched_steps"] - 12  # the honest ones
+    assert computed < steps / 2, computed  # ~256 KiB of answers, not all 400
+    reader.close()
 
 
 async def test_records_naming_private_addresses_are_ignored_by_a_public_swarm_client(
