@@ -624,7 +624,11 @@ async def attack_slowloris(ctx: Ctx) -> None:
                     await asyncio.sleep(0.5)
                     continue
                 position, sid, step_id = 0, 1, 1
-                while True:  # from here on nothing is read
+                # From here on nothing is read: not even by asyncio's transport, which would
+                # otherwise take up to 2 MiB off the socket into the StreamReader's buffer.
+                assert conn.writer is not None
+                conn.writer.transport.pause_reading()
+                while True:
                     if position + tokens <= ctx.max_session_length:
                         fields = {"step_id": step_id, "position": position, "hidden": 0}
                         if not await conn.send(request(Step.TYPE, 1, fields, [(d, payload)])):
@@ -898,7 +902,10 @@ SERVER_DELTAS = [
     "connections_refused",
     "connections_evicted",
     "requests_refused_for_memory",
+    "reader_waits",
+    "reader_closed",
     "batches",
+    "batched_steps",
 ]
 
 

@@ -12,7 +12,7 @@ import fcntl
 import logging
 import socket
 import struct
-import termios
+import sys
 import time
 
 from beed.net.dial import DialPolicy
@@ -38,6 +38,7 @@ from protocol.messages import Hello, Message, Ping, Pong
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 1 << 20
+SIOCOUTQNSD = 0x894B  # Linux: a TCP socket's bytes not yet sent (<linux/sockios.h>)
 # Frames whose tensors are compressed or larger than this are decoded on a worker thread, so a
 # frame that is slow to decompress never stalls the event loop (other peers' requests).
 INLINE_DECODE_BYTES = 256 * 1024
@@ -161,16 +162,18 @@ class FramedStream:
             raise ConnectionClosed(f"connection to {self.peername} broke: {exc}") from exc
 
     def unsent_bytes(self) -> int:
-        """Bytes written to this connection that the peer has not received yet: the
-        transport's buffer plus the kernel's send queue (Linux SIOCOUTQ; elsewhere only the
-        transport's). A peer that stops reading makes this grow without bound."""
+        """Bytes written to this connection that have not gone out yet: the transport's buffer
+        plus what the kernel holds unsent (Linux SIOCOUTQNSD: not the bytes in flight, which
+        a fast long link has many of, but those held back because the peer's window is shut).
+        A peer that stops reading makes this grow without bound. Elsewhere: the transport's
+        buffer only."""
         transport = self.writer.transport
         pending = transport.get_write_buffer_size() if not transport.is_closing() else 0
         sock = self.writer.get_extra_info("socket")
-        if sock is None or not hasattr(termios, "TIOCOUTQ"):
+        if sock is None or not sys.platform.startswith("linux"):
             return pending
         try:
-            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            raw = fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0")
         except (OSError, ValueError):
             return pending
         return pending + int(struct.unpack("i", raw)[0])

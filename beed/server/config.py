@@ -67,7 +67,7 @@ class PeerLimits:
     buffer_wait_s: float = 10.0  # a frame waits this long for buffer room, then is refused (205)
     # Answers a connection may leave unread (our buffers and the kernel's) before its next
     # Step/Forward/Backward waits; one that reads nothing for write_timeout_s is closed.
-    max_unread_kib: int = 256
+    max_unread_kib: int = 64
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ class ServerConnection:
         self._streams = StreamTable(state.config.max_streams_per_connection)
         self._slots = asyncio.Semaphore(state.config.max_inflight_per_connection)
         self._inflight = 0
+        self._stepping: dict[int, asyncio.Event] = {}  # stream id -> its running Step's end
         self._last_active = time.monotonic()
         self.remote_hello: Hello | None = None
 
@@ -149,6 +150,8 @@ class ServerConnection:
             if refusal is not None:
                 await self._refuse(encoded, refusal)
                 continue
+            if MESSAGE_TYPES[encoded.type] is Step:
+                await self._previous_step(encoded.stream_id)
             if MESSAGE_TYPES[encoded.type] in (Step, Forward, Backward):
                 await self._wait_for_reader()
             nbytes = encoded.raw_bytes
@@ -164,6 +167,15 @@ class ServerConnection:
                 memory.release(self.id, nbytes)
                 raise
             await self._dispatch(msg, nbytes)
+
+    async def _previous_step(self, stream_id: int) -> None:
+        """Wait until the session's previous Step has finished. A client sends a session's next
+        step only once it has the previous answer (its input depends on it), so this costs an
+        honest client nothing; a peer that pipelines steps stops this connection's reads
+        instead of queueing up to max_inflight_per_connection of them for compute."""
+        running = self._stepping.get(stream_id)
+        if running is not None:
+            await running.wait()
 
     async def _wait_for_reader(self) -> None:
         """Before computing more for this peer, wait until it has read its earlier answers (to
@@ -301,14 +313,26 @@ class ServerConnection:
             work = (
                 self._push(msg) if isinstance(msg, Push) else self._guarded(sid, self._handle(msg))
             )
+            if isinstance(msg, Step):  # registered now: the next frame is read before it runs
+                done = self._stepping[sid] = asyncio.Event()
+                work = self._one_step(sid, done, work)
             if self._tasks.spawn(self._request(work, nbytes), name=f"s{sid}") is None:
                 work.close()  # a coroutine, never started
+                self._stepping.pop(sid, None)
                 self._finished(nbytes)
             return True
         else:
             error = BadRequestError(f"unexpected {type(msg).__name__} from a client")
             await self._answer(Error.from_exception(sid, error))
         return False
+
+    async def _one_step(self, sid: int, done: asyncio.Event, work: Awaitable[None]) -> None:
+        try:
+            await work
+        finally:
+            done.set()
+            if self._stepping.get(sid) is done:
+                del self._stepping[sid]
 
     async def _request(self, work: Awaitable[None], nbytes: int) -> None:
         try:
