@@ -38,6 +38,7 @@ from protocol.messages import Hello, Message, Ping, Pong
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 1 << 20
+TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (<netinet/tcp.h>); FIN or RST from the peer ends it
 SIOCOUTQNSD = 0x894B  # Linux: a TCP socket's bytes not yet sent (<linux/sockios.h>)
 # Frames whose tensors are compressed or larger than this are decoded on a worker thread, so a
 # frame that is slow to decompress never stalls the event loop (other peers' requests).
@@ -178,13 +179,33 @@ class FramedStream:
             return pending
         return pending + int(struct.unpack("i", raw)[0])
 
+    def peer_gone(self) -> bool:
+        """Whether the peer has closed or reset the connection, asked of the kernel (Linux
+        TCP_INFO state), for a connection this side is not reading: asyncio learns of a close
+        only by reading or writing."""
+        if self.writer.is_closing():
+            return True
+        sock = self.writer.get_extra_info("socket")
+        tcp_info = getattr(socket, "TCP_INFO", None)
+        if sock is None or tcp_info is None:
+            return False
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0]
+        except (OSError, ValueError, IndexError):
+            return True
+        return state != TCP_ESTABLISHED
+
     async def aclose(self) -> None:
+        """Close after flushing what is written, for at most a second; then abort (a peer
+        that does not read would otherwise keep the socket, and our unsent bytes, forever)."""
         if not self.writer.is_closing():
             self.writer.close()
         try:
             async with asyncio.timeout(1.0):
                 await self.writer.wait_closed()
-        except (TimeoutError, OSError):
+        except TimeoutError:
+            self.writer.transport.abort()
+        except OSError:
             pass
 
 

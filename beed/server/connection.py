@@ -191,7 +191,7 @@ class ServerConnection:
         timeout_s = self.state.config.write_timeout_s
         deadline = time.monotonic() + timeout_s
         while unsent > limit:
-            if self.stream.writer.is_closing():
+            if self.stream.peer_gone():
                 raise ConnectionClosed(f"{self.stream.peername} closed the connection")
             if time.monotonic() > deadline:
                 self.state.admission.reader_closed += 1
