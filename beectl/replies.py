@@ -22,6 +22,10 @@ def checked_step_result(reply: Message, shape: torch.Size) -> StepResult:
         raise InvalidReplyError(f"server answered a step with {out.dtype} values")
     if not bool(torch.isfinite(out).all()):
         raise InvalidReplyError("server answered a step with NaN or infinite values")
+    if out.numel() and not bool(out.any()):
+        # A transformer's residual stream is never exactly zero: a server that answers zeros
+        # has not computed anything.
+        raise InvalidReplyError("server answered a step with all zeros")
     return reply
 
 

@@ -1,6 +1,6 @@
-"""A server that answers with garbage (NaNs, a wrong shape, integers, other blocks than asked, a
-reply far larger than the step) or that stops answering is treated as failed: the client bans it,
-moves its blocks to a replica, and the text equals local transformers."""
+"""A server that answers with garbage (NaNs, zeros, a wrong shape, integers, other blocks than
+asked, a reply far larger than the step) or that stops answering is treated as failed: the client
+bans it, moves its blocks to a replica, and the text equals local transformers."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def garbage(kind: str, hidden: torch.Tensor) -> torch.Tensor:
         return torch.full_like(hidden, float("nan"))
     if kind == "shape":
         return torch.zeros(hidden.shape[0], hidden.shape[1] + 1, hidden.shape[2])
+    if kind == "zeros":
+        return torch.zeros_like(hidden)
     if kind == "huge":  # ~46 MB for a step that answers a few KB
         return torch.zeros(hidden.shape[0], 20_000, hidden.shape[2])
     return torch.zeros(hidden.shape, dtype=torch.int64)
@@ -157,7 +159,7 @@ def swarm_with_replica():
         yield swarm
 
 
-@pytest.mark.parametrize("kind", ["nan", "shape", "int", "huge", "span", "hang"])
+@pytest.mark.parametrize("kind", ["nan", "shape", "int", "zeros", "huge", "span", "hang"])
 def test_a_server_answering_garbage_is_banned_and_the_text_is_exact(
     kind, swarm_with_replica, local_model, tokenizer, model_path
 ):
