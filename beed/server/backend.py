@@ -146,6 +146,10 @@ class BlockBackend:
             )
         if not hidden.is_floating_point():
             raise BadRequestError(f"hidden states must be floating point, got {hidden.dtype}")
+        if hidden.shape[0] < 1 or hidden.shape[1] < 1:
+            raise BadRequestError(
+                f"hidden states need at least one row and one token, got {list(hidden.shape)}"
+            )
 
     @staticmethod
     def _check_mask_shape(mask: torch.Tensor | None, batch: int, length: int) -> None:
@@ -164,6 +168,18 @@ class BlockBackend:
     ) -> torch.Tensor | None:
         self._check_mask_shape(mask, batch, length)
         return None if mask is None else mask.to(self.device)
+
+    def check_backward(
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
+        """Shape checks of a Backward (cheap): BadRequestError if it is malformed."""
+        self._check_hidden_shape(hidden)
+        self._check_mask_shape(attention_mask, hidden.shape[0], hidden.shape[1])
+        if grad_output.shape != hidden.shape or not grad_output.is_floating_point():
+            raise BadRequestError(
+                f"grad_output must be floating point of the hidden states' shape "
+                f"{list(hidden.shape)}, got {grad_output.dtype} {list(grad_output.shape)}"
+            )
 
     def check_step(
         self,
@@ -315,12 +331,9 @@ class BlockBackend:
         through 30 blocks otherwise). The same operations run, so the gradient is the same.
         No grad mode is held across a yield (other jobs run on this thread in between).
         """
+        self.check_backward(hidden, grad_output, attention_mask)
         hidden = self._check_hidden(hidden).detach()
         attention_mask = self._check_mask(attention_mask, hidden.shape[0], hidden.shape[1])
-        if grad_output.shape != hidden.shape or not grad_output.is_floating_point():
-            raise BadRequestError(
-                f"grad_output shape {list(grad_output.shape)} != hidden shape {list(hidden.shape)}"
-            )
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
         inputs = [hidden]

@@ -410,10 +410,9 @@ class SessionService:
         blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
         _check_tokens(msg.hidden, self.state.config.limits.max_backward_tokens, "Backward")
         backend = self.state.backend
-        rows, tokens = (msg.hidden.shape[:2]) if msg.hidden.dim() >= 2 else (1, 1)
-        group = rows
-        if msg.hidden.dim() == 3 and msg.grad_output.shape == msg.hidden.shape:
-            group = max(1, self.state.config.scheduler.prefill_chunk_tokens // max(1, tokens))
+        backend.check_backward(msg.hidden, msg.grad_output, msg.attention_mask)
+        rows, tokens = msg.hidden.shape[:2]
+        group = max(1, self.state.config.scheduler.prefill_chunk_tokens // tokens)
         grads: list[torch.Tensor] = []
         for first in range(0, rows, group):
             part = slice(first, first + group)

@@ -253,3 +253,16 @@ def test_backward_block_by_block_equals_autograd_through_the_span(backend: Block
     assert len(units) == 2 * len(blocks) - 1  # a forward and a backward per block, then done
     assert all(u is None for u in units[:-1])
     assert torch.equal(units[-1], want.cpu())
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 64), (1, 0, 64)], ids=["no-rows", "no-tokens"])
+def test_empty_hidden_states_are_bad_requests(backend: BlockBackend, shape):
+    """Found by the fuzz campaign: an empty Backward raised a RuntimeError (answered 299)."""
+    from protocol.errors import BadRequestError
+
+    blocks = range(len(backend.span.layers))
+    empty = torch.zeros(shape)
+    with pytest.raises(BadRequestError, match="at least one row and one token"):
+        backend.backward(blocks, empty, empty)
+    with pytest.raises(BadRequestError):
+        backend.check_step(empty, 0, None, None)
