@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from beed.models.kv_cache import SpanCache
 from beed.models.segments import (
     Segment,
     SegmentedCache,
@@ -97,7 +98,7 @@ class SpanInput:
 
     hidden: torch.Tensor  # [batch, tokens, hidden_size]
     position_ids: torch.Tensor  # [batch, tokens]
-    cache: Any
+    cache: SpanCache
     mask: torch.Tensor | None = None  # [batch, past + tokens] or None
 
 
@@ -145,7 +146,7 @@ class Span(nn.Module):
         self,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: Any,
+        cache: SpanCache | None,
         attention_mask: torch.Tensor | None = None,
         blocks: range | None = None,
     ) -> torch.Tensor:

@@ -36,6 +36,8 @@ from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from beed.models.kv_cache import SpanCache
+
 ATTENTION_NAME = "beed-segments"
 INNER_ATTR = "_beed_inner_attention"  # attention config attribute: the model's real attention
 
@@ -71,7 +73,7 @@ class SegmentMasks:
 class SegmentedCache:
     """Looks like a transformers cache to the attention modules; holds one cache per session."""
 
-    def __init__(self, segments: Sequence[Segment], caches: Sequence[Any]) -> None:
+    def __init__(self, segments: Sequence[Segment], caches: Sequence[SpanCache]) -> None:
         self.segments = segments
         self.caches = caches
 

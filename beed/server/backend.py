@@ -6,14 +6,13 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from beed.models.adapters import Span, SpanInput, family_of, load_config, num_blocks
+from beed.models.kv_cache import DynamicSpanCache, SpanCache, kv_bytes_per_token
 from beed.models.weights import load_tensors
-from protocol.errors import BadRequestError, BeeError, InternalServerError
+from protocol.errors import BadRequestError, BeeError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ BATCH_MATMUL = ("auto", "shared", "per-session")
 class StepRequest:
     """One session's step as the scheduler hands it to the backend."""
 
-    cache: Any
+    cache: SpanCache
     blocks: range  # local block indices
     hidden: torch.Tensor  # [batch, tokens, hidden_size], as received
     position: int
@@ -88,23 +87,18 @@ class BlockBackend:
         self.span.load_blocks(tensors, family)
         self.span.to(self.device)  # buffers computed at construction (weights are there already)
         self.span.eval().requires_grad_(False)
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        element = torch.finfo(self.dtype).bits // 8
         self.info = SpanInfo(
             start=start,
             end=end,
             num_blocks=total,
             hidden_size=int(config.hidden_size),
             dtype=dtype,
-            kv_bytes_per_token=2 * kv_heads * head_dim * element * (end - start),
+            kv_bytes_per_token=kv_bytes_per_token(config, self.dtype, end - start),
         )
         log.info("backend.loaded span=%d:%d dtype=%s device=%s", start, end, dtype, device)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.span.config)
+    def new_cache(self) -> SpanCache:
+        return DynamicSpanCache(config=self.span.config)
 
     def blocks(self, start: int, end: int) -> range:
         """Local block indices for the global sub-span [start, end); BadRequestError if not served."""
@@ -116,27 +110,12 @@ class BlockBackend:
         return range(start - self.info.start, end - self.info.start)
 
     @staticmethod
-    def cache_length(cache: DynamicCache, blocks: range) -> int:
-        return int(cache.get_seq_length(blocks[0]))
+    def cache_length(cache: SpanCache, blocks: range) -> int:
+        return cache.tokens(blocks[0])
 
-    def truncate(self, cache: DynamicCache, blocks: range, position: int) -> None:
+    def truncate(self, cache: SpanCache, blocks: range, position: int) -> None:
         """Forget every cached token at `position` and after (rollback)."""
-        length = self.cache_length(cache, blocks)
-        if position < 0 or position > length:
-            raise BadRequestError(
-                f"cannot truncate to {position}: the session holds {length} tokens"
-            )
-        if position == length:
-            return
-        for i in blocks:
-            layer = cache.layers[i]
-            window = getattr(layer, "sliding_window", None)
-            if window is not None and length >= window:
-                raise BadRequestError(
-                    f"cannot roll back to {position}: block {self.info.start + i} keeps only "
-                    f"the last {window} positions (sliding-window attention)"
-                )
-        cache.crop(position - length)
+        cache.rollback(blocks, position, first_block=self.info.start)
 
     def _check_hidden_shape(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.info.hidden_size:
@@ -227,7 +206,7 @@ class BlockBackend:
     @torch.inference_mode()
     def step(
         self,
-        cache: DynamicCache,
+        cache: SpanCache,
         blocks: range,
         hidden: torch.Tensor,
         position: int,
@@ -276,7 +255,7 @@ class BlockBackend:
     ) -> list[torch.Tensor | Exception]:
         """A merged forward; if it fails (out of memory, say), every session's cache goes back
         to where it was and each runs alone, so only the step that fails alone fails."""
-        saved = [[layer.get_seq_length() for layer in item.cache.layers] for item in items]
+        saved = [item.cache.snapshot() for item in items]
         try:
             return list(self.span.forward_many(items, blocks, shared_matmul=self.shared_matmul))
         except Exception as exc:
@@ -285,7 +264,7 @@ class BlockBackend:
         outputs: list[torch.Tensor | Exception] = []
         for item, lengths in zip(items, saved, strict=True):
             try:
-                _restore(item.cache, lengths)
+                item.cache.restore(lengths)
                 outputs.append(self.span.forward_many([item], blocks)[0])
             except Exception as exc:  # the session's cache is unusable: the caller closes it
                 outputs.append(exc)
@@ -352,17 +331,3 @@ class BlockBackend:
             if index != blocks[0]:
                 yield None
         yield grad.cpu()
-
-
-def _restore(cache: Any, lengths: list[int]) -> None:
-    """Cut every layer of `cache` back to its recorded length (after a failed forward).
-
-    A sliding-window layer that dropped old positions cannot be restored: InternalServerError."""
-    for layer, length in zip(cache.layers, lengths, strict=True):
-        now = layer.get_seq_length()
-        if now == length:
-            continue
-        window = getattr(layer, "sliding_window", None)
-        if window is not None and now >= window:
-            raise InternalServerError("a failed batch overwrote this session's sliding window")
-        layer.crop(length - now)

@@ -213,9 +213,8 @@ async def test_inference_goes_before_stateless_work_and_abandoned_steps_never_ru
 
 
 def test_a_step_that_breaks_the_merged_forward_fails_alone(backend: BlockBackend):
-    from transformers import DynamicCache
-
     from beed.models.adapters import span_config
+    from beed.models.kv_cache import DynamicSpanCache
 
     blocks = range(len(backend.span.layers))
     caches = [backend.new_cache() for _ in range(2)]
@@ -223,7 +222,7 @@ def test_a_step_that_breaks_the_merged_forward_fails_alone(backend: BlockBackend
         backend.step(cache, blocks, hidden(1, 5, 1), 0)
     # A cache with too few layers passes every check and then fails inside the forward, after
     # the other sessions' caches were extended by the first blocks.
-    broken = DynamicCache(config=span_config(backend.span.config, 0, 2))
+    broken = DynamicSpanCache(config=span_config(backend.span.config, 0, 2))
     requests = [
         StepRequest(caches[0], blocks, hidden(1, 1, 2), 5),
         StepRequest(broken, blocks, hidden(1, 1, 3), 0),

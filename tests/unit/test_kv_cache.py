@@ -1,0 +1,76 @@
+"""The session cache contract (beed/models/kv_cache.py) on transformers' dynamic cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from beed.models.kv_cache import DynamicSpanCache, kv_bytes_per_token
+from beed.server.backend import BlockBackend
+from protocol.errors import BadRequestError
+from tests.tiny_models import make_tiny_llama
+from tests.unit.test_models import make_tiny_gemma3
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def backend(request, tmp_path_factory) -> BlockBackend:
+    path = tmp_path_factory.mktemp(request.param) / request.param
+    (make_tiny_llama if request.param == "llama" else make_tiny_gemma3)(path)
+    return BlockBackend(path, 0, 4)
+
+
+def hidden(tokens: int, seed: int) -> torch.Tensor:
+    return torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_length_rollback_and_the_same_output_after_it(backend: BlockBackend):
+    blocks = range(4)
+    cache = backend.new_cache()
+    assert isinstance(cache, DynamicSpanCache) and cache.tokens(0) == 0
+    backend.step(cache, blocks, hidden(5, 1), 0)
+    first = backend.step(cache, blocks, hidden(1, 2), 5)
+    assert [cache.tokens(i) for i in blocks] == [6] * 4
+    cache.rollback(blocks, 5)
+    assert cache.snapshot() == [5] * 4
+    again = backend.step(cache, blocks, hidden(1, 2), 5)
+    assert torch.equal(first, again)  # what was cut is gone; what stayed is untouched
+    with pytest.raises(BadRequestError, match="cannot truncate to 9"):
+        cache.rollback(blocks, 9)
+
+
+def test_snapshot_and_restore(backend: BlockBackend):
+    blocks = range(4)
+    cache = backend.new_cache()
+    backend.step(cache, blocks, hidden(3, 3), 0)
+    saved = cache.snapshot()
+    backend.step(cache, blocks, hidden(2, 4), 3)
+    cache.restore(saved)
+    assert cache.snapshot() == saved == [3] * 4
+    fresh = backend.new_cache()
+    backend.step(fresh, blocks, hidden(3, 3), 0)
+    assert torch.equal(
+        backend.step(cache, blocks, hidden(1, 5), 3), backend.step(fresh, blocks, hidden(1, 5), 3)
+    )
+
+
+def test_a_sliding_window_cannot_roll_back_past_what_it_dropped(backend: BlockBackend):
+    if backend.span.layer_types is None or "sliding_attention" not in backend.span.layer_types:
+        pytest.skip("no sliding-window blocks")
+    blocks = range(4)
+    cache = backend.new_cache()
+    backend.step(cache, blocks, hidden(10, 6), 0)  # past the window of 8
+    with pytest.raises(BadRequestError, match="sliding-window attention"):
+        cache.rollback(blocks, 4, first_block=10)
+    assert cache.tokens(0) == 10  # refused whole: nothing was cut
+
+
+def test_bytes_per_token(tmp_path: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(make_tiny_llama(tmp_path / "llama"))
+    heads = config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert kv_bytes_per_token(config, torch.float32, 3) == 2 * heads * head_dim * 4 * 3
+    assert kv_bytes_per_token(config, torch.bfloat16, 3) == 2 * heads * head_dim * 2 * 3
