@@ -32,18 +32,20 @@ class LocalHead:
         )
         model: Any = build_head_model(self.config)  # transformers modules: attributes untyped
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if "lm_head.weight" in missing and getattr(self.config, "tie_word_embeddings", False):
-            model.lm_head.weight = model.model.embed_tokens.weight
-            missing = [m for m in missing if m != "lm_head.weight"]
+        embed, norm, lm_head = self.family.head_modules(model)
+        tied = f"{self.family.lm_head_path}.weight"
+        if tied in missing and getattr(self.config, "tie_word_embeddings", False):
+            lm_head.weight = embed.weight
+            missing = [m for m in missing if m != tied]
         missing = [m for m in missing if "rotary_emb" not in m]
         if missing or unexpected:
             raise ValueError(
                 f"head weights do not match: missing={missing} unexpected={unexpected}"
             )
         model.eval().requires_grad_(False)
-        self._embed: nn.Module = model.model.embed_tokens
-        self._norm: nn.Module = model.model.norm
-        self._lm_head: nn.Module = model.lm_head
+        self._embed: nn.Module = embed
+        self._norm: nn.Module = norm
+        self._lm_head: nn.Module = lm_head
         cap_attr = self.family.logit_softcap_attr
         self._softcap: float | None = getattr(self.config, cap_attr, None) if cap_attr else None
         self.hidden_size = int(self.config.hidden_size)

@@ -35,7 +35,8 @@ from protocol.errors import ModelNotFoundError
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between architectures for block serving and the client's head."""
+    """What differs between architectures for block serving and the client's head: where the
+    weights are in the state dict and where the modules are in transformers' model."""
 
     model_types: tuple[str, ...]
     block_prefix: str  # state-dict prefix of block i, formatted with {i}
@@ -43,6 +44,37 @@ class Family:
         str, ...
     ]  # state-dict prefixes the client needs (embeddings, final norm, head)
     logit_softcap_attr: str | None = None  # config attribute of a final logit soft cap
+    # Attribute paths in transformers' modules: of the base model (AutoModel), of a decoder
+    # layer, and of the causal-LM model (AutoModelForCausalLM) for the head's three parts.
+    layers_attr: str = "layers"
+    rotary_attr: str = "rotary_emb"
+    attention_attr: str = "self_attn"
+    embed_path: str = "model.embed_tokens"
+    norm_path: str = "model.norm"
+    lm_head_path: str = "lm_head"
+
+    def layers(self, base: nn.Module) -> nn.ModuleList:
+        return _attr(base, self.layers_attr)
+
+    def rotary(self, base: nn.Module) -> nn.Module:
+        return _attr(base, self.rotary_attr)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return _attr(layer, self.attention_attr)
+
+    def head_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The embeddings, final norm and LM head of a causal-LM model."""
+        return (
+            _attr(model, self.embed_path),
+            _attr(model, self.norm_path),
+            _attr(model, self.lm_head_path),
+        )
+
+
+def _attr(module: Any, path: str) -> Any:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
 
 
 LLAMA = Family(
@@ -110,19 +142,21 @@ class Span(nn.Module):
     ) -> None:
         super().__init__()
         self.start, self.end = start, end
+        self.family = family_of(config)
         self.config = span_config(config, start, end)
         # Parameters on the meta device (the blocks' weights are assigned later, the embeddings
         # never exist here); buffers such as rotary tables are computed on the CPU as usual.
         with init_empty_weights(include_buffers=False):
             base = AutoModel.from_config(self.config)
-        self.layers: nn.ModuleList = base.layers
-        self.rotary_emb = base.rotary_emb.to(device)
+        self.layers: nn.ModuleList = self.family.layers(base)
+        self.rotary_emb = self.family.rotary(base).to(device)
         self._typed_rotary = _rotary_takes_layer_type(self.rotary_emb)
         self.layer_types: list[str] | None = getattr(self.config, "layer_types", None)
         # Masks are built for the model's real attention; the attention modules go through
         # segmented_attention, which is that same attention for one session at a time.
         self.config._attn_implementation = base.config._attn_implementation
-        use_segmented_attention([layer.self_attn for layer in self.layers], self.config)
+        attention = [self.family.attention(layer) for layer in self.layers]
+        use_segmented_attention(attention, self.config)
         self._linears = SegmentedLinears()
         self._linears.install(list(self.layers))
 
