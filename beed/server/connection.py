@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-UNREAD_POLL_S = 0.02  # how often a connection waiting for its peer to read looks again
+UNREAD_POLL_S = 0.02  # how soon a connection waiting for its peer to read looks again
+UNREAD_POLL_MAX_S = 0.32  # ... at most, backing off while the peer reads nothing
 # Compressed activations shrink ~1.2-2x; a segment claiming more than this is refused (109).
 MAX_COMPRESSION_RATIO = 32
 # Until its Hello, a peer may send one small frame without tensors.
@@ -190,6 +191,7 @@ class ServerConnection:
         self.state.admission.reader_waits += 1
         timeout_s = self.state.config.write_timeout_s
         deadline = time.monotonic() + timeout_s
+        poll_s = UNREAD_POLL_S
         while unsent > limit:
             if self.stream.peer_gone():
                 raise ConnectionClosed(f"{self.stream.peername} closed the connection")
@@ -198,10 +200,13 @@ class ServerConnection:
                 raise PhaseTimeoutError(
                     f"left {unsent} bytes of answers unread for {timeout_s:.0f} s"
                 )
-            await asyncio.sleep(UNREAD_POLL_S)
+            await asyncio.sleep(poll_s)
             now = self.stream.unsent_bytes()
-            if now < unsent:  # it reads, however slowly: keep waiting
+            if now < unsent:  # it reads, however slowly: keep waiting, and look again soon
                 deadline = time.monotonic() + timeout_s
+                poll_s = UNREAD_POLL_S
+            else:  # a thousand stalled connections must not cost a core in polling
+                poll_s = min(2 * poll_s, UNREAD_POLL_MAX_S)
             unsent = now
 
     def _precheck(self, encoded: EncodedFrame) -> BeeError | None:
