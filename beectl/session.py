@@ -13,29 +13,25 @@ import contextlib
 import logging
 import secrets
 import time
-from asyncio import FIRST_COMPLETED
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from beectl.bans import is_server_failure
+from beectl.chain import ChainBroken, OpenHop, PushFailedError, push_run, send_chain
 from beectl.config import ClientConfig
 from beectl.history import History
 from beectl.replies import checked_session_opened, checked_step_result
 from beectl.routing import Hop
 from beectl.swarm import Swarm
-from beectl.timeouts import HopTimer
-from beed.net.peer import PeerConnection
 from protocol.errors import (
     BadRequestError,
     BeeError,
-    ConnectionClosed,
     InvalidReplyError,
     NoRouteError,
 )
 from protocol.messages import (
     Close,
-    Message,
     OpenSession,
     Step,
     StepResult,
@@ -54,38 +50,6 @@ class ModelRef:
     name: str
     fingerprint: str
     num_blocks: int
-
-
-@dataclass
-class _OpenHop:
-    hop: Hop
-    conn: PeerConnection
-    stream_id: int
-    push_token: str = ""  # the server session accepts pushes with it ("" = relayed only)
-    history: History = field(default_factory=History)
-    timer: HopTimer | None = None  # its answer times (adaptive step timeouts)
-
-    def next_hop(self) -> dict[str, object]:
-        """This hop as a route entry for the previous hop's push."""
-        server = self.hop.server
-        return {
-            "host": server.host,
-            "port": server.port,
-            "peer_id": server.peer_id,
-            "token": self.push_token,
-        }
-
-
-class PushFailedError(ConnectionClosed):
-    """A server could not push its output to the next hop; the client sends it itself."""
-
-
-class _ChainBroken(Exception):
-    """A step through several hops stopped at `done` hops: `error` is the next hop's failure."""
-
-    def __init__(self, done: list[StepResult], error: BeeError) -> None:
-        super().__init__(str(error))
-        self.done, self.error = done, error
 
 
 class InferenceSession:
@@ -111,7 +75,7 @@ class InferenceSession:
         self.max_length = max_length
         self.batch_size = batch_size
         self.position = 0
-        self._hops: list[_OpenHop] = []
+        self._hops: list[OpenHop] = []
         self._step_id = 0
         self._closed = False
         self.recoveries = 0  # hops replaced after a failure or a drain notice
@@ -141,7 +105,7 @@ class InferenceSession:
 
     async def _open_span(
         self, start: int, end: int, *, replay: History | None, wait: bool
-    ) -> tuple[list[_OpenHop], torch.Tensor | None]:
+    ) -> tuple[list[OpenHop], torch.Tensor | None]:
         """Open sessions covering [start, end), moving on to other servers while some fail.
 
         With `replay`, the new hops are brought to the state of the hop they replace: its history
@@ -155,7 +119,7 @@ class InferenceSession:
         # The first try may use the last DHT read (see Swarm.servers); later tries read again.
         max_age_s = self.config.route_cache_s
         while True:
-            opened: list[_OpenHop] = []
+            opened: list[OpenHop] = []
             try:
                 route = await self.swarm.route(
                     self.model.fingerprint,
@@ -202,7 +166,7 @@ class InferenceSession:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _open_hop(self, hop: Hop) -> _OpenHop:
+    async def _open_hop(self, hop: Hop) -> OpenHop:
         try:
             conn = await self.swarm.connection(hop.server)
             stream_id = conn.new_stream_id()
@@ -224,19 +188,15 @@ class InferenceSession:
                 ),
                 self.config.open_timeout_s + self.config.kv_wait_s,
             )
-        except BeeError as exc:
-            exc.failed_peer = hop.peer_id  # type: ignore[attr-defined]
-            raise
-        try:
             checked_session_opened(reply, hop.start, hop.end, self.max_length)
         except BeeError as exc:
             exc.failed_peer = hop.peer_id  # type: ignore[attr-defined]
             raise
-        return _OpenHop(hop, conn, stream_id, token)
+        return OpenHop(hop, conn, stream_id, token)
 
     async def _send(
         self,
-        h: _OpenHop,
+        h: OpenHop,
         position: int,
         hidden: torch.Tensor,
         mask: torch.Tensor | None,
@@ -258,7 +218,7 @@ class InferenceSession:
             exc.failed_peer = h.hop.peer_id  # type: ignore[attr-defined]
             raise
 
-    async def _replay(self, hops: list[_OpenHop], history: History) -> torch.Tensor:
+    async def _replay(self, hops: list[OpenHop], history: History) -> torch.Tensor:
         hidden, mask, position_ids = history.replay()
         for h in hops:
             hidden = (await self._send(h, 0, hidden, mask, position_ids)).hidden
@@ -311,18 +271,24 @@ class InferenceSession:
         hidden = hidden.cpu()
         if self._hops and hidden.is_floating_point():
             hidden = hidden.to(_WIRE_DTYPES.get(self._hops[0].hop.server.dtype, hidden.dtype))
-        draining: list[_OpenHop] = []
+        draining: list[OpenHop] = []
         index = 0
         relay_next = False  # after a failed push, the client sends that hop its input itself
         while index < len(self._hops):
-            count = 1 if relay_next else self._push_run(index)
+            count = 1 if relay_next else push_run(self._hops, index)
             relay_next = False
             try:
-                done = await self._send_chain(
-                    index, count, hidden, attention_mask, position_ids, self.position
+                done = await send_chain(
+                    self._hops[index : index + count],
+                    self._step_id,
+                    hidden,
+                    attention_mask,
+                    position_ids,
+                    self.position,
+                    self.config,
                 )
                 error: BeeError | None = None
-            except _ChainBroken as broken:
+            except ChainBroken as broken:
                 done, error = broken.done, broken.error
             for reply in done:
                 hidden = reply.hidden
@@ -359,107 +325,7 @@ class InferenceSession:
         self.position += tokens
         return hidden
 
-    def _push_run(self, index: int) -> int:
-        """How many hops from `index` one Step reaches: all the rest when every one of them
-        accepts pushes (and push is on), else just the one."""
-        count = 1
-        while index + count < len(self._hops) and self._hops[index + count].push_token:
-            count += 1
-        return count
-
-    async def _send_chain(
-        self,
-        index: int,
-        count: int,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        position: int,
-    ) -> list[StepResult]:
-        """One Step to hop `index` that servers push through the next `count - 1` hops; the
-        replies of all `count` hops (each hop's output is the next one's input, kept in its
-        history). Raises _ChainBroken with the replies so far when a hop fails."""
-        hops = self._hops[index : index + count]
-        step_id = self._step_id
-        done: list[StepResult] = []
-        # Per hop: its result, and (all but the last) a notice that its push failed after it
-        # answered (the server confirms the next hop's Ack after sending its copy).
-        results: list[asyncio.Future[Message]] = []
-        for j, h in enumerate(hops):
-            try:
-                results.append(h.conn.expect_step(h.stream_id, step_id, 4 * hidden.numel()))
-            except BeeError as exc:  # this hop's connection is gone already
-                if j == 0:
-                    raise _ChainBroken(done, exc) from exc
-                hops = hops[:j]  # go as far as the hop before; this one fails on its own turn
-                break
-        notices = [h.conn.expect_step(h.stream_id, step_id, 4 * hidden.numel()) for h in hops[:-1]]
-        first = hops[0]
-        first.history.add(position, hidden, mask, position_ids)
-        try:
-            try:
-                step = Step(
-                    first.stream_id,
-                    step_id,
-                    position,
-                    hidden,
-                    mask,
-                    position_ids,
-                    next_hops=tuple(h.next_hop() for h in hops[1:]),
-                )
-                await first.conn.send(step, self.config.step_timeout_s)
-            except BeeError as exc:
-                raise _ChainBroken(done, exc) from exc
-            size = hidden.shape[0] * hidden.shape[1]
-            since = time.monotonic()
-            for j, h in enumerate(hops):
-                timer = self._timer(h)
-                try:
-                    reply = await self._hop_result(
-                        h, results[j], notices[j - 1] if j else None, timer.timeout_s(size)
-                    )
-                except BeeError as exc:
-                    raise _ChainBroken(done, exc) from exc
-                now = time.monotonic()
-                timer.observe(size, now - since)
-                since = now
-                try:
-                    reply = checked_step_result(reply, hidden.shape)
-                except InvalidReplyError as exc:
-                    raise _ChainBroken(done, exc) from exc
-                done.append(reply)
-                if j + 1 < len(hops):
-                    hops[j + 1].history.add(position, reply.hidden, mask, position_ids)
-                    if reply.push_error:
-                        raise _ChainBroken(done, PushFailedError(reply.push_error))
-            return done
-        finally:
-            for h in hops:
-                h.conn.forget_step(h.stream_id, step_id)
-
-    async def _hop_result(
-        self,
-        h: _OpenHop,
-        result: asyncio.Future[Message],
-        notice: asyncio.Future[Message] | None,
-        timeout_s: float,
-    ) -> Message:
-        """Hop h's StepResult; PushFailedError if, first, the previous hop reports that its push
-        to h failed (h will never answer then)."""
-        if notice is not None:
-            await asyncio.wait({result, notice}, timeout=timeout_s, return_when=FIRST_COMPLETED)
-            if not result.done() and notice.done() and not notice.cancelled():
-                late = notice.result() if notice.exception() is None else None
-                if isinstance(late, StepResult) and late.push_error:
-                    raise PushFailedError(late.push_error)
-        return await h.conn.wait(result, "Step", timeout_s)
-
-    def _timer(self, h: _OpenHop) -> HopTimer:
-        if h.timer is None:
-            h.timer = HopTimer(self.config.min_step_timeout_s, self.config.step_timeout_s)
-        return h.timer
-
-    async def _move_draining(self, h: _OpenHop) -> None:
+    async def _move_draining(self, h: OpenHop) -> None:
         """The server is shutting down: move this hop now, while it still answers. The new
         hops replay the history, this step included (their output is not needed)."""
         if h not in self._hops:
@@ -492,7 +358,7 @@ class InferenceSession:
             index += 1
         self.position = position
 
-    async def _close_hop(self, h: _OpenHop) -> None:
+    async def _close_hop(self, h: OpenHop) -> None:
         self.swarm.session_closed(h.hop.peer_id)
         with contextlib.suppress(BeeError, TimeoutError):
             await h.conn.request(Close(h.stream_id), self.config.close_timeout_s)
