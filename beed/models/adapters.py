@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,16 +196,7 @@ class Span(nn.Module):
             # Size each mask against the first cache layer of its kind that this run fills.
             masks[kind] = self._mask(kind, i, hidden, attention_mask, cache, position_ids)
             rotaries[kind] = self._rotary(kind, hidden, position_ids)
-        for i in blocks:
-            hidden = self.layers[i](
-                hidden,
-                attention_mask=masks[kinds[i]],
-                position_embeddings=rotaries[kinds[i]],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            )
-        return hidden
+        return self._run_layers(hidden, blocks, kinds, masks, rotaries, position_ids, cache)
 
     def forward_many(
         self, items: Sequence[SpanInput], blocks: range, *, shared_matmul: bool = False
@@ -250,18 +241,33 @@ class Span(nn.Module):
         cache = SegmentedCache(segments, [item.cache for item in items])
         self._linears.segments = None if shared_matmul else segments
         try:
-            for i in blocks:
-                hidden = self.layers[i](
-                    hidden,
-                    attention_mask=masks[kinds[i]],
-                    position_embeddings=rotaries[kinds[i]],
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
+            hidden = self._run_layers(hidden, blocks, kinds, masks, rotaries, position_ids, cache)
         finally:
             self._linears.segments = None
         return [hidden[0, s.start : s.stop].reshape(s.batch, s.tokens, -1) for s in segments]
+
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        blocks: range,
+        kinds: Sequence[str],
+        masks: Mapping[str, Any],
+        rotaries: Mapping[str, Any],
+        position_ids: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """transformers' own decoder layers `blocks`, in order, as the model's forward calls
+        them (each with the mask and rotary embedding of its attention kind)."""
+        for i in blocks:
+            hidden = self.layers[i](
+                hidden,
+                attention_mask=masks[kinds[i]],
+                position_embeddings=rotaries[kinds[i]],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return hidden
 
     def _mask(
         self,
