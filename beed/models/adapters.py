@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from beed.models.kv_cache import SpanCache
+from beed.models.paged_cache import PagedSpanCache
 from beed.models.segments import (
     Segment,
     SegmentedCache,
@@ -160,6 +161,11 @@ class Span(nn.Module):
         self._linears = SegmentedLinears()
         self._linears.install(list(self.layers))
 
+    @property
+    def kinds(self) -> list[str]:
+        """The attention kind of each block ("full_attention", "sliding_attention")."""
+        return self.layer_types or ["full_attention"] * len(self.layers)
+
     def load_blocks(self, tensors: dict[str, torch.Tensor], family: Family) -> None:
         """Assign the blocks' weights (keys as in the full model's state dict)."""
         local: dict[str, torch.Tensor] = {}
@@ -186,7 +192,7 @@ class Span(nn.Module):
     ) -> torch.Tensor:
         """Run `hidden` through the span's blocks (or the local block indices in `blocks`)."""
         blocks = blocks if blocks is not None else range(len(self.layers))
-        kinds = self.layer_types or ["full_attention"] * len(self.layers)
+        kinds = self.kinds
         masks: dict[str, Any] = {}
         rotaries: dict[str, Any] = {}
         for i in blocks:
@@ -195,8 +201,8 @@ class Span(nn.Module):
                 continue
             # Size each mask against the first cache layer of its kind that this run fills.
             masks[kind] = self._mask(kind, i, hidden, attention_mask, cache, position_ids)
-            rotaries[kind] = self._rotary(kind, hidden, position_ids)
-        return self._run_layers(hidden, blocks, kinds, masks, rotaries, position_ids, cache)
+            rotaries[kind] = self.rotary(kind, hidden, position_ids)
+        return self.run_layers(hidden, blocks, kinds, masks, rotaries, position_ids, cache)
 
     def forward_many(
         self, items: Sequence[SpanInput], blocks: range, *, shared_matmul: bool = False
@@ -211,7 +217,7 @@ class Span(nn.Module):
         if len(items) == 1:
             item = items[0]
             return [self.forward(item.hidden, item.position_ids, item.cache, item.mask, blocks)]
-        kinds = self.layer_types or ["full_attention"] * len(self.layers)
+        kinds = self.kinds
         segments: list[Segment] = []
         offset = 0
         for item in items:
@@ -231,7 +237,7 @@ class Span(nn.Module):
                     for item in items
                 ],
             )
-            parts = [self._rotary(kind, item.hidden, item.position_ids) for item in items]
+            parts = [self.rotary(kind, item.hidden, item.position_ids) for item in items]
             rotaries[kind] = (
                 torch.cat([cos.reshape(1, -1, cos.shape[-1]) for cos, _ in parts], dim=1),
                 torch.cat([sin.reshape(1, -1, sin.shape[-1]) for _, sin in parts], dim=1),
@@ -241,12 +247,12 @@ class Span(nn.Module):
         cache = SegmentedCache(segments, [item.cache for item in items])
         self._linears.segments = None if shared_matmul else segments
         try:
-            hidden = self._run_layers(hidden, blocks, kinds, masks, rotaries, position_ids, cache)
+            hidden = self.run_layers(hidden, blocks, kinds, masks, rotaries, position_ids, cache)
         finally:
             self._linears.segments = None
         return [hidden[0, s.start : s.stop].reshape(s.batch, s.tokens, -1) for s in segments]
 
-    def _run_layers(
+    def run_layers(
         self,
         hidden: torch.Tensor,
         blocks: range,
@@ -279,6 +285,9 @@ class Span(nn.Module):
         position_ids: torch.Tensor,
     ) -> Any:
         """The attention mask of one kind, as the model's own forward builds it."""
+        if isinstance(cache, PagedSpanCache):  # its own boolean mask (transformers' helpers
+            # know transformers' cache classes only)
+            return cache.mask(layer_idx, hidden.shape[1], attention_mask, self.window(kind))
         return self._mask_fn(kind)(
             config=self.config,
             inputs_embeds=hidden,
@@ -288,12 +297,18 @@ class Span(nn.Module):
             layer_idx=layer_idx if cache is not None else None,
         )
 
-    def _rotary(
+    def rotary(
         self, kind: str, hidden: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._typed_rotary:
             return self.rotary_emb(hidden, position_ids, kind)
         return self.rotary_emb(hidden, position_ids)
+
+    def window(self, kind: str) -> int | None:
+        """The sliding window of blocks of this attention kind (None: full attention)."""
+        if self._mask_fn(kind) is create_sliding_window_causal_mask:
+            return int(self.config.sliding_window)
+        return None
 
     def _mask_fn(self, kind: str) -> Callable[..., Any]:
         if kind == "sliding_attention":

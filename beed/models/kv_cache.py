@@ -3,11 +3,14 @@
 The server asks four things of a session's cache: how many tokens it holds, to roll back to a
 position (Truncate, a step that starts earlier), to snapshot and restore its lengths (a merged
 forward that fails puts every session back where it was), and its size per token (the KV budget).
+A cache's memory goes back when the last reference to it goes (a step still running on a closed
+session's cache keeps it until the step ends).
 `SpanCache` is that contract; transformers' layers see the same object as their
 `past_key_values` (its `update`, `get_seq_length`, mask sizes).
 
 `DynamicSpanCache` is transformers' `DynamicCache` (tensors that grow by concatenation: right
-for CPUs and for any length); a preallocated cache for CUDA graphs implements the same contract.
+for CPUs and for any length); `PagedSpanCache` (paged_cache.py), preallocated, is the one CUDA
+graphs need.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from beed.models.adapters import Span, SpanInput, family_of, load_config, num_blocks
+from beed.models.decode_graphs import MAX_ROWS, DecodeGraphs
 from beed.models.kv_cache import DynamicSpanCache, SpanCache, kv_bytes_per_token
+from beed.models.paged_cache import PAGE_TOKENS, KVArena, PagedSpanCache
 from beed.models.weights import load_tensors
-from protocol.errors import BadRequestError, BeeError
+from protocol.errors import BadRequestError, BeeError, InternalServerError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # How a merged forward runs its linear layers: "per-session" (bit-identical to each session
 # alone), "shared" (one product over all rows), "auto" (per-session in float32, else shared).
 BATCH_MATMUL = ("auto", "shared", "per-session")
+# Sessions' caches: "dynamic" (transformers' DynamicCache, grown by concatenation), "paged"
+# (a preallocated arena, paged_cache.py; what CUDA graphs need), "auto" (paged on CUDA).
+KV_CACHES = ("auto", "dynamic", "paged")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class BlockBackend:
         dtype: str = "float32",
         device: str = "cpu",
         batch_matmul: str = "auto",
+        kv_cache: str = "auto",
+        decode_graphs: bool | None = None,
     ) -> None:
         config = load_config(model_dir)
         total = num_blocks(config)
@@ -70,6 +77,8 @@ class BlockBackend:
             raise BadRequestError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if batch_matmul not in BATCH_MATMUL:
             raise BadRequestError(f"batch_matmul {batch_matmul!r} is not one of {BATCH_MATMUL}")
+        if kv_cache not in KV_CACHES:
+            raise BadRequestError(f"kv_cache {kv_cache!r} is not one of {KV_CACHES}")
         family = family_of(config)
         # Merged forwards share their matrix products except in float32, where beed promises
         # the local model's logits and each session's rows are multiplied alone (segments.py).
@@ -78,6 +87,20 @@ class BlockBackend:
         )
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        if kv_cache == "auto":
+            kv_cache = "paged" if self.device.type == "cuda" else "dynamic"
+        self.kv_cache = kv_cache
+        self.arena: KVArena | None = None  # allocate_kv() makes it (paged caches)
+        # One-token steps through CUDA graphs (decode_graphs.py): on by default on CUDA with
+        # paged caches; True on a CPU runs the same static-shape path without capture (tests).
+        if decode_graphs and kv_cache != "paged":
+            raise BadRequestError("decode graphs need the paged KV cache")
+        self._decode_graphs = (
+            kv_cache == "paged" and self.device.type == "cuda"
+            if decode_graphs is None
+            else decode_graphs
+        )
+        self.graphs: DecodeGraphs | None = None
         prefixes = tuple(family.block_prefix.format(i=i) for i in range(start, end))
         tensors = load_tensors(
             model_dir, lambda n: n.startswith(prefixes), dtype=self.dtype, device=self.device
@@ -97,7 +120,36 @@ class BlockBackend:
         )
         log.info("backend.loaded span=%d:%d dtype=%s device=%s", start, end, dtype, device)
 
+    def allocate_kv(self, capacity_tokens: int) -> None:
+        """Preallocate the paged caches' arena for `capacity_tokens` tokens (of one sequence
+        over all blocks); a no-op with dynamic caches, which grow as they fill."""
+        if self.kv_cache != "paged":
+            return
+        config = self.span.config
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.arena = self.graphs = None  # a second call replaces them: free the old ones first
+        self.arena = KVArena(
+            len(self.span.layers),
+            int(kv_heads),
+            int(head_dim),
+            capacity_tokens,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        log.info(
+            "backend.kv_arena tokens=%d bytes=%d", self.arena.pages * PAGE_TOKENS, self.arena.nbytes
+        )
+        if self._decode_graphs:
+            self.graphs = DecodeGraphs(self.span, self.arena, capture=self.device.type == "cuda")
+
     def new_cache(self) -> SpanCache:
+        if self.kv_cache == "paged":
+            if self.arena is None:
+                raise InternalServerError("the paged KV arena is not allocated yet")
+            return PagedSpanCache(self.arena, len(self.span.layers))
         return DynamicSpanCache(config=self.span.config)
 
     def blocks(self, start: int, end: int) -> range:
@@ -184,7 +236,8 @@ class BlockBackend:
             )
 
     def prepare_step(self, request: StepRequest) -> SpanInput:
-        """Check a step, move its tensors to the device and roll the cache back to its position.
+        """Check a step, roll the cache back to its position and make room in it; the step's
+        tensors stay where they are (`_on_device` moves them; decode graphs copy from the host).
 
         A `position` before the cache's end first rolls the cache back to it (a replay after
         failover or a speculative rollback); one past the end is an error. Every check comes
@@ -192,16 +245,24 @@ class BlockBackend:
         """
         r = request
         self.check_step(r.hidden, r.position, r.attention_mask, r.position_ids)
-        hidden = r.hidden.to(self.device, self.dtype)
-        batch, tokens = hidden.shape[:2]
+        batch, tokens = r.hidden.shape[:2]
         if r.position_ids is None:
-            position_ids = torch.arange(r.position, r.position + tokens, device=self.device)
+            position_ids = torch.arange(r.position, r.position + tokens)
             position_ids = position_ids.unsqueeze(0).expand(batch, -1)
         else:
-            position_ids = r.position_ids.to(self.device, torch.long)
-        mask = None if r.attention_mask is None else r.attention_mask.to(self.device)
+            position_ids = r.position_ids.to(torch.long)
         self.truncate(r.cache, r.blocks, r.position)
-        return SpanInput(hidden, position_ids, r.cache, mask)
+        if isinstance(r.cache, PagedSpanCache):  # a full arena refuses before anything is written
+            r.cache.reserve(batch, r.position + tokens)
+        return SpanInput(r.hidden, position_ids, r.cache, r.attention_mask)
+
+    def _on_device(self, item: SpanInput) -> SpanInput:
+        return SpanInput(
+            item.hidden.to(self.device, self.dtype),
+            item.position_ids.to(self.device),
+            item.cache,
+            None if item.mask is None else item.mask.to(self.device),
+        )
 
     @torch.inference_mode()
     def step(
@@ -240,15 +301,55 @@ class BlockBackend:
         blocks = requests[ready[0][0]].blocks
         if any(requests[i].blocks != blocks for i, _ in ready):
             raise ValueError("a batched step runs one block range")
-        items = [item for _, item in ready]
-        if len(items) == 1:
-            outputs: list[torch.Tensor | Exception] = [self.span.forward_many(items, blocks)[0]]
-        else:
-            outputs = self._forward_isolated(items, blocks)
-        for (i, _), out in zip(ready, outputs, strict=True):
+        graphs = self.graphs
+        decode = [(i, it) for i, it in ready if graphs is not None and graphs.fits([it])]
+        if graphs is None or not decode or not graphs.gather_fits([it for _, it in decode], blocks):
+            decode = []
+        graphed = {i for i, _ in decode}
+        eager = [(i, self._on_device(it)) for i, it in ready if i not in graphed]
+        done: list[tuple[int, torch.Tensor | Exception]] = []
+        if decode:
+            outs = self._run_graphs([it for _, it in decode], blocks)
+            done += [(i, out) for (i, _), out in zip(decode, outs, strict=True)]
+        if len(eager) == 1:
+            done.append((eager[0][0], self.span.forward_many([eager[0][1]], blocks)[0]))
+        elif eager:
+            outs = self._forward_isolated([it for _, it in eager], blocks)
+            done += [(i, out) for (i, _), out in zip(eager, outs, strict=True)]
+        for i, out in done:
             # A copy on the CPU: the batch's output is one tensor; a view would keep it alive.
             results[i] = out if isinstance(out, Exception) else out.to("cpu", copy=True)
         return results
+
+    def _run_graphs(self, items: list[SpanInput], blocks: range) -> list[torch.Tensor | Exception]:
+        """Decode steps through the CUDA graphs: all in one replay with shared products, one
+        replay per session otherwise (each then computes exactly what it computes alone). A
+        replay that fails runs its sessions eagerly, each alone."""
+        graphs = self.graphs
+        assert graphs is not None
+        groups: list[list[SpanInput]] = [[item] for item in items]
+        if self.shared_matmul:  # as few replays as the largest bucket allows
+            groups, rows = [[]], 0
+            for item in items:
+                if groups[-1] and rows + item.hidden.shape[0] > MAX_ROWS:
+                    groups.append([])
+                    rows = 0
+                groups[-1].append(item)
+                rows += int(item.hidden.shape[0])
+        outputs: list[torch.Tensor | Exception] = []
+        for group in groups:
+            try:
+                outputs += graphs.run(group, blocks)
+                continue
+            except Exception as exc:
+                self.batch_fallbacks += 1
+                log.warning("backend.graph_failed sessions=%d error=%r", len(group), exc)
+            for item in group:
+                try:
+                    outputs.append(self.span.forward_many([self._on_device(item)], blocks)[0])
+                except Exception as exc:
+                    outputs.append(exc)
+        return outputs
 
     def _forward_isolated(
         self, items: list[SpanInput], blocks: range
