@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -34,6 +34,29 @@ from beed.logs import setup_logging
 def main(log_level: str) -> None:
     """beed: serve transformer blocks of a large language model to a swarm."""
     setup_logging(log_level)
+
+
+if TYPE_CHECKING:  # generic from click 8.2 on; pyproject allows 8.1
+    _FractionType = click.ParamType[float | str, Any]
+else:
+    _FractionType = click.ParamType
+
+
+class OffloadFraction(_FractionType):
+    """--offload-weights: a share of the span's blocks between 0 and 1, or "auto"."""
+
+    name = "FRACTION|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str:
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            fraction = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number between 0 and 1 nor 'auto'", param, ctx)
+        if not 0.0 <= fraction <= 1.0:
+            self.fail(f"{value!r} is not between 0 and 1", param, ctx)
+        return fraction
 
 
 @main.command()
@@ -184,6 +207,29 @@ def _parse_block_indices(
     "of the cores, at least 1; see docs/performance.md, WAN].",
 )
 @click.option(
+    "--kv-cache",
+    type=click.Choice(["auto", "dynamic", "paged"]),
+    default="auto",
+    show_default=True,
+    help="Sessions' KV caches: dynamic (grown as they fill), paged (preallocated once from the "
+    "KV budget; what CUDA graphs need); auto is paged on CUDA, dynamic on a CPU.",
+)
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    default=True,
+    show_default=True,
+    help="Replay one-token decode steps as CUDA graphs (CUDA with paged caches; not with "
+    "--offload-weights).",
+)
+@click.option(
+    "--offload-weights",
+    type=OffloadFraction(),
+    default=None,
+    metavar="FRACTION|auto",
+    help="Keep this share of the span's blocks in pinned host memory and stream each in just "
+    "before it runs; auto: what does not fit in free device memory [default: none].",
+)
+@click.option(
     "--kv-budget-tokens",
     type=click.IntRange(0),
     default=None,
@@ -290,6 +336,9 @@ def serve(
     dtype: str,
     num_threads: int | None,
     decode_threads: int | None,
+    kv_cache: str,
+    cuda_graphs: bool,
+    offload_weights: float | str | None,
     kv_budget_tokens: int | None,
     max_session_length: int,
     session_timeout: float,
@@ -334,6 +383,9 @@ def serve(
         dtype=dtype,
         num_threads=num_threads,
         decode_threads=decode_threads,
+        kv_cache=kv_cache,
+        cuda_graphs=cuda_graphs,
+        offload_weights=offload_weights,
         kv_budget_tokens=kv_budget_tokens,
         max_session_length=max_session_length,
         session_timeout_s=session_timeout,

@@ -97,7 +97,8 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self._lock = threading.Lock()  # one replay at a time: the buffers are shared
-        self.captured = 0
+        self.captured = 0  # graphs captured (or, without CUDA, buckets built)
+        self.replays = 0
         self.capture_seconds = 0.0
 
     @staticmethod
@@ -134,6 +135,7 @@ class DecodeGraphs:
             else:
                 self._compute(graph)
             graph.replays += 1
+            self.replays += 1
             graph.host_out.copy_(graph.out, non_blocking=True)
             if self.capture:
                 torch.cuda.current_stream(self.device).synchronize()
@@ -222,6 +224,7 @@ class DecodeGraphs:
             host_out=torch.zeros_like(host_hidden, pin_memory=pin),
         )
         if not self.capture:
+            self.captured += 1
             return graph
         started = time.perf_counter()
         # Warm-up on a side stream (lazy initialisation, cuBLAS workspaces), then capture; the

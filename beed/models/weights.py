@@ -50,3 +50,40 @@ def load_tensors(
                     tensor = tensor.to(dtype)
                 out[name] = tensor.to(device)
     return out
+
+
+def tensor_bytes(
+    model_dir: Path, want: Callable[[str], bool], *, dtype: torch.dtype | None = None
+) -> int:
+    """Bytes the tensors whose names satisfy `want` take once loaded (floating-point ones in
+    `dtype`), read from the files' headers only: nothing is loaded."""
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map(model_dir).items():
+        if want(name):
+            by_file.setdefault(file, []).append(name)
+    total = 0
+    for file, names in sorted(by_file.items()):
+        with safe_open(model_dir / file, framework="pt", device="cpu") as fh:
+            for name in names:
+                part = fh.get_slice(name)
+                numel = 1
+                for size in part.get_shape():
+                    numel *= int(size)
+                stored = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
+                keep = dtype if dtype is not None and stored.is_floating_point else stored
+                total += numel * keep.itemsize
+    return total
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}

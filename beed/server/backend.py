@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 from beed.models.adapters import Span, SpanInput, family_of, load_config, num_blocks
 from beed.models.decode_graphs import MAX_ROWS, DecodeGraphs
 from beed.models.kv_cache import DynamicSpanCache, SpanCache, kv_bytes_per_token
+from beed.models.offload import SLOTS, WeightStreamer, auto_offload_count, offload_count, spread
 from beed.models.paged_cache import PAGE_TOKENS, KVArena, PagedSpanCache
-from beed.models.weights import load_tensors
+from beed.models.weights import load_tensors, tensor_bytes
 from protocol.errors import BadRequestError, BeeError, InternalServerError
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,14 @@ class StepRequest:
     position_ids: torch.Tensor | None = None  # [batch, tokens]
 
 
-_PENDING = BadRequestError("not run")  # placeholder while a batch is being assembled
+# Share of free memory the weights may not take at start-up (activations, workspaces, KV).
+MEMORY_HEADROOM = 0.1
+
+_PENDING = BadRequestError("not run")
+
+
+def _named(prefixes: tuple[str, ...]) -> Callable[[str], bool]:
+    return lambda name: name.startswith(prefixes)  # placeholder while a batch is being assembled
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class BlockBackend:
         batch_matmul: str = "auto",
         kv_cache: str = "auto",
         decode_graphs: bool | None = None,
+        offload_weights: float | str | None = None,
     ) -> None:
         config = load_config(model_dir)
         total = num_blocks(config)
@@ -101,13 +111,22 @@ class BlockBackend:
             else decode_graphs
         )
         self.graphs: DecodeGraphs | None = None
-        prefixes = tuple(family.block_prefix.format(i=i) for i in range(start, end))
-        tensors = load_tensors(
-            model_dir, lambda n: n.startswith(prefixes), dtype=self.dtype, device=self.device
-        )
+        prefixes = [family.block_prefix.format(i=i) for i in range(start, end)]
+        block_bytes = [tensor_bytes(model_dir, _named((p,)), dtype=self.dtype) for p in prefixes]
+        offloaded = set(self._plan_offload(block_bytes, offload_weights))
+        tensors: dict[str, torch.Tensor] = {}
+        for where, chosen in ((self.device, False), (torch.device("cpu"), True)):
+            mine = tuple(p for i, p in enumerate(prefixes) if (i in offloaded) == chosen)
+            if mine:
+                tensors |= load_tensors(model_dir, _named(mine), dtype=self.dtype, device=where)
         self.span = Span(config, start, end, self.device)
         self.batch_fallbacks = 0  # merged forwards that failed and ran session by session
         self.span.load_blocks(tensors, family)
+        del tensors
+        self.streamer: WeightStreamer | None = None
+        if offloaded:
+            self.streamer = WeightStreamer(self.span.layers, sorted(offloaded), self.device)
+            self._decode_graphs = False  # the copies are issued per step by hooks
         self.span.to(self.device)  # buffers computed at construction (weights are there already)
         self.span.eval().requires_grad_(False)
         self.info = SpanInfo(
@@ -120,9 +139,61 @@ class BlockBackend:
         )
         log.info("backend.loaded span=%d:%d dtype=%s device=%s", start, end, dtype, device)
 
-    def allocate_kv(self, capacity_tokens: int) -> None:
-        """Preallocate the paged caches' arena for `capacity_tokens` tokens (of one sequence
-        over all blocks); a no-op with dynamic caches, which grow as they fill."""
+    def _plan_offload(self, block_bytes: list[int], offload: float | str | None) -> list[int]:
+        """Local indices of the blocks to keep in host memory; BadRequestError (a clear
+        message at start-up) if the span cannot fit on the device, even with offload."""
+        total = sum(block_bytes)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            where = f"{self.device} has {free / 2**30:.1f} GiB free"
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            where = f"this machine has {free / 2**30:.1f} GiB of memory available"
+        # Room left for activations, workspaces and at least some KV cache.
+        usable = int(free * (1 - MEMORY_HEADROOM))
+        need = f"the span's weights take {total / 2**30:.1f} GiB"
+        if offload is None or offload == 0:
+            if total > usable:
+                hint = " (try --offload-weights auto)" if self.device.type == "cuda" else ""
+                raise BadRequestError(f"{need} and {where}: serve fewer blocks{hint}")
+            return []
+        if offload == "auto":
+            count = auto_offload_count(block_bytes, usable)
+            if count is None:
+                raise BadRequestError(
+                    f"{need} and {where}: even with every block offloaded, two blocks must fit "
+                    "on the device; serve fewer blocks"
+                )
+        else:
+            count = offload_count(float(offload), len(block_bytes))
+        chosen = spread(count, len(block_bytes))
+        resident = sum(b for i, b in enumerate(block_bytes) if i not in chosen)
+        slots = SLOTS * max(block_bytes) if len(chosen) > 0 else 0
+        if resident + slots > usable:
+            raise BadRequestError(
+                f"{need} and {where}: offloading {len(chosen)} of {len(block_bytes)} blocks "
+                f"still needs {(resident + slots) / 2**30:.1f} GiB; offload more "
+                "(--offload-weights auto) or serve fewer blocks"
+            )
+        host = sum(block_bytes[i] for i in chosen)
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if self.device.type == "cuda" and host > available * (1 - MEMORY_HEADROOM):
+            raise BadRequestError(
+                f"offloading {len(chosen)} blocks needs {host / 2**30:.1f} GiB of host memory, "
+                f"{available / 2**30:.1f} GiB are available"
+            )
+        if chosen:
+            log.info(
+                "backend.offload blocks=%d/%d host_bytes=%d", len(chosen), len(block_bytes), host
+            )
+        return chosen
+
+    def allocate_kv(self, budget_tokens: int) -> None:
+        """Preallocate the paged caches' arena for the KV budget's tokens (of one sequence over
+        all blocks); a no-op with dynamic caches, which grow as they fill.
+
+        Sessions reserve `batch * max_length` tokens of the budget but take whole pages, so the
+        arena has 1/16 more room (a full one refuses a step, retryably, before writing)."""
         if self.kv_cache != "paged":
             return
         config = self.span.config
@@ -135,7 +206,7 @@ class BlockBackend:
             len(self.span.layers),
             int(kv_heads),
             int(head_dim),
-            capacity_tokens,
+            budget_tokens + budget_tokens // 16 + 64 * PAGE_TOKENS,
             dtype=self.dtype,
             device=self.device,
         )
@@ -144,6 +215,18 @@ class BlockBackend:
         )
         if self._decode_graphs:
             self.graphs = DecodeGraphs(self.span, self.arena, capture=self.device.type == "cuda")
+
+    def memory_info(self) -> dict[str, int | str]:
+        """GetInfo's view of the cache, graphs and offload (docs/operations.md)."""
+        arena, graphs, streamer = self.arena, self.graphs, self.streamer
+        return {
+            "kv_cache": self.kv_cache,
+            "kv_free_pages": arena.free_pages if arena is not None else 0,
+            "cuda_graphs": graphs.captured if graphs is not None else 0,
+            "graph_replays": graphs.replays if graphs is not None else 0,
+            "offloaded_blocks": len(streamer.order) if streamer is not None else 0,
+            "offload_bytes_loaded": streamer.bytes_loaded if streamer is not None else 0,
+        }
 
     def new_cache(self) -> SpanCache:
         if self.kv_cache == "paged":

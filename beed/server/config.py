@@ -86,6 +86,11 @@ class ServerConfig:
     identity_path: Path | None = None  # Ed25519 key file; None: a fresh identity per start
     device: str = "cpu"  # torch device of the blocks
     dtype: str = "float32"  # float32, bfloat16 or float16
+    kv_cache: str = (
+        "auto"  # sessions' caches: "dynamic", "paged" (preallocated), "auto" (paged on CUDA)
+    )
+    cuda_graphs: bool = True  # one-token steps replayed as CUDA graphs (CUDA, paged caches)
+    offload_weights: float | str | None = None  # share of blocks kept in host memory, or "auto"
     num_threads: int | None = None  # torch intra-op threads for large steps; None: all cores
     decode_threads: int | None = None  # ... for steps of few tokens; None: default_decode_threads
     kv_budget_tokens: int | None = None  # KV cache tokens for all sessions; None: from memory

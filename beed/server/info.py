@@ -34,6 +34,7 @@ def server_info(state: ServerState, rec: ServerRecord) -> dict[str, Any]:
         "batched_steps": scheduler.batched_steps,
         "waiting_sessions": state.sessions.waiting,
         "batch_fallbacks": state.backend.batch_fallbacks,
+        **state.backend.memory_info(),
         "connections": len(state.admission),
         "connections_refused": state.admission.refused,
         "connections_evicted": state.admission.evicted,

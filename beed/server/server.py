@@ -152,20 +152,13 @@ class BlockServer:
             )
             self._record = base
             await dht.announce(base, ttl_s=cfg.record_ttl_s)
-            backend = await run_compute(
-                lambda: BlockBackend(
-                    source.path,
-                    span[0],
-                    span[1],
-                    dtype=cfg.dtype,
-                    device=cfg.device,
-                    batch_matmul=cfg.scheduler.batch_matmul,
-                )
-            )
+            backend = await run_compute(lambda: self._load_backend(source.path, span))
+            kv_tokens = self._kv_budget_tokens(backend)
+            await run_compute(lambda: backend.allocate_kv(kv_tokens))
             per_block_tps = await run_compute(
                 lambda: with_threads(decode_threads, lambda: measure_block_throughput(backend))
             )
-            budget = KVBudget(self._kv_budget_tokens(backend), backend.info.kv_bytes_per_token)
+            budget = KVBudget(kv_tokens, backend.info.kv_bytes_per_token)
             log.info(
                 "server.kv_budget tokens=%d bytes=%d",
                 budget.capacity_tokens,
@@ -346,16 +339,9 @@ class BlockServer:
         )
         await self._announce()
         try:
-            backend = await run_compute(
-                lambda: BlockBackend(
-                    model_dir,
-                    target[0],
-                    target[1],
-                    dtype=cfg.dtype,
-                    device=cfg.device,
-                    batch_matmul=cfg.scheduler.batch_matmul,
-                )
-            )
+            backend = await run_compute(lambda: self._load_backend(model_dir, target))
+            capacity = self.state.sessions.budget.capacity_tokens
+            await run_compute(lambda: backend.allocate_kv(capacity))
             tps = await run_compute(lambda: measure_block_throughput(backend))
         except Exception as exc:
             log.error("rebalance.load_failed to=%d:%d error=%r", target[0], target[1], exc)
@@ -372,6 +358,20 @@ class BlockServer:
         for key in self.state.sessions.on_backend(old_backend):
             self.state.sessions.close(key, "moved")
         log.info("rebalance.done span=%d:%d", target[0], target[1])
+
+    def _load_backend(self, model_dir: Path, span: tuple[int, int]) -> BlockBackend:
+        cfg = self.config
+        return BlockBackend(
+            model_dir,
+            span[0],
+            span[1],
+            dtype=cfg.dtype,
+            device=cfg.device,
+            batch_matmul=cfg.scheduler.batch_matmul,
+            kv_cache=cfg.kv_cache,
+            decode_graphs=None if cfg.cuda_graphs else False,
+            offload_weights=cfg.offload_weights,
+        )
 
     def _kv_budget_tokens(self, backend: BlockBackend) -> int:
         if self.config.kv_budget_tokens is not None:

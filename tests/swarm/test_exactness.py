@@ -7,7 +7,10 @@ import torch
 
 from beectl import AutoDistributedModelForCausalLM
 from beectl.local_swarm import LocalSwarm
+from protocol import encode_message_bytes
+from protocol.messages import GetInfo, Info
 from tests.conftest import STORY, peers_of
+from tests.swarm.test_faults import RawPeer
 
 NEW_TOKENS = 64
 
@@ -45,13 +48,32 @@ def check_same(local_model, tokenizer, peers: list[str]) -> None:
         assert diff <= 1e-4, f"step {step}: logits differ by {diff}"
 
 
+def server_info(address) -> dict:
+    peer = RawPeer(address)
+    try:
+        peer.hello()
+        peer.send(encode_message_bytes(GetInfo(1)))
+        reply = peer.read()
+        assert isinstance(reply, Info)
+        return reply.info
+    finally:
+        peer.close()
+
+
 def test_two_daemons_equal_local(swarm2, local_model, tokenizer):
     check_same(local_model, tokenizer, peers_of(swarm2))
 
 
-def test_three_daemons_equal_local(local_model, tokenizer):
-    with LocalSwarm(spans=[(0, 7), (7, 19), (19, 30)]) as swarm:
+def test_three_daemons_with_paged_caches_and_offloaded_weights_equal_local(local_model, tokenizer):
+    """The preallocated paged KV cache, and half of each span's blocks streamed in from host
+    memory per step (synchronous copies on a CPU: the GPU path's bookkeeping)."""
+    paged = ["--kv-cache", "paged", "--kv-budget-tokens", "4096", "--offload-weights", "0.5"]
+    with LocalSwarm(spans=[(0, 7), (7, 19), (19, 30)], extra_args=paged) as swarm:
         check_same(local_model, tokenizer, peers_of(swarm))
+        for server in swarm.servers:
+            stats = server_info(server.address)
+            assert stats["kv_cache"] == "paged" and stats["offloaded_blocks"] >= 3
+            assert stats["offload_bytes_loaded"] > 0
 
 
 def test_reused_session_equals_one_long_generation(swarm2, local_model, tokenizer):
