@@ -222,6 +222,13 @@ def _parse_block_indices(
     "--offload-weights).",
 )
 @click.option(
+    "--torch-compile/--no-torch-compile",
+    default=False,
+    show_default=True,
+    help="Fuse what the decode graphs hold with torch.compile (inductor): fewer, larger "
+    "kernels; compiles for a minute or so per span at start-up and per new batch shape.",
+)
+@click.option(
     "--offload-weights",
     type=OffloadFraction(),
     default=None,
@@ -338,6 +345,7 @@ def serve(
     decode_threads: int | None,
     kv_cache: str,
     cuda_graphs: bool,
+    torch_compile: bool,
     offload_weights: float | str | None,
     kv_budget_tokens: int | None,
     max_session_length: int,
@@ -385,6 +393,7 @@ def serve(
         decode_threads=decode_threads,
         kv_cache=kv_cache,
         cuda_graphs=cuda_graphs,
+        torch_compile=torch_compile,
         offload_weights=offload_weights,
         kv_budget_tokens=kv_budget_tokens,
         max_session_length=max_session_length,

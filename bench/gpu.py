@@ -208,9 +208,11 @@ def decode_part(args) -> None:
     gc.collect()
     torch.cuda.empty_cache()
     half = num_layers // 2
+    fast = ["--torch-compile"] if args.torch_compile else []
+    tag = " (compiled)" if args.torch_compile else ""
     setups = [
-        ("beed, 1 server", [(0, num_layers)], []),
-        ("beed, 2 servers", [(0, half), (half, num_layers)], []),
+        (f"beed, 1 server{tag}", [(0, num_layers)], fast),
+        (f"beed, 2 servers{tag}", [(0, half), (half, num_layers)], fast),
         ("beed, 2 servers, eager", [(0, half), (half, num_layers)], ["--no-cuda-graphs"]),
     ]
     graph_tokens = {}
@@ -242,7 +244,7 @@ def decode_part(args) -> None:
                     if "eager" in name and b in graph_tokens:
                         rate = (check.sequences == graph_tokens[b]).float()[:, 32:].mean().item()
                         note += f", {100 * rate:.0f}% = graphs"
-                    elif name == "beed, 2 servers":
+                    elif name.startswith("beed, 2 servers"):
                         graph_tokens[b] = check.sequences
                     rows.append((name, b, seconds, note))
     print(f"# {versions()}")
@@ -323,6 +325,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="second batch size (1: none)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-static", action="store_true", help="skip the static-cache baseline")
+    parser.add_argument(
+        "--torch-compile", action="store_true", help="servers fuse their graphs with inductor"
+    )
     parser.add_argument("--offload-blocks", type=int, default=10)
     parser.add_argument("--offload-batch", type=int, default=64)
     parser.add_argument("--tokenizer", type=Path, default=None, help="directory of tokenizer files")

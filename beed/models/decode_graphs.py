@@ -87,7 +87,9 @@ class _GraphCache:
 class DecodeGraphs:
     """Runs one-token steps of sessions with paged caches through per-bucket graphs."""
 
-    def __init__(self, span: Span, arena: KVArena, *, capture: bool) -> None:
+    def __init__(
+        self, span: Span, arena: KVArena, *, capture: bool, compile_step: bool = False
+    ) -> None:
         self.span = span
         self.arena = arena
         self.capture = capture
@@ -97,6 +99,15 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self._lock = threading.Lock()  # one replay at a time: the buffers are shared
+        # With `compile_step`, what a graph holds is the forward as torch.compile (inductor)
+        # fuses it: a norm, the rotary embedding, the MLP's activation become one kernel each
+        # instead of ~6 (at batch 1 a small kernel costs as much as a large one's launch).
+        self._step_fn: Any = self._compute
+        self.compiled = False
+        if compile_step:
+            _raise_recompile_limits()
+            self._step_fn = torch.compile(self._compute, dynamic=None)
+            self.compiled = True
         self.captured = 0  # graphs captured (or, without CUDA, buckets built)
         self.replays = 0
         self.capture_seconds = 0.0
@@ -133,7 +144,7 @@ class DecodeGraphs:
             if graph.graph is not None:
                 graph.graph.replay()
             else:
-                self._compute(graph)
+                self._step_fn(graph)
             graph.replays += 1
             self.replays += 1
             graph.host_out.copy_(graph.out, non_blocking=True)
@@ -227,18 +238,15 @@ class DecodeGraphs:
             self.captured += 1
             return graph
         started = time.perf_counter()
-        # Warm-up on a side stream (lazy initialisation, cuBLAS workspaces), then capture; the
-        # buffers hold padding rows only, so warm-up and capture write the scratch row only.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._compute(graph)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._compute(graph)
-        graph.graph = cuda_graph
+        try:
+            graph.graph = self._capture(graph)
+        except Exception as exc:
+            if not self.compiled:
+                raise
+            # Inductor could not compile this forward: capture the plain one (it is exact too).
+            log.warning("graphs.compile_failed error=%r; capturing without torch.compile", exc)
+            self._step_fn, self.compiled = self._compute, False
+            graph.graph = self._capture(graph)
         self.captured += 1
         self.capture_seconds += time.perf_counter() - started
         log.info(
@@ -250,6 +258,30 @@ class DecodeGraphs:
             time.perf_counter() - started,
         )
         return graph
+
+    def _capture(self, graph: _Graph) -> Any:
+        """Warm up on a side stream (compilation, lazy initialisation, cuBLAS workspaces), then
+        capture. The buffers hold padding rows only: warm-up and capture write the scratch row."""
+        device = self.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_fn(graph)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._step_fn(graph)
+        return cuda_graph
+
+
+def _raise_recompile_limits() -> None:
+    """One compiled forward per (blocks, rows, length) bucket: more than dynamo's default 8."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
 
 
 def _paged(item: SpanInput) -> PagedSpanCache:

@@ -78,6 +78,7 @@ class BlockBackend:
         kv_cache: str = "auto",
         decode_graphs: bool | None = None,
         offload_weights: float | str | None = None,
+        compile_step: bool = False,
     ) -> None:
         config = load_config(model_dir)
         total = num_blocks(config)
@@ -111,6 +112,7 @@ class BlockBackend:
             else decode_graphs
         )
         self.graphs: DecodeGraphs | None = None
+        self._compile_step = compile_step
         prefixes = [family.block_prefix.format(i=i) for i in range(start, end)]
         block_bytes = [tensor_bytes(model_dir, _named((p,)), dtype=self.dtype) for p in prefixes]
         offloaded = set(self._plan_offload(block_bytes, offload_weights))
@@ -214,7 +216,12 @@ class BlockBackend:
             "backend.kv_arena tokens=%d bytes=%d", self.arena.pages * PAGE_TOKENS, self.arena.nbytes
         )
         if self._decode_graphs:
-            self.graphs = DecodeGraphs(self.span, self.arena, capture=self.device.type == "cuda")
+            self.graphs = DecodeGraphs(
+                self.span,
+                self.arena,
+                capture=self.device.type == "cuda",
+                compile_step=self._compile_step,
+            )
 
     def memory_info(self) -> dict[str, int | str]:
         """GetInfo's view of the cache, graphs and offload (docs/operations.md)."""
@@ -223,6 +230,7 @@ class BlockBackend:
             "kv_cache": self.kv_cache,
             "kv_free_pages": arena.free_pages if arena is not None else 0,
             "cuda_graphs": graphs.captured if graphs is not None else 0,
+            "torch_compile": int(graphs is not None and graphs.compiled),
             "graph_replays": graphs.replays if graphs is not None else 0,
             "offloaded_blocks": len(streamer.order) if streamer is not None else 0,
             "offload_bytes_loaded": streamer.bytes_loaded if streamer is not None else 0,

@@ -371,6 +371,7 @@ class BlockServer:
             kv_cache=cfg.kv_cache,
             decode_graphs=None if cfg.cuda_graphs else False,
             offload_weights=cfg.offload_weights,
+            compile_step=cfg.torch_compile,
         )
 
     def _kv_budget_tokens(self, backend: BlockBackend) -> int:

@@ -101,9 +101,12 @@ def prompt(seed: int = 1, batch: int = 1) -> torch.Tensor:
     return torch.randint(3, 1900, (batch, PROMPT), generator=torch.Generator().manual_seed(seed))
 
 
-def test_float32_graphs_equal_local_transformers(model):
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "compiled-graphs"])
+def test_float32_graphs_equal_local_transformers(model, compiled):
     from transformers import AutoModelForCausalLM
 
+    if compiled and "gemma3" in str(model):
+        pytest.skip("one family is enough for the compiled path (a compile takes a minute)")
     local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).cuda().eval()
     ids = prompt()
     ref = local.generate(
@@ -115,9 +118,10 @@ def test_float32_graphs_equal_local_transformers(model):
         pad_token_id=0,
         eos_token_id=None,
     )
-    hops = servers(model)
+    hops = servers(model, compile_step=compiled)
     tokens, logits, _ = greedy(hops, LocalHead(model, device="cuda"), ids)
     assert all(b.graphs is not None and b.graphs.replays >= NEW - 1 for b, _ in hops)
+    assert all(b.graphs is not None and b.graphs.compiled == compiled for b, _ in hops)
     assert torch.equal(tokens, ref.sequences[:, PROMPT:].cpu())
     diff = max(
         (a - b.float().cpu()).abs().max().item() for a, b in zip(logits, ref.logits, strict=True)

@@ -207,3 +207,21 @@ def test_merged_decode_steps_through_graphs_give_each_session_its_own_result(
         assert fasts[i].snapshot() == [length + 1] * 4
     rows = {g.rows for g in fast.graphs._graphs.values()}
     assert (4 in rows) if matmul == "shared" else ({1, 2} <= rows)
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_path_matches_the_eager_path(tmp_path):
+    """torch.compile of what a decode graph holds (inductor's C++ backend on a CPU: ~40 s)."""
+    path = make_tiny_llama(tmp_path / "llama")
+    fast = BlockBackend(path, 0, 4, kv_cache="paged", decode_graphs=True, compile_step=True)
+    eager = BlockBackend(path, 0, 4, kv_cache="paged", decode_graphs=False)
+    for backend in (fast, eager):
+        backend.allocate_kv(1024)
+    assert fast.graphs is not None and fast.graphs.compiled
+    f, e = fast.new_cache(), eager.new_cache()
+    assert close(
+        fast.step(f, range(4), hidden(1, 8, 1), 0), eager.step(e, range(4), hidden(1, 8, 1), 0)
+    )
+    for pos in range(8, 16):
+        x = hidden(1, 1, pos)
+        assert close(fast.step(f, range(4), x, pos), eager.step(e, range(4), x, pos)), pos
