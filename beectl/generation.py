@@ -148,15 +148,17 @@ async def generate(
             step_mask = mask
         hidden = head.embed(new_ids)
         hidden = await session.step(hidden, attention_mask=step_mask, position_ids=position_ids)
-        scores = head.logits(hidden[:, -1:, :])[:, -1, :]
+        scores = head.logits(hidden[:, -1:, :])[:, -1, :]  # on the head's device
         if output_logits:
-            logits_out.append(scores.clone())
-        scores = processors(sequences, scores)  # type: ignore[arg-type]  # LongTensor alias
+            logits_out.append(scores.to("cpu", copy=True))
+        if processors:
+            scores = processors(sequences.to(scores.device), scores)  # type: ignore[arg-type]
         if sampling.do_sample:
-            probs = torch.softmax(scores, dim=-1)
+            # On the host, with the seeded host generator: the same draws on any device.
+            probs = torch.softmax(scores.cpu(), dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            next_ids = scores.argmax(dim=-1)
+            next_ids = scores.argmax(dim=-1).cpu()
         next_ids = torch.where(
             unfinished, next_ids, torch.full_like(next_ids, sampling.pad_token_id)
         )

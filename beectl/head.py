@@ -57,11 +57,11 @@ class LocalHead:
             return self._embed(input_ids.to(self.device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states after the last block -> float32 logits over the vocabulary, on the CPU
-        (sampling runs there; one row of logits is a small copy)."""
+        """Hidden states after the last block -> float32 logits over the vocabulary, on the
+        head's device (greedy picks run there: only the chosen ids travel to the host)."""
         with torch.inference_mode():
             hidden = self._norm(hidden.to(self.device, self.dtype))
             logits = self._lm_head(hidden)
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
-            return logits.float().cpu()
+            return logits.float()

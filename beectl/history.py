@@ -24,6 +24,12 @@ class History:
     attention_mask: torch.Tensor | None = None  # the last step's mask covers all positions
 
     def truncate(self, position: int) -> None:
+        if self.chunks:
+            last = self.chunks[-1]
+            if last.position + last.hidden.shape[1] <= position:  # nothing to cut (each step)
+                if self.attention_mask is not None:
+                    self.attention_mask = self.attention_mask[:, :position]
+                return
         kept: list[_Chunk] = []
         for chunk in self.chunks:
             if chunk.position >= position:

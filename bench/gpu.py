@@ -199,6 +199,7 @@ def decode_part(args) -> None:
                 lambda ids=ids, extra=extra, m=local: m.generate(ids, **kw, **extra), args.repeats
             )
             rows.append((f"local transformers, {name}", b, seconds, "-"))
+            print(f"# {rows[-1][0]}, batch {b}: {b * n / seconds:.1f} tok/s", flush=True)
             if name == "eager":
                 reference[b] = local.generate(
                     ids, **kw, output_logits=True, return_dict_in_generate=True
@@ -247,6 +248,7 @@ def decode_part(args) -> None:
                     elif name.startswith("beed, 2 servers"):
                         graph_tokens[b] = check.sequences
                     rows.append((name, b, seconds, note))
+                    print(f"# {name}, batch {b}: {b * n / seconds:.1f} tok/s; {note}", flush=True)
     print(f"# {versions()}")
     print(
         f"# random-init {args.arch} {args.dtype} ({weights / 1e9:.2f} GB of weights); prompt 32 "
