@@ -217,6 +217,8 @@ def decode_part(args) -> None:
         ("beed, 2 servers, eager", [(0, half), (half, num_layers)], ["--no-cuda-graphs"]),
     ]
     graph_tokens = {}
+    if args.only_two_servers:
+        setups = setups[1:2]
     for name, spans, flags in setups:
         extra_args = ["--device", "cuda", "--kv-budget-tokens", "65536", *flags]
         with LocalSwarm(
@@ -329,6 +331,9 @@ def main() -> None:
     parser.add_argument("--no-static", action="store_true", help="skip the static-cache baseline")
     parser.add_argument(
         "--torch-compile", action="store_true", help="servers fuse their graphs with inductor"
+    )
+    parser.add_argument(
+        "--only-two-servers", action="store_true", help="of beed, run the 2-server setup only"
     )
     parser.add_argument("--offload-blocks", type=int, default=10)
     parser.add_argument("--offload-batch", type=int, default=64)
