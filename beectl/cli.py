@@ -19,9 +19,8 @@ from typing import Any
 
 import click
 
-from beectl.cli_options import generation_options
+from beectl.cli_options import generation_options, peers_option
 from beectl.config import ClientConfig
-from beed.dht.peers import initial_peers_callback
 from protocol.errors import BeeError
 
 log = logging.getLogger(__name__)
@@ -50,17 +49,6 @@ def main(log_level: str) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _peers_option(f: Any) -> Any:
-    return click.option(
-        "--initial-peers",
-        multiple=True,
-        callback=initial_peers_callback,
-        envvar="BEED_INITIAL_PEERS",
-        help="DHT address printed by `beed bootstrap`, HOST:PORT (repeated or comma-separated; "
-        "env BEED_INITIAL_PEERS).",
-    )(f)
 
 
 @main.command()
@@ -107,7 +95,7 @@ def _peers_option(f: Any) -> Any:
     help="Use servers whose records name loopback or private addresses even though the "
     "initial peers are public (by default only a swarm on such addresses may name them).",
 )
-@_peers_option
+@peers_option
 @generation_options
 def generate(
     prompt: str | None,
@@ -324,7 +312,7 @@ class _TextStream:
 
 
 @main.command()
-@_peers_option
+@peers_option
 @click.option("--model", default=None, help="Show only this model's servers (name).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def swarm(initial_peers: list[tuple[str, int]], model: str | None, as_json: bool) -> None:
@@ -467,6 +455,10 @@ def _run_cli(coro: Any) -> None:
         click.echo("\ninterrupted; sessions closed", err=True)
         sys.exit(130)
 
+
+from beectl.cli_api import api  # noqa: E402  (it registers on main; it imports nothing of cli)
+
+main.add_command(api)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from beed.dht.peers import initial_peers_callback
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -52,3 +54,14 @@ def generation_options(f: Any) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def peers_option(f: Any) -> Any:
+    return click.option(
+        "--initial-peers",
+        multiple=True,
+        callback=initial_peers_callback,
+        envvar="BEED_INITIAL_PEERS",
+        help="DHT address printed by `beed bootstrap`, HOST:PORT (repeated or comma-separated; "
+        "env BEED_INITIAL_PEERS).",
+    )(f)

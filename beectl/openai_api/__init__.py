@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP API in front of the swarm (`beectl api`)."""
