@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,12 +101,14 @@ async def generate(
     on_tokens: TokenCallback | None = None,
     decode_text: Callable[[list[int]], str] | None = None,
     output_logits: bool = False,
+    logits: Callable[[torch.Tensor], Awaitable[torch.Tensor]] | None = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` after `input_ids` [batch, tokens].
 
     `cached_ids` are the ids the session already holds (a reused session): `input_ids` must start
     with them, and only the rest is sent. `attention_mask` marks left padding (0) in a batch.
-    `on_tokens` gets each step's new tokens [batch].
+    `on_tokens` gets each step's new tokens [batch]. `logits` replaces `head.logits` (a
+    HeadBatcher's, to share the LM head with concurrent generations).
     """
     batch, total = input_ids.shape
     past = 0 if cached_ids is None else cached_ids.shape[1]
@@ -148,7 +150,8 @@ async def generate(
             step_mask = mask
         hidden = head.embed(new_ids)
         hidden = await session.step(hidden, attention_mask=step_mask, position_ids=position_ids)
-        scores = head.logits(hidden[:, -1:, :])[:, -1, :]  # on the head's device
+        last = hidden[:, -1:, :]
+        scores = (head.logits(last) if logits is None else await logits(last))[:, -1, :]
         if output_logits:
             logits_out.append(scores.to("cpu", copy=True))
         if processors:

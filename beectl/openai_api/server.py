@@ -22,6 +22,7 @@ import torch
 from aiohttp import web
 
 from beectl.generation import SamplingConfig, generate
+from beectl.head_batch import HeadBatcher
 from beectl.model import RemoteModel
 from beectl.openai_api.choices import Choice
 from beectl.openai_api.schema import (
@@ -83,6 +84,7 @@ class ApiServer:
         self.eos_token_ids = tuple(sorted(eos_ids))
         self.pad_token_id = int(gc.pad_token_id if gc.pad_token_id is not None else 0)
         self.requests = 0
+        self.head = HeadBatcher(remote.head)  # one LM head product per burst of answers
         self.app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model}", self.model)
@@ -236,14 +238,8 @@ class ApiServer:
             async with self.remote.inference_session(
                 max_length=len(ids) + s.max_tokens, batch_size=s.n
             ) as session:
-                await generate(
-                    self.remote.head,
-                    session,
-                    input_ids,
-                    self._sampling_config(s),
-                    on_tokens=on_tokens,
-                    decode_text=lambda t: str(self.tokenizer.decode(t, skip_special_tokens=True)),
-                )
+                with self.head.member():
+                    await self._generate(session, input_ids, s, on_tokens)
 
         task = asyncio.create_task(run())
         task.add_done_callback(lambda _: steps.put_nowait(done))
@@ -261,6 +257,23 @@ class ApiServer:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+
+    async def _generate(
+        self,
+        session: Any,
+        input_ids: torch.Tensor,
+        s: Sampling,
+        on_tokens: Callable[[torch.Tensor], None],
+    ) -> None:
+        await generate(
+            self.remote.head,
+            session,
+            input_ids,
+            self._sampling_config(s),
+            on_tokens=on_tokens,
+            decode_text=lambda t: str(self.tokenizer.decode(t, skip_special_tokens=True)),
+            logits=self.head.logits,
+        )
 
     def _usage(self, choices: list[Choice], prompt_tokens: int) -> dict[str, int]:
         completion = sum(len(c.ids) for c in choices)
@@ -386,4 +399,10 @@ async def serve_api(
     try:
         await asyncio.Event().wait()
     finally:
+        log.info(
+            "api.stopped requests=%d head_flushes=%d head_rows=%d",
+            server.requests,
+            server.head.flushes,
+            server.head.rows,
+        )
         await runner.cleanup()
