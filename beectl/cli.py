@@ -456,9 +456,11 @@ def _run_cli(coro: Any) -> None:
         sys.exit(130)
 
 
-from beectl.cli_api import api  # noqa: E402  (it registers on main; it imports nothing of cli)
+from beectl.cli_api import api  # noqa: E402  (commands in their own modules; they import
+from beectl.cli_chat import chat  # noqa: E402  nothing of this one)
 
 main.add_command(api)
+main.add_command(chat)
 
 if __name__ == "__main__":
     main()
