@@ -222,6 +222,13 @@ def _parse_block_indices(
     "--offload-weights).",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (on --host; 0: a free port, "
+    "logged) [default: off].",
+)
+@click.option(
     "--torch-compile/--no-torch-compile",
     default=False,
     show_default=True,
@@ -345,6 +352,7 @@ def serve(
     decode_threads: int | None,
     kv_cache: str,
     cuda_graphs: bool,
+    metrics_port: int | None,
     torch_compile: bool,
     offload_weights: float | str | None,
     kv_budget_tokens: int | None,
@@ -393,6 +401,7 @@ def serve(
         decode_threads=decode_threads,
         kv_cache=kv_cache,
         cuda_graphs=cuda_graphs,
+        metrics_port=metrics_port,
         torch_compile=torch_compile,
         offload_weights=offload_weights,
         kv_budget_tokens=kv_budget_tokens,

@@ -25,6 +25,7 @@ from beectl.generation import SamplingConfig, generate
 from beectl.head_batch import HeadBatcher
 from beectl.model import RemoteModel
 from beectl.openai_api.choices import Choice
+from beectl.openai_api.metrics import ApiMetrics
 from beectl.openai_api.schema import (
     ApiError,
     ChatRequest,
@@ -85,11 +86,13 @@ class ApiServer:
         self.pad_token_id = int(gc.pad_token_id if gc.pad_token_id is not None else 0)
         self.requests = 0
         self.head = HeadBatcher(remote.head)  # one LM head product per burst of answers
+        self.metrics = ApiMetrics(lambda: self.head)
         self.app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model}", self.model)
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_get("/metrics", self.exposition)
 
     # -- plumbing
 
@@ -101,11 +104,18 @@ class ApiServer:
         if key is not None and request.headers.get("Authorization", "") != f"Bearer {key}":
             error = ApiError(401, "invalid or missing API key", code="invalid_api_key")
             return web.json_response(error.body(), status=401)
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "other"
+        began = time.perf_counter()
+        status = 499  # the client went away
+        self.metrics.active.inc()
         try:
             response: web.StreamResponse = await handler(request)
+            status = response.status
             return response
         except web.HTTPException as exc:  # aiohttp's own (404 route, 405 method, 413 size)
             error = ApiError(exc.status, exc.reason or "error", code=str(exc.status))
+            status = exc.status
             return web.json_response(error.body(), status=exc.status)
         except asyncio.CancelledError:
             raise
@@ -113,7 +123,12 @@ class ApiServer:
             error = error_of(exc)
             if error.status >= 500:
                 log.warning("api.failed path=%s error=%r", request.path, exc)
+            status = error.status
             return web.json_response(error.body(), status=error.status)
+        finally:
+            self.metrics.active.dec()
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self.metrics.seconds.labels(endpoint=endpoint).observe(time.perf_counter() - began)
 
     async def _body(self, request: web.Request) -> Any:
         try:
@@ -142,6 +157,12 @@ class ApiServer:
 
     def _model_object(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "beed"}
+
+    async def exposition(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.exposition(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         data = [self._model_object()] if await self._served() else []
@@ -229,9 +250,17 @@ class ApiServer:
         done = object()
         input_ids = torch.tensor([ids] * s.n)
 
+        began = time.perf_counter()
+        first = [True]
+
         def on_tokens(next_ids: torch.Tensor) -> None:
+            if first[0]:
+                first[0] = False
+                self.metrics.first_token.observe(time.perf_counter() - began)
             for choice, token in zip(choices, next_ids.tolist(), strict=True):
+                before = len(choice.ids)
                 choice.add(int(token))
+                self.metrics.tokens.inc(len(choice.ids) - before)
             steps.put_nowait(None)
 
         async def run() -> None:

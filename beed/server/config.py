@@ -90,6 +90,7 @@ class ServerConfig:
         "auto"  # sessions' caches: "dynamic", "paged" (preallocated), "auto" (paged on CUDA)
     )
     cuda_graphs: bool = True  # one-token steps replayed as CUDA graphs (CUDA, paged caches)
+    metrics_port: int | None = None  # Prometheus /metrics on host:port (0: any); None: off
     torch_compile: bool = False  # the graphs hold the forward as torch.compile fuses it
     offload_weights: float | str | None = None  # share of blocks kept in host memory, or "auto"
     num_threads: int | None = None  # torch intra-op threads for large steps; None: all cores

@@ -36,6 +36,7 @@ from beed.server.info import server_info
 from beed.server.kv_budget import KVBudget
 from beed.server.listen import bind_tcp, start_dht
 from beed.server.memory import request_memory, return_large_blocks, trim_heap
+from beed.server.metrics import ServerMetrics
 from beed.server.neighbours import measure_next_rtts, rtts_changed
 from beed.server.placement import better_span, choose_span
 from beed.server.probe import measure_block_throughput
@@ -82,6 +83,7 @@ class BlockServer:
         self._record: ServerRecord | None = None
         self.scheduler: Scheduler | None = None
         self.pusher: Pusher | None = None
+        self.metrics: ServerMetrics | None = None  # --metrics-port
 
     def stop(self) -> None:
         self._stop.set()
@@ -197,6 +199,11 @@ class BlockServer:
                 memory=request_memory(cfg, backend.info.hidden_size),
                 admission=Admission(cfg.limits),
             )
+            if cfg.metrics_port is not None:
+                self.metrics = ServerMetrics(self._info, asyncio.get_running_loop())
+                bound = self.metrics.start(cfg.host, cfg.metrics_port)
+                self.state.observe_step = self.metrics.observe_step
+                log.info("server.metrics host=%s port=%d", cfg.host, bound)
             tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock, limit=1 << 20)
             self._record = dataclasses.replace(
                 base, state=ServerState.ONLINE, compute_tokens_per_s=per_block_tps
@@ -227,6 +234,8 @@ class BlockServer:
             await self._drain()
         finally:
             notify_systemd("STOPPING=1")
+            if self.metrics is not None:
+                self.metrics.stop()
             await self._tasks.aclose()
             if tcp is not None:
                 tcp.close()
@@ -397,6 +406,8 @@ class BlockServer:
                 record, free_kv_tokens=self.state.sessions.budget.free_tokens
             )
         await self.dht.announce(record, ttl_s=self.config.record_ttl_s)
+        if self.metrics is not None:
+            self.metrics.announced_at = time.monotonic()
 
     async def _announce_loop(self) -> None:
         """Refresh the record every announce period, and sooner (at most every

@@ -92,6 +92,7 @@ class ServerState:
     admission: Admission  # live connections, by peer
     draining: bool = False
     push_stats: PushStats = field(default_factory=PushStats)
+    observe_step: Callable[[float, int], None] | None = None  # metrics: seconds, tokens
 
 
 class SessionService:
@@ -271,6 +272,8 @@ class SessionService:
             )
             began = time.perf_counter()
             out = await st.scheduler.step(session.backend, request, session.key, session.peer)
+            if st.observe_step is not None:
+                st.observe_step(time.perf_counter() - began, tokens)
             _check_open(session, "step ran (the server moved)")
             log.debug(
                 "session.step key=%s position=%d tokens=%d compute_ms=%.2f",

@@ -188,3 +188,22 @@ def test_an_api_key_is_required_when_set(swarm2):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_metrics_parse_and_count_the_requests(client, api):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
+    text = urllib.request.urlopen(f"{api}/metrics", timeout=30).read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    ok = ("beectl_api_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))
+    assert samples[ok] >= 1
+    assert samples[("beectl_api_completion_tokens_total", ())] >= 4
+    assert samples[("beectl_api_head_products_total", ())] >= 4
+    assert samples[("beectl_api_first_token_seconds_count", ())] >= 1
