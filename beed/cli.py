@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from beed.cli_config import config_option
 from beed.cli_limits import peer_limit_options, peer_limits_from
 from beed.dht.peers import initial_peers_callback
 from beed.logs import setup_logging
@@ -60,6 +61,7 @@ class OffloadFraction(_FractionType):
 
 
 @main.command()
+@config_option
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind the UDP port.")
 @click.option(
     "--port",
@@ -120,6 +122,7 @@ def _parse_block_indices(
 
 
 @main.command()
+@config_option
 @click.option(
     "--model",
     default="smollm2-135m",
