@@ -315,56 +315,46 @@ class _TextStream:
 @peers_option
 @click.option("--model", default=None, help="Show only this model's servers (name).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def swarm(initial_peers: list[tuple[str, int]], model: str | None, as_json: bool) -> None:
-    """List the models in the swarm and which servers serve which blocks."""
+@click.option("--serve", is_flag=True, help="Serve a live web page of the swarm instead.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--serve: address.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="--serve: port."
+)
+def swarm(
+    initial_peers: list[tuple[str, int]],
+    model: str | None,
+    as_json: bool,
+    serve: bool,
+    host: str,
+    port: int,
+) -> None:
+    """List the models in the swarm and which servers serve which blocks.
+
+    With --serve, a web page at http://HOST:PORT/ shows the same, refreshed every 2 s
+    (`ready http://HOST:PORT` is printed once it listens; JSON at /api/swarm).
+    """
     _require_peers(initial_peers)
     config = ClientConfig(initial_peers=tuple(initial_peers))
+    if serve:
+        from beectl.swarm_page import serve_page
+
+        _run_cli(serve_page(config, host, port, model))
+        return
     _run_cli(_swarm(config, model, as_json))
 
 
 async def _swarm(config: ClientConfig, model_name: str | None, as_json: bool) -> None:
-    from beectl.routing import uncovered_blocks
     from beectl.swarm import Swarm
+    from beectl.swarm_view import swarm_snapshot
 
     swarm_client = Swarm(config)
     try:
         await swarm_client.start()
-        models = [m for m in await swarm_client.models() if model_name in (None, m.model_name)]
-        result = []
-        for m in models:
-            servers = await swarm_client.servers(m.fingerprint, m.num_blocks)
-            result.append((m, servers, uncovered_blocks(servers, m.num_blocks)))
+        result = await swarm_snapshot(swarm_client, model_name)
     finally:
         await swarm_client.aclose()
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "model": m.model_name,
-                        "fingerprint": m.fingerprint,
-                        "num_blocks": m.num_blocks,
-                        "uncovered_blocks": gaps,
-                        "servers": [
-                            {
-                                "peer_id": s.peer_id,
-                                "host": s.host,
-                                "port": s.port,
-                                "blocks": [s.span_start, s.span_end],
-                                "state": s.state.value,
-                                "dtype": s.dtype,
-                                "compute_tokens_per_s": s.compute_tokens_per_s,
-                                "free_kv_tokens": s.free_kv_tokens,
-                                "software_version": s.software_version,
-                            }
-                            for s in servers
-                        ],
-                    }
-                    for m, servers, gaps in result
-                ],
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(result, indent=2))
         return
     if not result:
         click.echo(
@@ -372,16 +362,21 @@ async def _swarm(config: ClientConfig, model_name: str | None, as_json: bool) ->
             + (f" under the name {model_name!r}" if model_name else "")
         )
         return
-    for m, servers, gaps in result:
+    for m in result:
+        gaps = m["uncovered_blocks"]
         status = "all blocks covered" if not gaps else f"UNCOVERED blocks: {_ranges(gaps)}"
-        click.echo(f"{m.model_name}  fingerprint {m.fingerprint}  {m.num_blocks} blocks  {status}")
+        click.echo(
+            f"{m['model']}  fingerprint {m['fingerprint']}  {m['num_blocks']} blocks  {status}"
+        )
         click.echo(
             f"  {'blocks':>9}  {'state':<8} {'address':<22} {'dtype':<9} {'tok/s/blk':>9} {'free KV':>9}  peer"
         )
-        for s in servers:
+        for s in m["servers"]:
+            start, end = s["blocks"]
+            address = f"{s['host']}:{s['port']}"
             click.echo(
-                f"  {s.span_start:>4}:{s.span_end:<4}  {s.state.value:<8} {s.host + ':' + str(s.port):<22} "
-                f"{s.dtype:<9} {s.compute_tokens_per_s:>9.0f} {s.free_kv_tokens:>9}  {s.peer_id}"
+                f"  {start:>4}:{end:<4}  {s['state']:<8} {address:<22} "
+                f"{s['dtype']:<9} {s['compute_tokens_per_s']:>9.0f} {s['free_kv_tokens']:>9}  {s['peer_id']}"
             )
 
 
