@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from beectl.generation import SamplingConfig, generate
+from beectl.generation import GenerationOutput, SamplingConfig, generate
 from beectl.head_batch import HeadBatcher
 from beectl.model import RemoteModel
 from beectl.openai_api.choices import Choice
 from beectl.openai_api.metrics import ApiMetrics
+from beectl.openai_api.prefix_pool import Pooled, PrefixPool
 from beectl.openai_api.schema import (
     ApiError,
     ChatRequest,
@@ -87,6 +88,7 @@ class ApiServer:
         self.requests = 0
         self.head = HeadBatcher(remote.head)  # one LM head product per burst of answers
         self.metrics = ApiMetrics(lambda: self.head)
+        self.pool = PrefixPool(remote, context=self.context)  # sessions kept between turns
         self.app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model}", self.model)
@@ -232,18 +234,19 @@ class ApiServer:
             return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
         choices = [Choice(self.eos_token_ids, s.stop, decode) for _ in range(s.n)]
-        events = self._run(ids, s, choices)
+        stats = {"cached": 0}  # prompt tokens the servers held already (prefix reuse)
+        events = self._run(ids, s, choices, stats)
         try:
             if not s.stream:
                 async for _ in events:
                     pass
-                return web.json_response(self._final(meta, chat, choices, len(ids)))
-            return await self._stream(request, events, meta, chat, choices, len(ids), s)
+                return web.json_response(self._final(meta, chat, choices, len(ids), stats))
+            return await self._stream(request, events, meta, chat, choices, len(ids), s, stats)
         finally:
             await events.aclose()  # a client that left: the generation and session end now
 
     async def _run(
-        self, ids: list[int], s: Sampling, choices: list[Choice]
+        self, ids: list[int], s: Sampling, choices: list[Choice], stats: dict[str, int]
     ) -> AsyncGenerator[None, None]:
         """Generate in a task; yield after each step (the choices hold the tokens so far)."""
         steps: asyncio.Queue[object] = asyncio.Queue()
@@ -264,11 +267,23 @@ class ApiServer:
             steps.put_nowait(None)
 
         async def run() -> None:
-            async with self.remote.inference_session(
-                max_length=len(ids) + s.max_tokens, batch_size=s.n
-            ) as session:
-                with self.head.member():
-                    await self._generate(session, input_ids, s, on_tokens)
+            if s.n > 1:  # n rows of one fresh session
+                async with self.remote.inference_session(
+                    max_length=len(ids) + s.max_tokens, batch_size=s.n
+                ) as session:
+                    with self.head.member():
+                        await self._generate(session, input_ids, s, on_tokens, None)
+                return
+            need = len(ids) + s.max_tokens
+            entry = await self.pool.take(ids, need)
+            try:
+                await self._on_pooled(entry, input_ids, s, on_tokens, stats)
+            except BeeError:
+                if entry.cached is None or not first[0]:
+                    raise
+                # The reused session is gone (timed out on a server, say): start afresh.
+                entry = await self.pool.take(ids, need, reuse=False)
+                await self._on_pooled(entry, input_ids, s, on_tokens, stats)
 
         task = asyncio.create_task(run())
         task.add_done_callback(lambda _: steps.put_nowait(done))
@@ -287,33 +302,67 @@ class ApiServer:
                 with contextlib.suppress(BaseException):
                     await task
 
+    async def _on_pooled(
+        self,
+        entry: Pooled,
+        input_ids: torch.Tensor,
+        s: Sampling,
+        on_tokens: Callable[[torch.Tensor], None],
+        stats: dict[str, int],
+    ) -> None:
+        """Generate on a pooled session; back to the pool if it ended cleanly, closed if not."""
+        stats["cached"] = 0 if entry.cached is None else int(entry.cached.shape[1])
+        clean = False
+        try:
+            with self.head.member():
+                out = await self._generate(entry.session, input_ids, s, on_tokens, entry.cached)
+            # The last new token was never fed to the servers: it is not cached.
+            entry.cached = out.sequences[:, : entry.session.position]
+            clean = True
+        finally:
+            if clean:
+                await self.pool.give(entry)
+            else:
+                await self.pool.discard(entry)
+
     async def _generate(
         self,
         session: Any,
         input_ids: torch.Tensor,
         s: Sampling,
         on_tokens: Callable[[torch.Tensor], None],
-    ) -> None:
-        await generate(
+        cached: torch.Tensor | None,
+    ) -> GenerationOutput:
+        return await generate(
             self.remote.head,
             session,
             input_ids,
             self._sampling_config(s),
+            cached_ids=cached,
             on_tokens=on_tokens,
             decode_text=lambda t: str(self.tokenizer.decode(t, skip_special_tokens=True)),
             logits=self.head.logits,
         )
 
-    def _usage(self, choices: list[Choice], prompt_tokens: int) -> dict[str, int]:
+    def _usage(
+        self, choices: list[Choice], prompt_tokens: int, stats: dict[str, int]
+    ) -> dict[str, Any]:
         completion = sum(len(c.ids) for c in choices)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
+            # OpenAI's field for prompt caching: the tokens the servers held already.
+            "prompt_tokens_details": {"cached_tokens": stats["cached"]},
         }
 
     def _final(
-        self, meta: dict[str, Any], chat: bool, choices: list[Choice], prompt_tokens: int
+        self,
+        meta: dict[str, Any],
+        chat: bool,
+        choices: list[Choice],
+        prompt_tokens: int,
+        stats: dict[str, int],
     ) -> dict[str, Any]:
         if chat:
             items = [
@@ -334,7 +383,7 @@ class ApiServer:
             **meta,
             "object": "chat.completion" if chat else "text_completion",
             "choices": items,
-            "usage": self._usage(choices, prompt_tokens),
+            "usage": self._usage(choices, prompt_tokens, stats),
         }
 
     async def _stream(
@@ -346,6 +395,7 @@ class ApiServer:
         choices: list[Choice],
         prompt_tokens: int,
         s: Sampling,
+        stats: dict[str, int],
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -353,7 +403,7 @@ class ApiServer:
         obj = "chat.completion.chunk" if chat else "text_completion"
         reported = [False] * len(choices)
 
-        def chunk(items: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        def chunk(items: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
             body: dict[str, Any] = {**meta, "object": obj, "choices": items}
             if s.include_usage:
                 body["usage"] = usage
@@ -386,7 +436,7 @@ class ApiServer:
             await response.write(b"data: [DONE]\n\n")
             return response
         if s.include_usage:
-            await response.write(chunk([], self._usage(choices, prompt_tokens)))
+            await response.write(chunk([], self._usage(choices, prompt_tokens, stats)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -435,3 +485,4 @@ async def serve_api(
             server.head.rows,
         )
         await runner.cleanup()
+        await server.pool.aclose()

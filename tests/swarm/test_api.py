@@ -135,16 +135,20 @@ def test_bad_requests_get_openai_errors(client, api):
 
 
 def test_a_client_that_leaves_mid_stream_leaves_no_session(client, swarm2):
+    def sessions() -> list[int]:
+        return [server_info(s.address)["sessions"] for s in swarm2.servers]
+
+    idle = sessions()  # sessions the API keeps between requests (prefix reuse)
     stream = client.chat.completions.create(
         model=MODEL, messages=QUESTION, temperature=0, max_tokens=200, stream=True
     )
     for i, _ in enumerate(stream):
         if i == 3:
             break
-    assert any(server_info(s.address)["sessions"] for s in swarm2.servers)
+    assert sessions() == [n + 1 for n in idle]
     stream.close()
     deadline = time.monotonic() + 10
-    while any(server_info(s.address)["sessions"] for s in swarm2.servers):
+    while sessions() != idle:
         assert time.monotonic() < deadline, "the servers still hold the dropped request's session"
         time.sleep(0.2)
 
@@ -207,3 +211,22 @@ def test_metrics_parse_and_count_the_requests(client, api):
     assert samples[("beectl_api_completion_tokens_total", ())] >= 4
     assert samples[("beectl_api_head_products_total", ())] >= 4
     assert samples[("beectl_api_first_token_seconds_count", ())] >= 1
+
+
+def test_the_next_turn_of_a_conversation_reuses_the_cached_prefix(client, local_model, tokenizer):
+    messages = [{"role": "user", "content": "My name is Alice and I live in Paris."}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=16
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "What city do I live in?"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=16
+    )
+    # The servers held the first turn (its prompt and answer): only the new turn was sent.
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens
+    assert second.choices[0].message.content == local_answer(local_model, tokenizer, messages, 16)
