@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from beed.dht import DHTConfig, DHTNode, Identity, format_initial_peers
 from beed.dht.errors import PeerUnreachableError
@@ -16,6 +17,20 @@ from beed.systemd import notify_systemd
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 300.0
+# The DHT protocol's event counts (beed/dht/protocol.py: stats), exported as counters.
+DHT_COUNTERS = frozenset(
+    {
+        "handled",
+        "rate_limited",
+        "bad_datagram",
+        "unexpected_reply",
+        "reply_too_large",
+        "check_skipped",
+        "store_refused",
+        "store_verified",
+        "store_over_budget",
+    }
+)
 
 
 async def run_bootstrap(
@@ -25,6 +40,7 @@ async def run_bootstrap(
     initial_peers: Sequence[tuple[str, int]],
     on_ready: Callable[[str], None],
     config: DHTConfig | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Serve the DHT on host:port; call `on_ready` with the --initial-peers value; exit code."""
     if identity_path is None:
@@ -37,8 +53,21 @@ async def run_bootstrap(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     node = DHTNode(config, identity)
+    metrics: Any = None  # ServerMetrics with --metrics-port
     try:
         bound = await node.start(host, port)
+        if metrics_port is not None:
+            from beed.server.metrics import ServerMetrics
+
+            def info() -> dict[str, int]:
+                return {
+                    "contacts": node.routing_table_size(),
+                    "entries": len(node.storage),
+                    **node.protocol.stats,
+                }
+
+            metrics = ServerMetrics(info, loop, prefix="beed_dht", counters=DHT_COUNTERS)
+            log.info("bootstrap.metrics port=%d", metrics.start(host, metrics_port))
         advertised = format_initial_peers([(reachable_host(bound[0]), bound[1])])
         on_ready(advertised)
         notify_systemd(f"READY=1\nSTATUS=serving the DHT at {advertised}")
@@ -60,6 +89,8 @@ async def run_bootstrap(
         log.info("bootstrap.stopping")
         notify_systemd("STOPPING=1")
     finally:
+        if metrics is not None:
+            metrics.stop()
         await node.aclose()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

@@ -84,8 +84,18 @@ class OffloadFraction(_FractionType):
     callback=initial_peers_callback,
     help="Other bootstrap nodes, HOST:PORT ([IPv6]:PORT), repeated or comma-separated.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (TCP, on --host) [default: off].",
+)
 def bootstrap(
-    host: str, port: int, identity_path: Path | None, initial_peers: list[tuple[str, int]]
+    host: str,
+    port: int,
+    identity_path: Path | None,
+    initial_peers: list[tuple[str, int]],
+    metrics_port: int | None,
 ) -> None:
     """Run a DHT-only node that others join through.
 
@@ -100,7 +110,11 @@ def bootstrap(
         sys.stdout.flush()
 
     try:
-        code = asyncio.run(run_bootstrap(host, port, identity_path, initial_peers, on_ready))
+        code = asyncio.run(
+            run_bootstrap(
+                host, port, identity_path, initial_peers, on_ready, metrics_port=metrics_port
+            )
+        )
     except BeeError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)

@@ -111,7 +111,7 @@ class ServerConnection:
                 "conn.protocol_error id=%d peer=%s error=%s", self.id, self.stream.peername, exc
             )
             try:
-                await self.stream.send(Error.from_exception(0, exc), timeout_s=1.0)
+                await self._answer(Error.from_exception(0, exc), timeout_s=1.0)
             except BeeError:
                 pass
         finally:
@@ -351,8 +351,12 @@ class ServerConnection:
         self._last_active = time.monotonic()
         self._slots.release()
 
-    async def _answer(self, msg: Message) -> None:
-        await self.stream.send(msg, timeout_s=self.state.config.write_timeout_s)
+    async def _answer(self, msg: Message, timeout_s: float | None = None) -> None:
+        """Every answer of this connection goes out here (Errors are counted by code)."""
+        if isinstance(msg, Error):
+            self.state.errors_sent[msg.code] += 1
+        timeout = self.state.config.write_timeout_s if timeout_s is None else timeout_s
+        await self.stream.send(msg, timeout_s=timeout)
 
     async def _guarded(self, sid: int, work: Awaitable[Message]) -> None:
         """Run one request; any failure becomes an Error frame on its stream, never a crash."""
@@ -369,7 +373,7 @@ class ServerConnection:
             # One-shot answers, Close's Ack, refused opens and gone sessions end the stream.
             self._streams.close(sid)
         with contextlib.suppress(BeeError):
-            await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
+            await self._answer(reply)
 
     async def _push(self, msg: Push) -> None:
         """Accept (Ack) or refuse (Error) a Push at once, then run it; its result goes to the

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a server (`beed serve --metrics-port N`), with prometheus_client.
+"""Prometheus metrics of a server (`beed serve --metrics-port N`) and of a bootstrap node (`beed
+bootstrap --metrics-port N`), with prometheus_client.
 
 A scrape reads the numbers GetInfo reports, computed on the event loop (the exporter's HTTP
 thread never touches the server's state itself), and adds a histogram of step times and the
@@ -45,13 +46,20 @@ class _InfoCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         info = self.metrics.snapshot()
+        prefix, counters = self.metrics.prefix, self.metrics.counters
         for name, value in sorted(info.items()):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            if name in COUNTERS:
-                yield CounterMetricFamily(f"beed_{name}", f"GetInfo {name}", value=value)
+            if name in counters:
+                yield CounterMetricFamily(f"{prefix}_{name}", f"{prefix} {name}", value=value)
             else:
-                yield GaugeMetricFamily(f"beed_{name}", f"GetInfo {name}", value=value)
+                yield GaugeMetricFamily(f"{prefix}_{name}", f"{prefix} {name}", value=value)
+        errors = CounterMetricFamily(
+            "beed_errors_sent", "Error answers sent, by code (docs/protocol.md)", labels=["code"]
+        )
+        for code, count in sorted((info.get("errors_sent") or {}).items()):
+            errors.add_metric([str(code)], count)
+        yield errors
         announced = self.metrics.announced_at
         if announced:
             yield GaugeMetricFamily(
@@ -64,8 +72,16 @@ class _InfoCollector(Collector):
 class ServerMetrics:
     """The registry of one server, and its exporter."""
 
-    def __init__(self, info: Callable[[], dict[str, Any]], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        info: Callable[[], dict[str, Any]],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        prefix: str = "beed",
+        counters: frozenset[str] = COUNTERS,
+    ) -> None:
         self._info, self._loop = info, loop
+        self.prefix, self.counters = prefix, counters
         self.announced_at = 0.0
         self.registry = CollectorRegistry()
         self.step_seconds = Histogram(

@@ -497,6 +497,8 @@ class BlockServer:
             log.info("conn.refused peer=%s reason=%s", stream.peername, refusal)
             # One small frame, never waited for: the peer learns why (a flood costs us ~100
             # bytes of socket buffer per connection, freed with it).
+            if self.state is not None:
+                self.state.errors_sent[refusal.code] += 1
             with contextlib.suppress(OSError, BeeError):
                 stream.send_nowait(Error.from_exception(0, refusal))
             writer.close()

@@ -13,6 +13,7 @@ arrives twice (push and the client's fallback) runs once.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -93,6 +94,7 @@ class ServerState:
     draining: bool = False
     push_stats: PushStats = field(default_factory=PushStats)
     observe_step: Callable[[float, int], None] | None = None  # metrics: seconds, tokens
+    errors_sent: collections.Counter[int] = field(default_factory=collections.Counter)  # by code
 
 
 class SessionService:
