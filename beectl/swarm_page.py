@@ -24,9 +24,13 @@ h2 { margin: 1.2em 0 .3em; font-size: 16px; }
 .r0 { background: #d33; } .r1 { background: #e90; } .r2 { background: #7b3; } .r3 { background: #2a6; }
 table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: left; }
 th { border-bottom: 1px solid #999; } .muted { color: #777; }
+.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; margin: 0 4px 0 10px;
+  vertical-align: -1px; }
 </style></head><body>
 <h1>beed swarm</h1>
-<p class="muted" id="status">loading…</p>
+<p class="muted"><span id="status">loading…</span> · replicas per block:
+<span class="swatch r0"></span>none<span class="swatch r1"></span>1<span class="swatch r2"></span>2
+<span class="swatch r3"></span>3+</p>
 <div id="models"></div>
 <script>
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => "&#" + c.charCodeAt(0) + ";");
