@@ -165,7 +165,7 @@ def versions() -> str:
 def weight_bytes(path: Path) -> int:
     from beed.models.weights import tensor_bytes
 
-    return tensor_bytes(path, lambda n: True)
+    return tensor_bytes(path, [""])[0]
 
 
 def decode_part(args) -> None:

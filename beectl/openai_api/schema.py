@@ -158,7 +158,7 @@ def _sampling(body: dict[str, Any]) -> Sampling:
         raise bad("only the 'text' response_format is supported", "response_format")
     max_tokens = _integer(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
+        max_tokens = _integer(body, "max_tokens", None, 1) or DEFAULT_MAX_TOKENS
     stop = body.get("stop")
     stops: tuple[str, ...]
     if stop is None:
@@ -177,8 +177,7 @@ def _sampling(body: dict[str, Any]) -> Sampling:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
-    n = _integer(body, "n", 1, 1)
-    assert n is not None and max_tokens is not None
+    n = _integer(body, "n", None, 1) or 1
     if n > MAX_N:
         raise bad(f"'n' may be at most {MAX_N}", "n")
     return Sampling(

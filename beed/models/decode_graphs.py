@@ -30,6 +30,7 @@ import torch
 
 from beed.models.adapters import Span, SpanInput
 from beed.models.paged_cache import KVArena, PagedSpanCache
+from protocol.errors import InternalServerError
 
 log = logging.getLogger(__name__)
 
@@ -286,5 +287,6 @@ def _raise_recompile_limits() -> None:
 
 def _paged(item: SpanInput) -> PagedSpanCache:
     cache = item.cache
-    assert isinstance(cache, PagedSpanCache)
+    if not isinstance(cache, PagedSpanCache):  # fits() admits paged caches only
+        raise InternalServerError("a decode graph was handed a step without a paged cache")
     return cache

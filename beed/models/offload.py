@@ -15,6 +15,7 @@ Without CUDA (tests) the same bookkeeping runs with synchronous copies.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from protocol.errors import BadRequestError
+
 log = logging.getLogger(__name__)
 
 SLOTS = 2
 ALIGN = 64  # bytes
+# Share of free memory the weights may not take at start-up (activations, workspaces, KV).
+MEMORY_HEADROOM = 0.1
 
 
 def offload_count(fraction: float, blocks: int) -> int:
@@ -48,6 +53,56 @@ def auto_offload_count(block_bytes: Sequence[int], free_bytes: int) -> int | Non
         if resident + SLOTS * largest <= free_bytes:
             return count
     return None
+
+
+def plan_offload(
+    block_bytes: list[int], offload: float | str | None, device: torch.device
+) -> list[int]:
+    """Local indices of the blocks to keep in host memory; BadRequestError (a clear
+    message at start-up) if the span cannot fit on the device, even with offload."""
+    total = sum(block_bytes)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"{device} has {free / 2**30:.1f} GiB free"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        where = f"this machine has {free / 2**30:.1f} GiB of memory available"
+    # Room left for activations, workspaces and at least some KV cache.
+    usable = int(free * (1 - MEMORY_HEADROOM))
+    need = f"the span's weights take {total / 2**30:.1f} GiB"
+    if offload is None or offload == 0:
+        if total > usable:
+            hint = " (try --offload-weights auto)" if device.type == "cuda" else ""
+            raise BadRequestError(f"{need} and {where}: serve fewer blocks{hint}")
+        return []
+    if offload == "auto":
+        count = auto_offload_count(block_bytes, usable)
+        if count is None:
+            raise BadRequestError(
+                f"{need} and {where}: even with every block offloaded, two blocks must fit "
+                "on the device; serve fewer blocks"
+            )
+    else:
+        count = offload_count(float(offload), len(block_bytes))
+    chosen = spread(count, len(block_bytes))
+    resident = sum(b for i, b in enumerate(block_bytes) if i not in chosen)
+    slots = SLOTS * max(block_bytes) if len(chosen) > 0 else 0
+    if resident + slots > usable:
+        raise BadRequestError(
+            f"{need} and {where}: offloading {len(chosen)} of {len(block_bytes)} blocks "
+            f"still needs {(resident + slots) / 2**30:.1f} GiB; offload more "
+            "(--offload-weights auto) or serve fewer blocks"
+        )
+    host = sum(block_bytes[i] for i in chosen)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "cuda" and host > available * (1 - MEMORY_HEADROOM):
+        raise BadRequestError(
+            f"offloading {len(chosen)} blocks needs {host / 2**30:.1f} GiB of host memory, "
+            f"{available / 2**30:.1f} GiB are available"
+        )
+    if chosen:
+        log.info("backend.offload blocks=%d/%d host_bytes=%d", len(chosen), len(block_bytes), host)
+    return chosen
 
 
 def spread(count: int, blocks: int) -> list[int]:
@@ -136,8 +191,7 @@ class WeightStreamer:
         if self.in_slot[block.slot] == index:
             return
         slot = self.slots[block.slot][: block.host.numel()]
-        if self.cuda:
-            assert self.stream is not None
+        if self.stream is not None:  # CUDA
             free = torch.cuda.Event()
             free.record(torch.cuda.current_stream(self.device))  # all compute queued so far
             self.stream.wait_event(free)

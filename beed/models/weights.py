@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -53,26 +53,28 @@ def load_tensors(
 
 
 def tensor_bytes(
-    model_dir: Path, want: Callable[[str], bool], *, dtype: torch.dtype | None = None
-) -> int:
-    """Bytes the tensors whose names satisfy `want` take once loaded (floating-point ones in
-    `dtype`), read from the files' headers only: nothing is loaded."""
-    by_file: dict[str, list[str]] = {}
+    model_dir: Path, prefixes: Sequence[str], *, dtype: torch.dtype | None = None
+) -> list[int]:
+    """Bytes the tensors under each name prefix take once loaded (floating-point ones in
+    `dtype`), read from the files' headers in one pass: nothing is loaded."""
+    by_file: dict[str, list[tuple[str, int]]] = {}
     for name, file in weight_map(model_dir).items():
-        if want(name):
-            by_file.setdefault(file, []).append(name)
-    total = 0
+        for i, prefix in enumerate(prefixes):
+            if name.startswith(prefix):
+                by_file.setdefault(file, []).append((name, i))
+                break
+    totals = [0] * len(prefixes)
     for file, names in sorted(by_file.items()):
         with safe_open(model_dir / file, framework="pt", device="cpu") as fh:
-            for name in names:
+            for name, i in names:
                 part = fh.get_slice(name)
                 numel = 1
                 for size in part.get_shape():
                     numel *= int(size)
                 stored = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
                 keep = dtype if dtype is not None and stored.is_floating_point else stored
-                total += numel * keep.itemsize
-    return total
+                totals[i] += numel * keep.itemsize
+    return totals
 
 
 _SAFETENSORS_DTYPES = {

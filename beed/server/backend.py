@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from beed.models.adapters import Span, SpanInput, family_of, load_config, num_blocks
 from beed.models.decode_graphs import MAX_ROWS, DecodeGraphs
 from beed.models.kv_cache import DynamicSpanCache, SpanCache, kv_bytes_per_token
-from beed.models.offload import SLOTS, WeightStreamer, auto_offload_count, offload_count, spread
+from beed.models.offload import WeightStreamer, plan_offload
 from beed.models.paged_cache import PAGE_TOKENS, KVArena, PagedSpanCache
 from beed.models.weights import load_tensors, tensor_bytes
 from protocol.errors import BadRequestError, BeeError, InternalServerError
@@ -40,9 +39,6 @@ class StepRequest:
     attention_mask: torch.Tensor | None = None  # [batch, position + tokens]
     position_ids: torch.Tensor | None = None  # [batch, tokens]
 
-
-# Share of free memory the weights may not take at start-up (activations, workspaces, KV).
-MEMORY_HEADROOM = 0.1
 
 _PENDING = BadRequestError("not run")
 
@@ -114,8 +110,8 @@ class BlockBackend:
         self.graphs: DecodeGraphs | None = None
         self._compile_step = compile_step
         prefixes = [family.block_prefix.format(i=i) for i in range(start, end)]
-        block_bytes = [tensor_bytes(model_dir, _named((p,)), dtype=self.dtype) for p in prefixes]
-        offloaded = set(self._plan_offload(block_bytes, offload_weights))
+        block_bytes = tensor_bytes(model_dir, prefixes, dtype=self.dtype)  # headers, one pass
+        offloaded = set(plan_offload(block_bytes, offload_weights, self.device))
         tensors: dict[str, torch.Tensor] = {}
         for where, chosen in ((self.device, False), (torch.device("cpu"), True)):
             mine = tuple(p for i, p in enumerate(prefixes) if (i in offloaded) == chosen)
@@ -140,55 +136,6 @@ class BlockBackend:
             kv_bytes_per_token=kv_bytes_per_token(config, self.dtype, end - start),
         )
         log.info("backend.loaded span=%d:%d dtype=%s device=%s", start, end, dtype, device)
-
-    def _plan_offload(self, block_bytes: list[int], offload: float | str | None) -> list[int]:
-        """Local indices of the blocks to keep in host memory; BadRequestError (a clear
-        message at start-up) if the span cannot fit on the device, even with offload."""
-        total = sum(block_bytes)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            where = f"{self.device} has {free / 2**30:.1f} GiB free"
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            where = f"this machine has {free / 2**30:.1f} GiB of memory available"
-        # Room left for activations, workspaces and at least some KV cache.
-        usable = int(free * (1 - MEMORY_HEADROOM))
-        need = f"the span's weights take {total / 2**30:.1f} GiB"
-        if offload is None or offload == 0:
-            if total > usable:
-                hint = " (try --offload-weights auto)" if self.device.type == "cuda" else ""
-                raise BadRequestError(f"{need} and {where}: serve fewer blocks{hint}")
-            return []
-        if offload == "auto":
-            count = auto_offload_count(block_bytes, usable)
-            if count is None:
-                raise BadRequestError(
-                    f"{need} and {where}: even with every block offloaded, two blocks must fit "
-                    "on the device; serve fewer blocks"
-                )
-        else:
-            count = offload_count(float(offload), len(block_bytes))
-        chosen = spread(count, len(block_bytes))
-        resident = sum(b for i, b in enumerate(block_bytes) if i not in chosen)
-        slots = SLOTS * max(block_bytes) if len(chosen) > 0 else 0
-        if resident + slots > usable:
-            raise BadRequestError(
-                f"{need} and {where}: offloading {len(chosen)} of {len(block_bytes)} blocks "
-                f"still needs {(resident + slots) / 2**30:.1f} GiB; offload more "
-                "(--offload-weights auto) or serve fewer blocks"
-            )
-        host = sum(block_bytes[i] for i in chosen)
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        if self.device.type == "cuda" and host > available * (1 - MEMORY_HEADROOM):
-            raise BadRequestError(
-                f"offloading {len(chosen)} blocks needs {host / 2**30:.1f} GiB of host memory, "
-                f"{available / 2**30:.1f} GiB are available"
-            )
-        if chosen:
-            log.info(
-                "backend.offload blocks=%d/%d host_bytes=%d", len(chosen), len(block_bytes), host
-            )
-        return chosen
 
     def allocate_kv(self, budget_tokens: int) -> None:
         """Preallocate the paged caches' arena for the KV budget's tokens (of one sequence over
@@ -393,14 +340,16 @@ class BlockBackend:
         if any(requests[i].blocks != blocks for i, _ in ready):
             raise ValueError("a batched step runs one block range")
         graphs = self.graphs
-        decode = [(i, it) for i, it in ready if graphs is not None and graphs.fits([it])]
-        if graphs is None or not decode or not graphs.gather_fits([it for _, it in decode], blocks):
-            decode = []
+        decode: list[tuple[int, SpanInput]] = []
+        if graphs is not None:
+            decode = [(i, it) for i, it in ready if graphs.fits([it])]
+            if decode and not graphs.gather_fits([it for _, it in decode], blocks):
+                decode = []
         graphed = {i for i, _ in decode}
         eager = [(i, self._on_device(it)) for i, it in ready if i not in graphed]
         done: list[tuple[int, torch.Tensor | Exception]] = []
-        if decode:
-            outs = self._run_graphs([it for _, it in decode], blocks)
+        if graphs is not None and decode:
+            outs = self._run_graphs(graphs, [it for _, it in decode], blocks)
             done += [(i, out) for (i, _), out in zip(decode, outs, strict=True)]
         if len(eager) == 1:
             done.append((eager[0][0], self.span.forward_many([eager[0][1]], blocks)[0]))
@@ -412,12 +361,12 @@ class BlockBackend:
             results[i] = out if isinstance(out, Exception) else out.to("cpu", copy=True)
         return results
 
-    def _run_graphs(self, items: list[SpanInput], blocks: range) -> list[torch.Tensor | Exception]:
+    def _run_graphs(
+        self, graphs: DecodeGraphs, items: list[SpanInput], blocks: range
+    ) -> list[torch.Tensor | Exception]:
         """Decode steps through the CUDA graphs: all in one replay with shared products, one
         replay per session otherwise (each then computes exactly what it computes alone). A
         replay that fails runs its sessions eagerly, each alone."""
-        graphs = self.graphs
-        assert graphs is not None
         groups: list[list[SpanInput]] = [[item] for item in items]
         if self.shared_matmul:  # as few replays as the largest bucket allows
             groups, rows = [[]], 0

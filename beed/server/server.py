@@ -7,7 +7,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
 import random
 import signal
 import time
@@ -29,12 +28,12 @@ from beed.net.dial import DialPolicy
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
 from beed.server.admission import Admission
-from beed.server.backend import BlockBackend
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
 from beed.server.info import server_info
 from beed.server.kv_budget import KVBudget
 from beed.server.listen import bind_tcp, start_dht
+from beed.server.loading import kv_budget_tokens, load_backend
 from beed.server.memory import request_memory, return_large_blocks, trim_heap
 from beed.server.metrics import ServerMetrics
 from beed.server.neighbours import measure_next_rtts, rtts_changed
@@ -154,8 +153,8 @@ class BlockServer:
             )
             self._record = base
             await dht.announce(base, ttl_s=cfg.record_ttl_s)
-            backend = await run_compute(lambda: self._load_backend(source.path, span))
-            kv_tokens = self._kv_budget_tokens(backend)
+            backend = await run_compute(lambda: load_backend(cfg, source.path, span))
+            kv_tokens = kv_budget_tokens(cfg, backend)
             await run_compute(lambda: backend.allocate_kv(kv_tokens))
             per_block_tps = await run_compute(
                 lambda: with_threads(decode_threads, lambda: measure_block_throughput(backend))
@@ -348,7 +347,7 @@ class BlockServer:
         )
         await self._announce()
         try:
-            backend = await run_compute(lambda: self._load_backend(model_dir, target))
+            backend = await run_compute(lambda: load_backend(cfg, model_dir, target))
             capacity = self.state.sessions.budget.capacity_tokens
             await run_compute(lambda: backend.allocate_kv(capacity))
             tps = await run_compute(lambda: measure_block_throughput(backend))
@@ -367,30 +366,6 @@ class BlockServer:
         for key in self.state.sessions.on_backend(old_backend):
             self.state.sessions.close(key, "moved")
         log.info("rebalance.done span=%d:%d", target[0], target[1])
-
-    def _load_backend(self, model_dir: Path, span: tuple[int, int]) -> BlockBackend:
-        cfg = self.config
-        return BlockBackend(
-            model_dir,
-            span[0],
-            span[1],
-            dtype=cfg.dtype,
-            device=cfg.device,
-            batch_matmul=cfg.scheduler.batch_matmul,
-            kv_cache=cfg.kv_cache,
-            decode_graphs=None if cfg.cuda_graphs else False,
-            offload_weights=cfg.offload_weights,
-            compile_step=cfg.torch_compile,
-        )
-
-    def _kv_budget_tokens(self, backend: BlockBackend) -> int:
-        if self.config.kv_budget_tokens is not None:
-            return self.config.kv_budget_tokens
-        if backend.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(backend.device)
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return int(free * self.config.kv_memory_fraction) // backend.info.kv_bytes_per_token
 
     def _info(self) -> dict[str, Any]:
         if self.state is None or self._record is None:

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import peers_of
-from tests.swarm.test_exactness import server_info
+from tests.swarm.test_faults import server_info
 
 MODEL = "smollm2-135m"
 QUESTION = [{"role": "user", "content": "Name three colours."}]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from beectl.local_swarm import Daemon, LocalSwarm
-from tests.swarm.test_exactness import server_info
+from tests.swarm.test_faults import server_info
 
 
 def test_a_server_reads_its_options_from_toml_and_the_command_line_wins(tmp_path):

@@ -7,10 +7,8 @@ import torch
 
 from beectl import AutoDistributedModelForCausalLM
 from beectl.local_swarm import LocalSwarm
-from protocol import encode_message_bytes
-from protocol.messages import GetInfo, Info
 from tests.conftest import STORY, peers_of
-from tests.swarm.test_faults import RawPeer
+from tests.swarm.test_faults import server_info
 
 NEW_TOKENS = 64
 
@@ -46,18 +44,6 @@ def check_same(local_model, tokenizer, peers: list[str]) -> None:
     for step, (ours, theirs) in enumerate(zip(out.logits, ref.logits, strict=True)):
         diff = (ours - theirs).abs().max().item()
         assert diff <= 1e-4, f"step {step}: logits differ by {diff}"
-
-
-def server_info(address) -> dict:
-    peer = RawPeer(address)
-    try:
-        peer.hello()
-        peer.send(encode_message_bytes(GetInfo(1)))
-        reply = peer.read()
-        assert isinstance(reply, Info)
-        return reply.info
-    finally:
-        peer.close()
 
 
 def test_two_daemons_equal_local(swarm2, local_model, tokenizer):

@@ -73,6 +73,19 @@ class RawPeer:
         self.sock.close()
 
 
+def server_info(address: tuple[str, int]) -> dict:
+    """A server's GetInfo answer, over a connection of its own."""
+    peer = RawPeer(address)
+    try:
+        peer.hello()
+        peer.send(encode_message_bytes(GetInfo(1)))
+        reply = peer.read()
+        assert isinstance(reply, Info)
+        return reply.info
+    finally:
+        peer.close()
+
+
 def raw_frame(header: dict) -> bytes:
     packed = msgpack.packb(header)
     return PREFIX.pack(MAGIC, 1, 0, len(packed), 0) + packed

@@ -32,7 +32,7 @@ from protocol.messages import (
     Step,
 )
 from tests.conftest import peers_of
-from tests.swarm.test_faults import RawPeer
+from tests.swarm.test_faults import RawPeer, server_info
 
 MAX_TOKENS = 2048
 LIMITS = [
@@ -129,15 +129,7 @@ def server_rss(swarm) -> int:
 
 
 def info(swarm) -> dict:
-    peer = RawPeer(swarm.servers[0].address)
-    try:
-        peer.hello()
-        peer.send(encode_message_bytes(GetInfo(1)))
-        reply = peer.read()
-        assert isinstance(reply, Info)
-        return reply.info
-    finally:
-        peer.close()
+    return server_info(swarm.servers[0].address)
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bool:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from beed.models import offload as offload_module
 from beed.models.offload import auto_offload_count, offload_count, spread
-from beed.server import backend as backend_module
 from beed.server.backend import BlockBackend
 from protocol.errors import BadRequestError
 from tests.tiny_models import make_tiny_llama
@@ -61,7 +61,7 @@ def test_the_plan_counts_and_spreads_offloaded_blocks():
 
 
 def test_a_span_that_cannot_fit_is_refused_at_start_with_the_numbers(model, monkeypatch):
-    monkeypatch.setattr(backend_module, "MEMORY_HEADROOM", 1 - 1e-12)
+    monkeypatch.setattr(offload_module, "MEMORY_HEADROOM", 1 - 1e-12)
     with pytest.raises(BadRequestError, match=r"weights take .* GiB .* serve fewer blocks"):
         BlockBackend(model, 0, 4)
     with pytest.raises(BadRequestError, match="still needs"):
