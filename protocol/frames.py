@@ -114,11 +114,14 @@ def encode_frame(
 
 
 def encode_message(
-    msg: Message, codec_policy: CodecPolicy | None = None
+    msg: Message,
+    codec_policy: CodecPolicy | None = None,
+    descriptors: list[list[Any]] | None = None,
 ) -> list[bytes | memoryview]:
     """Buffers of one frame carrying msg, for transport.writelines (tensor bytes are not copied).
 
     The returned memoryviews alias the message's tensors: do not modify them until written.
+    `descriptors`, when given, receives the tensor descriptors of the frame (traffic counts).
     """
     header: dict[str, Any] = {"type": msg.TYPE}
     segments: list[tuple[list[Any], bytes | memoryview]] = []
@@ -134,6 +137,8 @@ def encode_message(
         elif value is not None:
             header[spec.name] = len(segments)
             segments.append(encode_tensor(value, codec_policy))
+    if descriptors is not None:
+        descriptors.extend(desc for desc, _ in segments)
     return encode_frame(header, segments)
 
 

@@ -17,6 +17,7 @@ from beed.net.dial import DialPolicy
 from beed.net.link import LinkStats
 from beed.net.stream import FramedStream, open_stream
 from beed.net.tasks import TaskOwner
+from beed.net.traffic import TensorTraffic
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
     BeeError,
@@ -70,8 +71,10 @@ class PeerConnection:
         local_peer_id: str = "",
         compression: str = "auto",
         policy: DialPolicy | None = None,
+        traffic: TensorTraffic | None = None,
     ) -> None:
         self.host, self.port, self.peer_id = host, port, peer_id
+        self.traffic = traffic  # where tensor bytes of this connection are counted (or None)
         self.local_peer_id = local_peer_id
         self.compression = compression  # "auto": codecs follow the measured link; "off": raw
         self.policy = policy  # which addresses may be dialled (None: any)
@@ -130,6 +133,7 @@ class PeerConnection:
             raise
         stream.codec_policy = CodecPolicy(allowed=frozenset(codecs))
         self.remote_hello = reply
+        stream.traffic = self.traffic
         self._stream = stream
         self._tasks.spawn(self._read_loop(), "read")
 

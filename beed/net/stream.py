@@ -14,9 +14,11 @@ import socket
 import struct
 import sys
 import time
+from typing import Any
 
 from beed.net.dial import DialPolicy
 from beed.net.link import PROBE_BYTES, LinkStats, policy_for
+from beed.net.traffic import TensorTraffic
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
     AddressRefusedError,
@@ -85,6 +87,7 @@ class FramedStream:
         # "auto": the codec policy follows the measured link (beed/net/link.py); "off": raw.
         self.compression = compression
         self.link = LinkStats()
+        self.traffic: TensorTraffic | None = None  # tensor bytes by codec, where counted
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # One-token steps are tiny frames: never wait for Nagle's algorithm.
@@ -109,6 +112,11 @@ class FramedStream:
                 while True:
                     encoded = self.decoder.next_encoded()
                     if encoded is not None:
+                        if self.traffic is not None and encoded.segments:
+                            self.traffic.add(
+                                "received",
+                                ((i.codec, i.raw_len, i.enc_len) for i, _ in encoded.segments),
+                            )
                         return encoded
                     try:
                         data = await self.reader.read(READ_CHUNK_BYTES)
@@ -132,7 +140,10 @@ class FramedStream:
         use re-measures its round trip now and then (beed/net/link.py)."""
         if self.writer.is_closing():
             raise ConnectionClosed(f"connection to {self.peername} is closed")
-        buffers = encode_message(msg, self.codec_policy)
+        descs: list[list[Any]] | None = [] if self.traffic is not None else None
+        buffers = encode_message(msg, self.codec_policy, descs)
+        if self.traffic is not None and descs:
+            self.traffic.add("sent", ((d[2], d[3], d[4]) for d in descs))
         now = time.monotonic()
         self.writer.writelines(buffers)
         if self.compression == "off" or isinstance(msg, Ping | Pong | Hello):

@@ -47,4 +47,5 @@ def server_info(state: ServerState, rec: ServerRecord) -> dict[str, Any]:
         "max_request_tokens": state.config.limits.max_request_tokens,
         **dataclasses.asdict(state.push_stats),
         "errors_sent": {str(code): n for code, n in sorted(state.errors_sent.items())},
+        "tensor_bytes": state.traffic.as_dict(),
     }

@@ -60,6 +60,16 @@ class _InfoCollector(Collector):
         for code, count in sorted((info.get("errors_sent") or {}).items()):
             errors.add_metric([str(code)], count)
         yield errors
+        traffic = CounterMetricFamily(
+            "beed_tensor_bytes",
+            "Tensor bytes by direction and codec: raw (as held) and wire (as sent)",
+            labels=["direction", "codec", "size"],
+        )
+        for direction, codecs in sorted((info.get("tensor_bytes") or {}).items()):
+            for codec, (raw, wire) in sorted(codecs.items()):
+                traffic.add_metric([direction, codec, "raw"], raw)
+                traffic.add_metric([direction, codec, "wire"], wire)
+        yield traffic
         announced = self.metrics.announced_at
         if announced:
             yield GaugeMetricFamily(

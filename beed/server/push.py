@@ -17,6 +17,7 @@ from typing import Any
 
 from beed.net.dial import DialPolicy
 from beed.net.peer import PeerConnection
+from beed.net.traffic import TensorTraffic
 from protocol.errors import BadRequestError
 from protocol.messages import Ack, Push
 
@@ -76,7 +77,9 @@ class Pusher:
         ack_timeout_s: float,
         compression: str = "auto",
         policy: DialPolicy | None = None,
+        traffic: TensorTraffic | None = None,
     ):
+        self.traffic = traffic  # tensor bytes pushed, counted with the server's
         self.local_peer_id = local_peer_id
         self.compression = compression
         self.policy = policy  # which next-hop addresses a route may name
@@ -104,6 +107,7 @@ class Pusher:
                 local_peer_id=self.local_peer_id,
                 compression=self.compression,
                 policy=self.policy,
+                traffic=self.traffic,
             )
             await conn.connect(self.connect_timeout_s)
             self._connections[key] = conn

@@ -27,6 +27,7 @@ from beed.models.registry import cache_dir, resolve_model
 from beed.net.dial import DialPolicy
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
+from beed.net.traffic import TensorTraffic
 from beed.server.admission import Admission
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
@@ -171,8 +172,10 @@ class BlockServer:
                 peer_id=identity.peer_id,
                 features=("push",),
             )
+            traffic = TensorTraffic()
             self.pusher = Pusher(
                 identity.peer_id,
+                traffic=traffic,
                 connect_timeout_s=cfg.push_connect_timeout_s,
                 ack_timeout_s=cfg.push_ack_timeout_s,
                 compression=cfg.compression,
@@ -197,6 +200,7 @@ class BlockServer:
                 tasks=self._request_tasks,
                 memory=request_memory(cfg, backend.info.hidden_size),
                 admission=Admission(cfg.limits),
+                traffic=traffic,
             )
             if cfg.metrics_port is not None:
                 self.metrics = ServerMetrics(self._info, asyncio.get_running_loop())
@@ -466,6 +470,7 @@ class BlockServer:
             return
         self._next_connection += 1
         stream = FramedStream(reader, writer, compression=self.config.compression)
+        stream.traffic = self.state.traffic
         conn = ServerConnection(self.state, stream, self._next_connection)
         refusal = self.state.admission.admit(conn)
         if refusal is not None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from beed.net.tasks import TaskOwner
+from beed.net.traffic import TensorTraffic
 from beed.server.admission import Admission
 from beed.server.backend import BlockBackend, StepRequest
 from beed.server.config import ServerConfig
@@ -95,6 +96,7 @@ class ServerState:
     push_stats: PushStats = field(default_factory=PushStats)
     observe_step: Callable[[float, int], None] | None = None  # metrics: seconds, tokens
     errors_sent: collections.Counter[int] = field(default_factory=collections.Counter)  # by code
+    traffic: TensorTraffic = field(default_factory=TensorTraffic)  # tensor bytes by codec
 
 
 class SessionService:

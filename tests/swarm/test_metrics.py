@@ -61,6 +61,18 @@ def test_counters_move_after_a_generation(tokenizer):
     assert after[("beed_step_seconds_count", (("kind", "decode"),))] >= 7
     assert after[("beed_step_seconds_count", (("kind", "prefill"),))] >= 1
     assert after[("beed_free_kv_tokens", ())] > 0
+    # Hidden states in (prompt, then one token per step) and out, float32 of width 576.
+    least = (4 + 7) * 576 * 4
+    for direction in ("received", "sent"):
+        raw = wire = 0.0
+        for (name, labels), value in after.items():
+            if name == "beed_tensor_bytes_total" and ("direction", direction) in labels:
+                if ("size", "raw") in labels:
+                    raw += value
+                else:
+                    wire += value
+        assert raw >= least, (direction, raw)
+        assert 0 < wire <= raw
 
 
 def test_a_bootstrap_node_exports_its_dht_counters(tmp_path):
