@@ -116,9 +116,22 @@ class Daemon:
             return self.process.wait()
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class LocalSwarm:
     """`with LocalSwarm(model="smollm2-135m", num_servers=2) as swarm:` — servers split the
-    blocks evenly with --block-indices; `swarm.initial_peers` is what clients pass."""
+    blocks evenly with --block-indices; `swarm.initial_peers` is what clients pass.
+
+    The servers share this machine's cores: unless `num_threads` says otherwise, each gets
+    cores / servers torch threads (at least one). OpenMP teams that together ask for more
+    threads than there are cores wait on each other at every parallel region: on the 2-core
+    reference machine, 32 concurrent requests through two servers of two threads each reached
+    29 tok/s, and 106 tok/s with one thread each (docs/performance.md, "OpenAI API")."""
 
     def __init__(
         self,
@@ -142,6 +155,9 @@ class LocalSwarm:
         self.initial_peers: list[tuple[str, int]] = []
         self.env = dict(os.environ)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+
+    def _server_count(self) -> int:
+        return len(self.spans) if self.spans is not None else self.num_servers
 
     def _split(self) -> list[tuple[int, int]]:
         if self.spans is not None:
@@ -208,8 +224,8 @@ class LocalSwarm:
         ]
         if block_indices:
             args += ["--block-indices", block_indices]
-        if self.num_threads:
-            args += ["--num-threads", str(self.num_threads)]
+        threads = self.num_threads or max(1, _cores() // max(1, self._server_count()))
+        args += ["--num-threads", str(threads)]
         daemon = Daemon(name, args, tmp / f"{name}.log")
         daemon.start(self.env)
         self.servers.append(daemon)
