@@ -24,6 +24,8 @@ from beectl.generation import GenerationOutput, SamplingConfig, generate, left_p
 from beectl.model import RemoteModel
 from beectl.runner import LoopThread
 from beectl.session import InferenceSession
+from beectl.speculative.adaptive import SpeculationConfig
+from beectl.speculative.drafts import DraftModel
 from beed.dht.peers import parse_initial_peers
 from protocol.errors import BadRequestError
 
@@ -118,14 +120,25 @@ class DistributedModelForCausalLM:
         """Generate after `input_ids`; returns the sequences tensor [batch, prompt + new].
 
         With `return_dict_in_generate=True` returns a GenerationOutput (sequences, logits when
-        `output_logits=True`, timings). With `session=`, the session's cached past is reused and
-        `input_ids` must start with everything that session has seen.
+        `output_logits=True`, timings, speculation counts). With `session=`, the session's
+        cached past is reused and `input_ids` must start with everything that session has seen.
+        `speculate="auto"|"off"|N` (default auto) drafts tokens to verify several per round
+        trip, by prompt lookup or by `draft_model="NAME"` (a local model, same tokenizer).
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         want_dict = bool(kwargs.get("return_dict_in_generate", False))
         output_logits = bool(kwargs.get("output_logits", False))
+        draft_name = kwargs.pop("draft_model", None)
+        speculation = SpeculationConfig.parse(kwargs.pop("speculate", "auto"), draft_name)
         sampling = self._sampling(input_ids.shape[0], dict(kwargs))
+        draft = None
+        if speculation.enabled and draft_name is not None:
+
+            async def load() -> DraftModel:  # on the loop's thread, which runs it later
+                return self._remote.draft_model(draft_name)
+
+            draft = self._loop.run(load())
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -144,6 +157,8 @@ class DistributedModelForCausalLM:
                 on_tokens=on_tokens,
                 decode_text=lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)),
                 output_logits=output_logits,
+                speculation=speculation,
+                draft_model=draft,
             )
 
         if session is not None:
@@ -183,7 +198,8 @@ class DistributedModelForCausalLM:
             ]
         else:
             rows = [list(tok(p).input_ids) for p in prompts]
-        sampling = self._sampling(len(rows), dict(kwargs))
+        plain = {k: v for k, v in kwargs.items() if k not in ("speculate", "draft_model")}
+        sampling = self._sampling(len(rows), plain)
         ids, mask = left_pad(rows, sampling.pad_token_id)
         out = self.generate(ids, mask, **kwargs)
         return [

@@ -142,6 +142,18 @@ def _encode(tokenizer: Any, prompt: str, raw: bool) -> list[int]:
     return list(tokenizer(prompt).input_ids)
 
 
+def _speculation(remote: Any, speculate: str, draft_model: str | None) -> dict[str, Any]:
+    """generate()'s speculation arguments for --speculate and --draft-model."""
+    from beectl.speculative.adaptive import SpeculationConfig
+
+    try:
+        config = SpeculationConfig.parse(speculate, draft_model)
+    except BeeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--speculate") from None
+    draft = remote.draft_model(draft_model) if draft_model and config.enabled else None
+    return {"speculation": config, "draft_model": draft}
+
+
 def _sampling_config(remote: Any, tokenizer: Any, max_new_tokens: int, **opts: Any) -> Any:
     from beectl.generation import SamplingConfig
 
@@ -172,6 +184,8 @@ async def _generate_batch(
     max_new_tokens: int,
     raw: bool,
     as_json: bool,
+    speculate: str,
+    draft_model: str | None,
     **opts: Any,
 ) -> None:
     from beectl.generation import generate as run_generation
@@ -188,7 +202,14 @@ async def _generate_batch(
         async with remote.inference_session(
             max_length=width + max_new_tokens, batch_size=len(rows)
         ) as session:
-            out = await run_generation(remote.head, session, ids, sampling, attention_mask=mask)
+            out = await run_generation(
+                remote.head,
+                session,
+                ids,
+                sampling,
+                attention_mask=mask,
+                **_speculation(remote, speculate, draft_model),
+            )
         for row, prompt in enumerate(prompts):
             new_ids = until_eos(out.sequences[row, width:].tolist(), sampling.eos_token_ids)
             click.echo(
@@ -217,6 +238,8 @@ async def _generate(
     top_p: float | None,
     repetition_penalty: float | None,
     seed: int | None,
+    speculate: str,
+    draft_model: str | None,
     raw: bool,
     as_json: bool,
 ) -> None:
@@ -247,7 +270,14 @@ async def _generate(
             route = [
                 (h.start, h.end, h.server.host, h.server.port, h.peer_id) for h in session.route
             ]
-            out = await run_generation(remote.head, session, ids, sampling, on_tokens=streamer.put)
+            out = await run_generation(
+                remote.head,
+                session,
+                ids,
+                sampling,
+                on_tokens=streamer.put,
+                **_speculation(remote, speculate, draft_model),
+            )
         streamer.end()
         new_ids = out.sequences[0, ids.shape[1] :].tolist()
         text_ids = until_eos(new_ids, sampling.eos_token_ids)
@@ -267,6 +297,11 @@ async def _generate(
                             {"blocks": [s, e], "host": h, "port": p, "peer_id": pid}
                             for s, e, h, p, pid in route
                         ],
+                        "speculation": {
+                            "mode": speculate,
+                            "draft": draft_model or "prompt lookup",
+                            **out.speculation.as_dict(),
+                        },
                         "timings": {
                             "load_s": round(load_s, 4),
                             "prefill_s": round(out.prefill_s, 4),

@@ -35,6 +35,16 @@ from protocol.errors import BeeError
     show_default=True,
     help="Seconds a new session may wait for a full server's cache to free up.",
 )
+@click.option(
+    "--speculate",
+    default="auto",
+    show_default=True,
+    metavar="auto|off|N",
+    help="Speculative decoding for requests that do not ask (their `speculate` field).",
+)
+@click.option(
+    "--draft-model", default=None, help="Draft with this local model instead of prompt lookup."
+)
 @peers_option
 def api(
     host: str,
@@ -43,6 +53,8 @@ def api(
     api_key: str | None,
     device: str,
     kv_wait: float,
+    speculate: str,
+    draft_model: str | None,
     initial_peers: list[tuple[str, int]],
 ) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) over the swarm.
@@ -55,6 +67,12 @@ def api(
         )
     from beectl.openai_api.server import ApiConfig, serve_api
     from beectl.runner import new_event_loop
+    from beectl.speculative.adaptive import SpeculationConfig
+
+    try:
+        SpeculationConfig.parse(speculate)
+    except BeeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--speculate") from None
 
     config = ClientConfig(initial_peers=tuple(initial_peers), kv_wait_s=kv_wait)
 
@@ -73,7 +91,7 @@ def api(
             sys.stdout.flush()
 
         try:
-            await serve_api(remote, ApiConfig(host, port, api_key), ready)
+            await serve_api(remote, ApiConfig(host, port, api_key, speculate, draft_model), ready)
         finally:
             await remote.aclose()
 

@@ -42,6 +42,20 @@ def generation_options(f: Any) -> Any:
             "--seed", type=int, default=None, help="Seed for sampling (implies sampling)."
         ),
         click.option(
+            "--speculate",
+            default="auto",
+            show_default=True,
+            metavar="auto|off|N",
+            help="Speculative decoding: draft tokens locally and verify several per trip "
+            "through the swarm; auto: the draft length follows the measured acceptance and "
+            "round trip (off where it does not pay); N: always up to N drafts.",
+        ),
+        click.option(
+            "--draft-model",
+            default=None,
+            help="Draft with this local model (same tokenizer) instead of prompt lookup.",
+        ),
+        click.option(
             "--raw", is_flag=True, help="Send the prompt as is, without the chat template."
         ),
         click.option(

@@ -18,6 +18,9 @@ from transformers import (
 
 from beectl.head import LocalHead
 from beectl.session import InferenceSession
+from beectl.speculative.accept import greedy, rejection
+from beectl.speculative.adaptive import DraftLength, SpeculationConfig, SpeculationStats
+from beectl.speculative.drafts import Drafter, DraftModel, PromptLookup
 from protocol.errors import BadRequestError
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,8 @@ class GenerationOutput:
     num_new_tokens: int  # generated positions (the longest row)
     prefill_s: float  # time to the first token
     decode_s: float  # time for the rest
-    logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab] if asked
+    logits: list[torch.Tensor] = field(default_factory=list)  # per token [batch, vocab] if asked
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
 
 
 TokenCallback = Callable[[torch.Tensor], None]
@@ -102,13 +106,21 @@ async def generate(
     decode_text: Callable[[list[int]], str] | None = None,
     output_logits: bool = False,
     logits: Callable[[torch.Tensor], Awaitable[torch.Tensor]] | None = None,
+    speculation: SpeculationConfig | None = None,
+    draft_model: DraftModel | None = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` after `input_ids` [batch, tokens].
 
     `cached_ids` are the ids the session already holds (a reused session): `input_ids` must start
     with them, and only the rest is sent. `attention_mask` marks left padding (0) in a batch.
-    `on_tokens` gets each step's new tokens [batch]. `logits` replaces `head.logits` (a
-    HeadBatcher's, to share the LM head with concurrent generations).
+    `on_tokens` gets each new token of every row [batch], in order. `logits` replaces
+    `head.logits` (a HeadBatcher's, to share the LM head with concurrent generations).
+
+    With `speculation` on, each round sends the pending token and a draft of the next ones
+    (by `draft_model`, else by prompt lookup) as one step; the model's scores at those positions
+    decide how many drafts to keep (beectl/speculative/accept.py), and the next round starts
+    where they end: the servers drop the rest of their cache as part of that step. The tokens
+    are those of plain generation (greedy), or distributed as them (sampling).
     """
     batch, total = input_ids.shape
     past = 0 if cached_ids is None else cached_ids.shape[1]
@@ -131,65 +143,119 @@ async def generate(
     generator = None
     if sampling.do_sample and sampling.seed is not None:
         generator = torch.Generator().manual_seed(sampling.seed)
+    spec = speculation or SpeculationConfig.parse("off")
+    drafter: Drafter | None = None
+    if spec.enabled:
+        drafter = PromptLookup()
+        if draft_model is not None:
+            drafter = draft_model.drafter(
+                processors, sample=sampling.do_sample, generator=generator
+            )
+    lengths = DraftLength(spec)
+    stats = SpeculationStats()
     eos = torch.tensor(sampling.eos_token_ids, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool)
     sequences = input_ids.clone()
     mask = attention_mask.clone()
-    new_ids = input_ids[:, past:]
+    pending = input_ids[:, past:]  # the tokens not in the servers' cache yet
     logits_out: list[torch.Tensor] = []
     began = time.perf_counter()
     prefill_s = 0.0
-    steps = 0
-    for steps in range(1, sampling.max_new_tokens + 1):
+    generated = 0
+    rounds = 0
+    while generated < sampling.max_new_tokens:
+        rounds += 1
+        round_began = time.perf_counter()
+        room = session.max_length - session.position - pending.shape[1]
+        k = lengths.choose(min(sampling.max_new_tokens - generated - 1, room))
+        draft = None
+        if k > 0 and drafter is not None:
+            draft = drafter.propose(sequences, mask, unfinished, k)
+        drafts = draft.tokens if draft is not None else sequences[:, :0]
+        k = drafts.shape[1]
+        new_ids = torch.cat([pending, drafts], dim=1)
+        step_mask = torch.cat([mask, torch.ones(batch, k, dtype=mask.dtype)], dim=1)
         position_ids = None
-        step_mask = None
         if padded:
             # As transformers does for left padding: count real tokens; pads get position 1.
-            full = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            full = (step_mask.long().cumsum(-1) - 1).masked_fill(step_mask == 0, 1)
             position_ids = full[:, -new_ids.shape[1] :]
-            step_mask = mask
+        start = session.position
         hidden = head.embed(new_ids)
-        hidden = await session.step(hidden, attention_mask=step_mask, position_ids=position_ids)
-        last = hidden[:, -1:, :]
-        scores = (head.logits(last) if logits is None else await logits(last))[:, -1, :]
-        if output_logits:
-            logits_out.append(scores.to("cpu", copy=True))
+        hidden = await session.step(
+            hidden, attention_mask=step_mask if padded else None, position_ids=position_ids
+        )
+        last = hidden[:, -(k + 1) :, :]
+        raw = head.logits(last) if logits is None else await logits(last)  # [batch, k + 1, V]
+        scores = raw
         if processors:
-            scores = processors(sequences.to(scores.device), scores)  # type: ignore[arg-type]
+            extended = torch.cat([sequences, drafts], dim=1).to(raw.device)
+            width = sequences.shape[1]
+            scores = torch.stack(
+                [processors(extended[:, : width + j], raw[:, j, :]) for j in range(k + 1)],  # type: ignore[arg-type]
+                dim=1,
+            )
         if sampling.do_sample:
             # On the host, with the seeded host generator: the same draws on any device.
             probs = torch.softmax(scores.cpu(), dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if k:
+                accepted, tokens = rejection(
+                    probs, drafts, None if draft is None else draft.probs, generator
+                )
+            else:
+                tokens = torch.multinomial(probs[:, 0], 1, generator=generator)
+                accepted = torch.zeros(batch, dtype=torch.long)
         else:
-            next_ids = scores.argmax(dim=-1).cpu()
-        next_ids = torch.where(
-            unfinished, next_ids, torch.full_like(next_ids, sampling.pad_token_id)
-        )
-        sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-        if steps == 1:
-            prefill_s = time.perf_counter() - began
-        if on_tokens is not None:
-            on_tokens(next_ids)
-        if eos.numel():
-            unfinished &= ~torch.isin(next_ids, eos)
-        if sampling.stop_strings and decode_text is not None:
-            for row in range(batch):
-                if unfinished[row]:
-                    text = decode_text(sequences[row, total:].tolist())
-                    if any(s in text for s in sampling.stop_strings):
-                        unfinished[row] = False
-        if not unfinished.any() or steps == sampling.max_new_tokens:
+            accepted, tokens = greedy(scores, drafts)
+        keep = 1 + (int(accepted[unfinished].min()) if k and bool(unfinished.any()) else 0)
+        emitted = 0
+        for j in range(keep):
+            next_ids = torch.where(
+                unfinished, tokens[:, j], torch.full_like(tokens[:, j], sampling.pad_token_id)
+            )
+            sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            generated += 1
+            emitted += 1
+            if output_logits:
+                logits_out.append(raw[:, j, :].to("cpu", copy=True))
+            if generated == 1:
+                prefill_s = time.perf_counter() - began
+            if on_tokens is not None:
+                on_tokens(next_ids)
+            before = unfinished.clone()
+            if eos.numel():
+                unfinished &= ~torch.isin(next_ids, eos)
+            if sampling.stop_strings and decode_text is not None:
+                for row in range(batch):
+                    if unfinished[row]:
+                        text = decode_text(sequences[row, total:].tolist())
+                        if any(s in text for s in sampling.stop_strings):
+                            unfinished[row] = False
+            if not torch.equal(before, unfinished):
+                break  # a row ended: the rest of the round assumed it went on
+        # Cached now: the pending tokens and the drafts that were kept (emitted - 1 of them).
+        session.rewind(start + pending.shape[1] + emitted - 1)
+        if drafter is not None:
+            drafter.commit(session.position)
+        if k:
+            stats.rounds += 1
+            stats.proposed += k
+            stats.accepted += emitted - 1
+        if rounds > 1:  # the prefill round is not a decode round
+            lengths.record(k, emitted - 1, time.perf_counter() - round_began)
+        if not unfinished.any():
             break
         if session.position + 1 > session.max_length:
             log.info("generate.max_length session=%d", session.max_length)
             break
-        new_ids = next_ids[:, None]
+        pending = sequences[:, -1:]
     elapsed = time.perf_counter() - began
     return GenerationOutput(
         sequences=sequences,
-        num_new_tokens=steps if sampling.max_new_tokens else 0,
+        num_new_tokens=generated,
         prefill_s=prefill_s,
         decode_s=elapsed - prefill_s,
         logits=logits_out,
+        speculation=stats,
     )

@@ -15,6 +15,8 @@ from beed.models.weights import load_tensors
 
 log = logging.getLogger(__name__)
 
+SKINNY_ROWS = 8  # up to this many rows, the CPU head multiplies the transposed way (logits())
+
 
 class LocalHead:
     """Token embeddings in, hidden states out to the swarm; hidden states back, logits out."""
@@ -48,6 +50,7 @@ class LocalHead:
         self._lm_head: nn.Module = lm_head
         cap_attr = self.family.logit_softcap_attr
         self._softcap: float | None = getattr(self.config, cap_attr, None) if cap_attr else None
+        self._plain_head = isinstance(lm_head, nn.Linear) and lm_head.bias is None
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.config.vocab_size)
 
@@ -61,7 +64,18 @@ class LocalHead:
         head's device (greedy picks run there: only the chosen ids travel to the host)."""
         with torch.inference_mode():
             hidden = self._norm(hidden.to(self.device, self.dtype))
-            logits = self._lm_head(hidden)
+            rows = hidden.shape[0] * hidden.shape[1]
+            if hidden.device.type == "cpu" and 1 < rows <= SKINNY_ROWS and self._plain_head:
+                # A few rows (a speculative verification): the CPU's product of a tall matrix
+                # by a thin one reads the output matrix once, like a single row, where a
+                # general matrix product of 2-8 rows took twice as long as one (measured:
+                # 16 against 5.6 ms for 2 rows of SmolLM2, one thread).
+                flat = hidden.reshape(rows, hidden.shape[-1])
+                weight: torch.Tensor = self._lm_head.weight  # type: ignore[assignment]
+                logits = torch.mm(weight, flat.T).T
+                logits = logits.reshape(*hidden.shape[:-1], -1)
+            else:
+                logits = self._lm_head(hidden)
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
             return logits.float()

@@ -13,10 +13,12 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from beectl.config import ClientConfig
 from beectl.head import LocalHead
 from beectl.session import InferenceSession, ModelRef
+from beectl.speculative.drafts import DraftModel
 from beectl.swarm import Swarm
 from beed.models.adapters import load_config, num_blocks
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir, resolve_model
+from protocol.errors import BadRequestError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class RemoteModel:
         self.swarm = swarm
         self.config = config
         self.ref = ModelRef(files.name, files.fingerprint, files.num_blocks)
+        self._drafts: dict[str, DraftModel] = {}
         try:
             self.generation_config = GenerationConfig.from_pretrained(files.path)
         except OSError:
@@ -85,6 +88,22 @@ class RemoteModel:
             await swarm.aclose()
             raise
         return cls(files, head, tokenizer, swarm, config)
+
+    def draft_model(self, name: str) -> DraftModel:
+        """A local draft model (loaded once) for speculative decoding; it must share the
+        model's tokenizer (BadRequestError otherwise)."""
+        if name not in self._drafts:
+            files = load_model_files(name)
+            config = load_config(files.path)
+            if int(config.vocab_size) != self.head.vocab_size:
+                raise BadRequestError(
+                    f"draft model {name} has a vocabulary of {config.vocab_size} tokens, "
+                    f"{self.files.name} {self.head.vocab_size}: they must share the tokenizer"
+                )
+            self._drafts[name] = DraftModel(
+                files.path, dtype=self.head.dtype, device=str(self.head.device)
+            )
+        return self._drafts[name]
 
     def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
         return InferenceSession(

@@ -338,6 +338,18 @@ class InferenceSession:
         except BeeError as exc:  # nowhere to go yet: stay until it closes
             log.info("session.drain_stay span=%d:%d error=%s", h.hop.start, h.hop.end, exc)
 
+    def rewind(self, position: int) -> None:
+        """Make `position` the current position without a round trip: the next step starts
+        there, and each server drops its cached tokens from it on as part of that step (a
+        speculative round's refused drafts). The hops' histories are cut now."""
+        if not 0 <= position <= self.position:
+            raise BadRequestError(f"cannot rewind to {position}: {self.position} tokens cached")
+        if position == self.position:
+            return
+        for h in self._hops:
+            h.history.truncate(position)
+        self.position = position
+
     async def truncate(self, position: int) -> None:
         """Forget cached tokens from `position` on, on every hop (rollback)."""
         if not 0 <= position <= self.position:

@@ -63,6 +63,9 @@ class Sampling:
     n: int
     stream: bool
     include_usage: bool
+    speculate: str | None = (
+        None  # beed's extension: "auto" | "off" | a draft length; None: server's
+    )
 
 
 @dataclass(frozen=True)
@@ -189,4 +192,16 @@ def _sampling(body: dict[str, Any]) -> Sampling:
         n=n,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        speculate=_speculate(body),
     )
+
+
+def _speculate(body: dict[str, Any]) -> str | None:
+    value = body.get("speculate")
+    if value is None:
+        return None
+    if value in ("auto", "off") or (
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64
+    ):
+        return str(value)
+    raise bad('\'speculate\' must be "auto", "off" or a draft length from 0 to 64', "speculate")

@@ -35,6 +35,7 @@ from beectl.openai_api.schema import (
     parse_chat,
     parse_completion,
 )
+from beectl.speculative.adaptive import SpeculationConfig
 from protocol.errors import (
     BadRequestError,
     BeeError,
@@ -51,6 +52,8 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # None: no authentication
+    speculate: str = "auto"  # requests without their own "speculate"
+    draft_model: str | None = None  # None: prompt lookup
 
 
 def error_of(exc: BaseException) -> ApiError:
@@ -89,6 +92,7 @@ class ApiServer:
         self.head = HeadBatcher(remote.head)  # one LM head product per burst of answers
         self.metrics = ApiMetrics(lambda: self.head)
         self.pool = PrefixPool(remote, context=self.context)  # sessions kept between turns
+        self.draft = remote.draft_model(config.draft_model) if config.draft_model else None
         self.app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model}", self.model)
@@ -342,6 +346,8 @@ class ApiServer:
             on_tokens=on_tokens,
             decode_text=lambda t: str(self.tokenizer.decode(t, skip_special_tokens=True)),
             logits=self.head.logits,
+            speculation=SpeculationConfig.parse(s.speculate or self.config.speculate),
+            draft_model=self.draft,
         )
 
     def _usage(

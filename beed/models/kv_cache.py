@@ -20,8 +20,9 @@ from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import Cache, DynamicLayer
 
-from protocol.errors import BadRequestError, InternalServerError
+from protocol.errors import BadRequestError
 
 
 class SpanCache(Protocol):
@@ -43,8 +44,7 @@ class SpanCache(Protocol):
         """Each block's cached length, to `restore` after a failed forward."""
 
     def restore(self, lengths: list[int]) -> None:
-        """Cut every block back to the lengths of a `snapshot` (InternalServerError if a
-        sliding-window block has dropped positions since)."""
+        """Cut every block back to the lengths of a `snapshot`."""
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype, blocks: int) -> int:
@@ -56,10 +56,17 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype, blocks: int
 
 
 class DynamicSpanCache(DynamicCache):
-    """transformers' DynamicCache, with the SpanCache contract."""
+    """transformers' DynamicCache, with the SpanCache contract.
+
+    Every block keeps every position, sliding-window blocks included (their masks still see
+    only the window): a rollback is never refused, however far back it goes (a speculative
+    round's refused drafts, a failover replay), at the cost of the window's memory saving,
+    which the KV budget never counted anyway.
+    """
 
     def __init__(self, config: PretrainedConfig, **kwargs: Any) -> None:
-        super().__init__(config=config, **kwargs)
+        layers = int(config.get_text_config(decoder=True).num_hidden_layers)
+        Cache.__init__(self, layers=[DynamicLayer() for _ in range(layers)], **kwargs)
 
     def tokens(self, block: int) -> int:
         return int(self.get_seq_length(block))
@@ -70,16 +77,8 @@ class DynamicSpanCache(DynamicCache):
             raise BadRequestError(
                 f"cannot truncate to {position}: the session holds {length} tokens"
             )
-        if position == length:
-            return
-        for i in blocks:
-            window = getattr(self.layers[i], "sliding_window", None)
-            if window is not None and length >= window:
-                raise BadRequestError(
-                    f"cannot roll back to {position}: block {first_block + i} keeps only "
-                    f"the last {window} positions (sliding-window attention)"
-                )
-        self.crop(position - length)
+        if position < length:
+            self.crop(position - length)  # a negative count: the tokens to drop
 
     def snapshot(self) -> list[int]:
         return [self.tokens(i) for i in range(len(self.layers))]
@@ -88,9 +87,5 @@ class DynamicSpanCache(DynamicCache):
         layers: list[Any] = list(self.layers)  # transformers types them as a union of kinds
         for layer, length in zip(layers, lengths, strict=True):
             now = layer.get_seq_length()
-            if now == length:
-                continue
-            window = getattr(layer, "sliding_window", None)
-            if window is not None and now >= window:
-                raise InternalServerError("a failed batch overwrote this session's sliding window")
-            layer.crop(length - now)
+            if now != length:
+                layer.crop(length - now)

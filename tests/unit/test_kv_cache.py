@@ -55,15 +55,19 @@ def test_snapshot_and_restore(backend: BlockBackend):
     )
 
 
-def test_a_sliding_window_cannot_roll_back_past_what_it_dropped(backend: BlockBackend):
-    if backend.span.layer_types is None or "sliding_attention" not in backend.span.layer_types:
-        pytest.skip("no sliding-window blocks")
+def test_rollback_past_a_sliding_window_is_exact(backend: BlockBackend):
+    """Sliding-window blocks keep every position: a rollback far behind the window (refused
+    speculative drafts) leaves the cache as if the cut tokens had never been sent."""
     blocks = range(4)
     cache = backend.new_cache()
-    backend.step(cache, blocks, hidden(10, 6), 0)  # past the window of 8
-    with pytest.raises(BadRequestError, match="sliding-window attention"):
-        cache.rollback(blocks, 4, first_block=10)
-    assert cache.tokens(0) == 10  # refused whole: nothing was cut
+    backend.step(cache, blocks, hidden(10, 6), 0)  # past gemma's window of 8
+    backend.step(cache, blocks, hidden(6, 7), 10)
+    cache.rollback(blocks, 4, first_block=10)
+    assert cache.snapshot() == [4] * 4
+    after = backend.step(cache, blocks, hidden(12, 8), 4)
+    fresh = backend.new_cache()
+    backend.step(fresh, blocks, hidden(10, 6)[:, :4], 0)
+    assert torch.allclose(after, backend.step(fresh, blocks, hidden(12, 8), 4), atol=1e-6)
 
 
 def test_bytes_per_token(tmp_path: Path):

@@ -1,0 +1,170 @@
+"""Speculative decoding through real daemons: the same tokens as plain greedy generation (and
+as local transformers), the same distribution when sampling, and failover mid-verification."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from beectl import AutoDistributedModelForCausalLM
+from beectl.local_swarm import LocalSwarm
+from tests.conftest import STORY, peers_of
+from tests.swarm.test_batch import PROMPTS
+from tests.swarm.test_failover import Trigger, server_on_route
+from tests.unit.test_speculative import chi_square
+
+NEW_TOKENS = 48
+# Greedy SmolLM2 soon repeats itself after this, which prompt lookup drafts well.
+REPEATS = "Roses are red, violets are blue. Roses are red, violets are blue. Roses are"
+
+
+def reference(local_model, ids, new_tokens=NEW_TOKENS, **kw):
+    return local_model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+
+
+def assert_same(out, ref) -> None:
+    assert torch.equal(out.sequences, ref.sequences)
+    worst = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits, strict=True))
+    assert worst <= 1e-4, worst
+
+
+@pytest.fixture(scope="module")
+def model(swarm2):
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        "smollm2-135m", initial_peers=peers_of(swarm2)
+    ) as m:
+        yield m
+
+
+def generate(model, ids, **kw):
+    return model.generate(
+        ids,
+        max_new_tokens=kw.pop("max_new_tokens", NEW_TOKENS),
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(("speculate", "text"), [(4, REPEATS), ("auto", STORY)])
+def test_prompt_lookup_equals_plain_greedy_and_local(
+    model, local_model, tokenizer, speculate, text
+):
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    out = generate(model, ids, speculate=speculate)
+    assert_same(out, reference(local_model, ids))
+    if speculate == 4:
+        stats = out.speculation
+        assert stats.proposed > 0 and stats.accepted > 0, stats
+
+
+def test_the_model_drafting_for_itself_accepts_every_draft(model, local_model, tokenizer):
+    ids = tokenizer(STORY, return_tensors="pt").input_ids
+    out = generate(model, ids, speculate=4, draft_model="smollm2-135m", max_new_tokens=24)
+    assert_same(out, reference(local_model, ids, 24))
+    stats = out.speculation
+    assert stats.proposed >= 12 and stats.accepted == stats.proposed, stats
+
+
+def test_a_batch_of_different_lengths_equals_local_batched_generate(model, local_model, tokenizer):
+    tokenizer.padding_side = "left"
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ref = local_model.generate(
+        **enc,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    out = model.generate(
+        enc.input_ids,
+        enc.attention_mask,
+        max_new_tokens=12,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+        speculate=3,
+        draft_model="smollm2-135m",
+    )
+    assert_same(out, ref)
+    assert out.speculation.accepted > 0
+
+
+def two_sample_chi_square(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Statistic and degrees of freedom of "a and b are draws of one distribution"."""
+    tokens = torch.cat([a, b]).unique()
+    ca = torch.stack([(a == t).sum() for t in tokens]).float()
+    cb = torch.stack([(b == t).sum() for t in tokens]).float()
+    keep = ca + cb >= 10
+    ca, cb = ca[keep], cb[keep]
+    pooled = (ca + cb) / (ca + cb).sum()
+    return chi_square(ca, pooled) + chi_square(cb, pooled), int(keep.sum()) - 1
+
+
+@pytest.mark.slow
+def test_speculative_sampling_draws_from_the_same_distribution(model, tokenizer):
+    """2048 draws each, plain and speculative. A batch keeps as many drafts as its least
+    lucky row, so the rows are few and the distribution peaked enough to accept some."""
+    ids = tokenizer(REPEATS, return_tensors="pt").input_ids
+    rows, runs = 32, 64
+    draws: dict[str, list[torch.Tensor]] = {"off": [], "4": []}
+    proposed = accepted = 0
+    for run in range(runs):
+        for speculate in draws:
+            out = model.generate(
+                ids.repeat(rows, 1),
+                max_new_tokens=4,
+                eos_token_id=None,
+                do_sample=True,
+                temperature=0.6,
+                top_k=3,
+                seed=1000 * run + len(speculate),
+                speculate=speculate,
+                return_dict_in_generate=True,
+            )
+            draws[speculate].append(out.sequences[:, ids.shape[1] :])
+            proposed += out.speculation.proposed
+            accepted += out.speculation.accepted
+    plain, spec = torch.cat(draws["off"]), torch.cat(draws["4"])
+    assert proposed > 0 and 0 < accepted < proposed
+    # Tokens 2-4 come from verification rounds (the first from the prefill).
+    for position in (1, 2, 3):
+        stat, df = two_sample_chi_square(plain[:, position], spec[:, position])
+        assert df >= 1
+        # chi-square 0.999 quantiles for df 1..6
+        limit = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46][min(df, 6) - 1]
+        assert stat < limit, (position, stat, df)
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_verification_costs_nothing(local_model, tokenizer):
+    ids = tokenizer(REPEATS, return_tensors="pt").input_ids
+    ref = reference(local_model, ids)
+    with LocalSwarm(spans=[(0, 15), (15, 30), (15, 30)]) as swarm:
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            "smollm2-135m", initial_peers=peers_of(swarm), failover_timeout_s=120.0
+        ) as model:
+
+            def kill(route) -> None:
+                server_on_route(swarm, route, 15).signal(signal.SIGKILL)
+
+            trigger = Trigger(12, kill)
+            with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+                trigger.session = session
+                out = generate(model, ids, session=session, streamer=trigger, speculate=4)
+                assert session.inner.recoveries >= 1
+    assert_same(out, ref)
+    assert out.speculation.accepted > 0
