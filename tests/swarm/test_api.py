@@ -92,6 +92,11 @@ def test_chat_greedy_equals_local_transformers_and_streams_the_same_text(
             finish = choice.finish_reason or finish
     assert "".join(parts) == text and finish == "length"
     assert usage is not None and usage.total_tokens == answer.usage.total_tokens
+    # beed's extension: speculation forced on (up to 6 drafts a round) answers the same.
+    drafted = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, extra_body={"speculate": 6}
+    )
+    assert drafted.choices[0].message.content == text
 
 
 def test_models_completions_stop_and_n(client):
@@ -123,6 +128,11 @@ def test_bad_requests_get_openai_errors(client, api):
     assert empty.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5)
+    with pytest.raises(openai.BadRequestError) as speculate:
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, extra_body={"speculate": "fast"}
+        )
+    assert speculate.value.body["param"] == "speculate"
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=10**6)
     import urllib.error

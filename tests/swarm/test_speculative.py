@@ -3,13 +3,20 @@ as local transformers), the same distribution when sampling, and failover mid-ve
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
 import torch
 
 from beectl import AutoDistributedModelForCausalLM
+from beectl.config import ClientConfig
+from beectl.generation import SamplingConfig
+from beectl.generation import generate as run_generation
 from beectl.local_swarm import LocalSwarm
+from beectl.model import RemoteModel
+from beectl.speculative.adaptive import SpeculationConfig
+from beed.dht.peers import parse_initial_peers
 from tests.conftest import STORY, peers_of
 from tests.swarm.test_batch import PROMPTS
 from tests.swarm.test_failover import Trigger, server_on_route
@@ -114,32 +121,47 @@ def two_sample_chi_square(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]
     return chi_square(ca, pooled) + chi_square(cb, pooled), int(keep.sum()) - 1
 
 
-@pytest.mark.slow
-def test_speculative_sampling_draws_from_the_same_distribution(model, tokenizer):
-    """2048 draws each, plain and speculative. A batch keeps as many drafts as its least
-    lucky row, so the rows are few and the distribution peaked enough to accept some."""
-    ids = tokenizer(REPEATS, return_tensors="pt").input_ids
-    rows, runs = 32, 64
-    draws: dict[str, list[torch.Tensor]] = {"off": [], "4": []}
-    proposed = accepted = 0
-    for run in range(runs):
-        for speculate in draws:
-            out = model.generate(
-                ids.repeat(rows, 1),
-                max_new_tokens=4,
-                eos_token_id=None,
-                do_sample=True,
-                temperature=0.6,
-                top_k=3,
-                seed=1000 * run + len(speculate),
-                speculate=speculate,
-                return_dict_in_generate=True,
+async def sample_many(peers, ids, speculate: str, *, sessions: int, rows: int, runs: int):
+    """(new tokens [sessions * rows * runs, 4], proposed, accepted): `sessions` concurrent
+    generations of `rows` rows at a time, each with its own seed."""
+    config = ClientConfig(initial_peers=tuple(parse_initial_peers(peers)))
+    remote = await RemoteModel.load("smollm2-135m", config)
+    spec = SpeculationConfig.parse(speculate)
+    outs = []
+    try:
+
+        async def one(seed: int):
+            sampling = SamplingConfig(
+                max_new_tokens=4, do_sample=True, temperature=0.6, top_k=3, seed=seed
             )
-            draws[speculate].append(out.sequences[:, ids.shape[1] :])
-            proposed += out.speculation.proposed
-            accepted += out.speculation.accepted
-    plain, spec = torch.cat(draws["off"]), torch.cat(draws["4"])
-    assert proposed > 0 and 0 < accepted < proposed
+            batch = ids.repeat(rows, 1)
+            async with remote.inference_session(
+                max_length=batch.shape[1] + 4, batch_size=rows
+            ) as session:
+                return await run_generation(remote.head, session, batch, sampling, speculation=spec)
+
+        for run in range(runs):
+            outs += await asyncio.gather(*(one(run * sessions + i) for i in range(sessions)))
+    finally:
+        await remote.aclose()
+    tokens = torch.cat([o.sequences[:, ids.shape[1] :] for o in outs])
+    return (
+        tokens,
+        sum(o.speculation.proposed for o in outs),
+        sum(o.speculation.accepted for o in outs),
+    )
+
+
+@pytest.mark.slow
+def test_speculative_sampling_draws_from_the_same_distribution(swarm2, tokenizer):
+    """2048 draws each, plain and speculative, from concurrent sessions of two rows (a batch
+    keeps as many drafts as its least lucky row: few rows, a peaked distribution)."""
+    ids = tokenizer(REPEATS, return_tensors="pt").input_ids
+    shape = dict(sessions=16, rows=2, runs=64)
+    plain, _, _ = asyncio.run(sample_many(peers_of(swarm2), ids, "off", **shape))
+    spec, proposed, accepted = asyncio.run(sample_many(peers_of(swarm2), ids, "4", **shape))
+    assert plain.shape == spec.shape == (2048, 4)
+    assert proposed > 0 and 0 < accepted < proposed, (proposed, accepted)
     # Tokens 2-4 come from verification rounds (the first from the prefill).
     for position in (1, 2, 3):
         stat, df = two_sample_chi_square(plain[:, position], spec[:, position])
@@ -149,7 +171,6 @@ def test_speculative_sampling_draws_from_the_same_distribution(model, tokenizer)
         assert stat < limit, (position, stat, df)
 
 
-@pytest.mark.slow
 def test_a_server_killed_mid_verification_costs_nothing(local_model, tokenizer):
     ids = tokenizer(REPEATS, return_tensors="pt").input_ids
     ref = reference(local_model, ids)
