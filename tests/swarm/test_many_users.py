@@ -133,10 +133,12 @@ async def test_steps_are_bit_identical_to_the_local_model(local_model, tokenizer
     refs = [reference(local_model, i, 8) for i in ids]
     # Bit-identical needs the reference's thread count for decode steps too (attention over 8
     # or more cached tokens sums in an order set by its threads): the default decode threads
-    # give ~3e-5 differences.
+    # give ~3e-5 differences. Prefills too (LocalSwarm would give each server half the cores).
     threads = ["--decode-threads", str(torch.get_num_threads())]
     mode = "--continuous-batching" if batching else "--no-continuous-batching"
-    with LocalSwarm(num_servers=2, extra_args=[mode, *threads]) as swarm:
+    with LocalSwarm(
+        num_servers=2, extra_args=[mode, *threads], num_threads=torch.get_num_threads()
+    ) as swarm:
         async with Clients(swarm, len(ids)) as models:
             outs = await asyncio.gather(
                 *(generate_one(m, i, 8) for m, i in zip(models, ids, strict=True))
