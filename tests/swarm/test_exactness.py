@@ -24,7 +24,7 @@ def reference(local_model, ids: torch.Tensor, new_tokens: int):
     )
 
 
-def check_same(local_model, tokenizer, peers: list[str]) -> None:
+def check_same(local_model, tokenizer, peers: list[str], speculate: str = "auto") -> None:
     ids = tokenizer(STORY, return_tensors="pt").input_ids
     ref = reference(local_model, ids, NEW_TOKENS)
     with AutoDistributedModelForCausalLM.from_pretrained(
@@ -36,6 +36,7 @@ def check_same(local_model, tokenizer, peers: list[str]) -> None:
             eos_token_id=None,
             return_dict_in_generate=True,
             output_logits=True,
+            speculate=speculate,
         )
     assert out.sequences.shape == (1, ids.shape[1] + NEW_TOKENS)
     assert torch.equal(out.sequences, ref.sequences)

@@ -37,7 +37,7 @@ def test_counters_move_after_a_generation(tokenizer):
             "smollm2-135m", initial_peers=peers_of(swarm)
         ) as model:
             ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
-            model.generate(ids, max_new_tokens=8, eos_token_id=None)
+            model.generate(ids, max_new_tokens=8, eos_token_id=None, speculate="off")
         # A request for blocks this server does not have gets an Error (202) it counts.
         from beed.models.fingerprint import model_fingerprint
         from beed.models.registry import cache_dir, resolve_model
