@@ -130,7 +130,7 @@ class DistributedModelForCausalLM:
         want_dict = bool(kwargs.get("return_dict_in_generate", False))
         output_logits = bool(kwargs.get("output_logits", False))
         draft_name = kwargs.pop("draft_model", None)
-        speculation = SpeculationConfig.parse(kwargs.pop("speculate", "auto"), draft_name)
+        speculation = SpeculationConfig.parse(kwargs.pop("speculate", "auto"))
         sampling = self._sampling(input_ids.shape[0], dict(kwargs))
         draft = None
         if speculation.enabled and draft_name is not None:

@@ -147,7 +147,7 @@ def _speculation(remote: Any, speculate: str, draft_model: str | None) -> dict[s
     from beectl.speculative.adaptive import SpeculationConfig
 
     try:
-        config = SpeculationConfig.parse(speculate, draft_model)
+        config = SpeculationConfig.parse(speculate)
     except BeeError as exc:
         raise click.BadParameter(str(exc), param_hint="--speculate") from None
     draft = remote.draft_model(draft_model) if draft_model and config.enabled else None

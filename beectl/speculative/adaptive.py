@@ -29,19 +29,18 @@ OPTIMISM = 0.02  # untried lengths: T(0) times this per draft beyond the longest
 
 @dataclass(frozen=True)
 class SpeculationConfig:
-    """`beectl generate --speculate auto|off|N` and `--draft-model`."""
+    """`beectl generate --speculate auto|off|N` (who drafts is the caller's choice)."""
 
     mode: str = "auto"  # "auto": adaptive length; "off"; "fixed": always `length`
     length: int = MAX_DRAFT  # fixed: the draft length; auto: the longest tried
-    draft_model: str | None = None  # a local model with the same tokenizer; None: prompt lookup
 
     @classmethod
-    def parse(cls, value: str | int | None, draft_model: str | None = None) -> SpeculationConfig:
+    def parse(cls, value: str | int | None) -> SpeculationConfig:
         """'auto', 'off' or a draft length N >= 0 (0 is off)."""
         if value is None or value == "auto":
-            return cls("auto", MAX_DRAFT, draft_model)
+            return cls("auto", MAX_DRAFT)
         if value == "off":
-            return cls("off", 0, draft_model)
+            return cls("off", 0)
         try:
             n = int(value)
         except (TypeError, ValueError):
@@ -50,14 +49,11 @@ class SpeculationConfig:
             ) from None
         if not 0 <= n <= 64:
             raise BadRequestError("a draft length must be between 0 and 64")
-        return cls("fixed" if n else "off", n, draft_model)
+        return cls("fixed" if n else "off", n)
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
-
-    def with_draft_model(self, draft_model: str | None) -> SpeculationConfig:
-        return dataclasses.replace(self, draft_model=draft_model)
 
 
 @dataclass

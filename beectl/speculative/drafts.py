@@ -24,8 +24,6 @@ class Draft:
 
 
 class Drafter(Protocol):
-    name: str
-
     def propose(
         self, sequences: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, k: int
     ) -> Draft | None:
@@ -40,8 +38,6 @@ class PromptLookup:
     """Proposes what followed the most recent earlier occurrence of the last n tokens (n from
     `max_ngram` down to `min_ngram`); rows without a match propose nothing, and a batch
     proposes only as far as every active row can."""
-
-    name = "lookup"
 
     def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -97,7 +93,6 @@ class DraftModel:
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model: Any = model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
-        self.vocab_size = int(self.model.config.vocab_size)
 
     def drafter(
         self,
@@ -113,8 +108,6 @@ class ModelDrafter:
     """Drafts k tokens one by one with a DraftModel, greedy or sampled with the same logits
     processors as the real model; keeps its own KV cache, cut back to what was accepted after
     each round."""
-
-    name = "model"
 
     def __init__(
         self,

@@ -19,30 +19,13 @@ from beectl.speculative.adaptive import SpeculationConfig
 from beed.dht.peers import parse_initial_peers
 from tests.conftest import STORY, peers_of
 from tests.swarm.test_batch import PROMPTS
-from tests.swarm.test_failover import Trigger, server_on_route
+from tests.swarm.test_exactness import reference
+from tests.swarm.test_failover import Trigger, assert_same, server_on_route
 from tests.unit.test_speculative import chi_square
 
 NEW_TOKENS = 48
 # Greedy SmolLM2 soon repeats itself after this, which prompt lookup drafts well.
 REPEATS = "Roses are red, violets are blue. Roses are red, violets are blue. Roses are"
-
-
-def reference(local_model, ids, new_tokens=NEW_TOKENS, **kw):
-    return local_model.generate(
-        ids,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
-
-
-def assert_same(out, ref) -> None:
-    assert torch.equal(out.sequences, ref.sequences)
-    worst = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits, strict=True))
-    assert worst <= 1e-4, worst
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +53,7 @@ def test_prompt_lookup_equals_plain_greedy_and_local(
 ):
     ids = tokenizer(text, return_tensors="pt").input_ids
     out = generate(model, ids, speculate=speculate)
-    assert_same(out, reference(local_model, ids))
+    assert_same(out, reference(local_model, ids, NEW_TOKENS))
     if speculate == 4:
         stats = out.speculation
         assert stats.proposed > 0 and stats.accepted > 0, stats
@@ -173,7 +156,7 @@ def test_speculative_sampling_draws_from_the_same_distribution(swarm2, tokenizer
 
 def test_a_server_killed_mid_verification_costs_nothing(local_model, tokenizer):
     ids = tokenizer(REPEATS, return_tensors="pt").input_ids
-    ref = reference(local_model, ids)
+    ref = reference(local_model, ids, NEW_TOKENS)
     with LocalSwarm(spans=[(0, 15), (15, 30), (15, 30)]) as swarm:
         with AutoDistributedModelForCausalLM.from_pretrained(
             "smollm2-135m", initial_peers=peers_of(swarm), failover_timeout_s=120.0
