@@ -138,7 +138,9 @@ async def test_stateless_forward_and_backward(swarm2, model_path, local_model, t
             assert isinstance(reply, ForwardResult)
             hidden = reply.hidden
             if end == 15:  # transformers' hidden_states[15] is the output of block 14
-                assert (hidden - ref[15]).abs().max().item() < 1e-4
+                # Float32 rounding only (SmolLM2's hidden states reach ~2e4 here; the server's
+                # thread count changes the order of its sums).
+                torch.testing.assert_close(hidden, ref[15], rtol=1e-5, atol=1e-4)
         grad_out = torch.randn_like(hidden)
         reply = await conns[1].request(
             Backward(conns[1].new_stream_id(), fingerprint, 15, 30, ref[15], grad_out), 30.0

@@ -67,7 +67,10 @@ def test_rollback_past_a_sliding_window_is_exact(backend: BlockBackend):
     after = backend.step(cache, blocks, hidden(12, 8), 4)
     fresh = backend.new_cache()
     backend.step(fresh, blocks, hidden(10, 6)[:, :4], 0)
-    assert torch.allclose(after, backend.step(fresh, blocks, hidden(12, 8), 4), atol=1e-6)
+    # Equal up to float32 rounding (the cropped layer's keys are laid out differently).
+    torch.testing.assert_close(
+        after, backend.step(fresh, blocks, hidden(12, 8), 4), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bytes_per_token(tmp_path: Path):
