@@ -243,6 +243,9 @@ class Step(Message):
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     next_hops: tuple[dict[str, Any], ...] = field(default=(), metadata=_EXT)
+    # A tree step (feature "tree"): each token's parent in the step, -1 for one that follows
+    # the cache; a token sees only its ancestors and sits at position + its depth.
+    tree: torch.Tensor | None = None
 
 
 @_register
@@ -283,6 +286,7 @@ class Push(Message):
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     next_hops: tuple[dict[str, Any], ...] = field(default=(), metadata=_EXT)
+    tree: torch.Tensor | None = None  # as in Step
 
 
 @_register

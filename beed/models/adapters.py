@@ -31,6 +31,7 @@ from beed.models.segments import (
     SegmentMasks,
     use_segmented_attention,
 )
+from beed.models.tree_mask import Tree, as_attention_mask, tree_mask
 from protocol.errors import ModelNotFoundError
 
 
@@ -133,6 +134,7 @@ class SpanInput:
     position_ids: torch.Tensor  # [batch, tokens]
     cache: SpanCache
     mask: torch.Tensor | None = None  # [batch, past + tokens] or None
+    tree: Tree | None = None  # a tree step's structure (tree_mask.py); None: causal
 
 
 class Span(nn.Module):
@@ -189,8 +191,10 @@ class Span(nn.Module):
         cache: SpanCache | None,
         attention_mask: torch.Tensor | None = None,
         blocks: range | None = None,
+        tree: Tree | None = None,
     ) -> torch.Tensor:
-        """Run `hidden` through the span's blocks (or the local block indices in `blocks`)."""
+        """Run `hidden` through the span's blocks (or the local block indices in `blocks`);
+        `tree`: each token sees only its ancestors among the new ones (tree_mask.py)."""
         blocks = blocks if blocks is not None else range(len(self.layers))
         kinds = self.kinds
         masks: dict[str, Any] = {}
@@ -200,7 +204,7 @@ class Span(nn.Module):
             if kind in masks:
                 continue
             # Size each mask against the first cache layer of its kind that this run fills.
-            masks[kind] = self._mask(kind, i, hidden, attention_mask, cache, position_ids)
+            masks[kind] = self._mask(kind, i, hidden, attention_mask, cache, position_ids, tree)
             rotaries[kind] = self.rotary(kind, hidden, position_ids)
         return self.run_layers(hidden, blocks, kinds, masks, rotaries, position_ids, cache)
 
@@ -216,7 +220,11 @@ class Span(nn.Module):
         """
         if len(items) == 1:
             item = items[0]
-            return [self.forward(item.hidden, item.position_ids, item.cache, item.mask, blocks)]
+            return [
+                self.forward(
+                    item.hidden, item.position_ids, item.cache, item.mask, blocks, item.tree
+                )
+            ]
         kinds = self.kinds
         segments: list[Segment] = []
         offset = 0
@@ -233,7 +241,9 @@ class Span(nn.Module):
             masks[kind] = SegmentMasks(
                 segments,
                 [
-                    self._mask(kind, i, item.hidden, item.mask, item.cache, item.position_ids)
+                    self._mask(
+                        kind, i, item.hidden, item.mask, item.cache, item.position_ids, item.tree
+                    )
                     for item in items
                 ],
             )
@@ -283,8 +293,14 @@ class Span(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Any,
         position_ids: torch.Tensor,
+        tree: Tree | None = None,
     ) -> Any:
         """The attention mask of one kind, as the model's own forward builds it."""
+        if tree is not None:
+            allowed = tree_mask(
+                tree, hidden.shape[1], attention_mask, self.window(kind), hidden.device
+            )
+            return as_attention_mask(allowed, self.config._attn_implementation, hidden.dtype)
         if isinstance(cache, PagedSpanCache):  # its own boolean mask (transformers' helpers
             # know transformers' cache classes only)
             return cache.mask(layer_idx, hidden.shape[1], attention_mask, self.window(kind))

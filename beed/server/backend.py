@@ -14,6 +14,7 @@ from beed.models.decode_graphs import MAX_ROWS, DecodeGraphs
 from beed.models.kv_cache import DynamicSpanCache, SpanCache, kv_bytes_per_token
 from beed.models.offload import WeightStreamer, plan_offload
 from beed.models.paged_cache import PAGE_TOKENS, KVArena, PagedSpanCache
+from beed.models.tree_mask import Tree
 from beed.models.weights import load_tensors, tensor_bytes
 from protocol.errors import BadRequestError, BeeError, InternalServerError
 
@@ -38,6 +39,7 @@ class StepRequest:
     position: int
     attention_mask: torch.Tensor | None = None  # [batch, position + tokens]
     position_ids: torch.Tensor | None = None  # [batch, tokens]
+    tree: Tree | None = None  # a tree step's structure (checked; tree_mask.py)
 
 
 _PENDING = BadRequestError("not run")
@@ -284,7 +286,16 @@ class BlockBackend:
         r = request
         self.check_step(r.hidden, r.position, r.attention_mask, r.position_ids)
         batch, tokens = r.hidden.shape[:2]
-        if r.position_ids is None:
+        tree = r.tree
+        if tree is not None and (
+            tree.depth.shape[0] != batch
+            or tree.start + tree.begin != r.position
+            or tree.begin + tokens > tree.depth.shape[1]
+        ):
+            raise BadRequestError("the tree does not match the step")
+        if r.position_ids is None and tree is not None:
+            position_ids = tree.position_ids(tokens)
+        elif r.position_ids is None:
             position_ids = torch.arange(r.position, r.position + tokens)
             position_ids = position_ids.unsqueeze(0).expand(batch, -1)
         else:
@@ -292,7 +303,7 @@ class BlockBackend:
         self.truncate(r.cache, r.blocks, r.position)
         if isinstance(r.cache, PagedSpanCache):  # a full arena refuses before anything is written
             r.cache.reserve(batch, r.position + tokens)
-        return SpanInput(r.hidden, position_ids, r.cache, r.attention_mask)
+        return SpanInput(r.hidden, position_ids, r.cache, r.attention_mask, tree)
 
     def _on_device(self, item: SpanInput) -> SpanInput:
         return SpanInput(
@@ -300,6 +311,7 @@ class BlockBackend:
             item.position_ids.to(self.device),
             item.cache,
             None if item.mask is None else item.mask.to(self.device),
+            item.tree,
         )
 
     @torch.inference_mode()
@@ -311,9 +323,11 @@ class BlockBackend:
         position: int,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        tree: Tree | None = None,
     ) -> torch.Tensor:
-        """Run new tokens at `position` through the span, extending the session's cache."""
-        request = StepRequest(cache, blocks, hidden, position, attention_mask, position_ids)
+        """Run new tokens at `position` through the span, extending the session's cache
+        (`tree`: their structure, for a tree step)."""
+        request = StepRequest(cache, blocks, hidden, position, attention_mask, position_ids, tree)
         result = self.step_many([request])[0]
         if isinstance(result, Exception):
             raise result

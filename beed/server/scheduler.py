@@ -79,7 +79,10 @@ class _StepJob:
             return r
         mask = None if r.attention_mask is None else r.attention_mask[:, : r.position + end]
         ids = None if r.position_ids is None else r.position_ids[:, begin:end]
-        return StepRequest(r.cache, r.blocks, r.hidden[:, begin:end], r.position + begin, mask, ids)
+        tree = None if r.tree is None else r.tree.chunk(r.tree.begin + begin)
+        return StepRequest(
+            r.cache, r.blocks, r.hidden[:, begin:end], r.position + begin, mask, ids, tree
+        )
 
 
 @dataclass

@@ -170,7 +170,7 @@ class BlockServer:
                 protocol_version=PROTOCOL_VERSION,
                 software_version=beed.__version__,
                 peer_id=identity.peer_id,
-                features=("push",),
+                features=("push", "tree"),
             )
             traffic = TensorTraffic()
             self.pusher = Pusher(

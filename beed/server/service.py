@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from beed.models.tree_mask import build_tree, check_parents
 from beed.net.tasks import TaskOwner
 from beed.net.traffic import TensorTraffic
 from beed.server.admission import Admission
@@ -169,14 +170,10 @@ class SessionService:
     async def step(self, key: str, msg: Step) -> StepResult:
         session = self.state.sessions.get(key)
         hops = parse_next_hops(msg.next_hops)
-        out = await self._run(
-            session, msg.step_id, msg.position, msg.hidden, msg.attention_mask, msg.position_ids
-        )
+        out = await self._run(session, msg)
         push_error = ""
         if hops:
-            push_error = await self._push_on(
-                session, hops, msg.step_id, msg.position, out, msg.attention_mask, msg.position_ids
-            )
+            push_error = await self._push_on(session, hops, msg, out)
         return StepResult(
             msg.stream_id, msg.step_id, out, draining=self._draining(session), push_error=push_error
         )
@@ -208,21 +205,11 @@ class SessionService:
         sid = SessionRegistry.stream_of(session.key)
         reply: Message
         try:
-            out = await self._run(
-                session, msg.step_id, msg.position, msg.hidden, msg.attention_mask, msg.position_ids
-            )
+            out = await self._run(session, msg)
             self.state.push_stats.pushes_received += 1
             push_error = ""
             if hops:
-                push_error = await self._push_on(
-                    session,
-                    hops,
-                    msg.step_id,
-                    msg.position,
-                    out,
-                    msg.attention_mask,
-                    msg.position_ids,
-                )
+                push_error = await self._push_on(session, hops, msg, out)
             reply = StepResult(
                 sid, msg.step_id, out, draining=self._draining(session), push_error=push_error
             )
@@ -235,18 +222,11 @@ class SessionService:
         if session.send_to_owner is not None:
             await session.send_to_owner(reply)
 
-    async def _run(
-        self,
-        session: Session,
-        step_id: int,
-        position: int,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> torch.Tensor:
+    async def _run(self, session: Session, msg: Step | Push) -> torch.Tensor:
         """One step of the session; on a push route, once: a repeat of its last step (same id,
         position and input bits) returns the last output, and an older step is refused."""
         st = self.state
+        step_id, position, hidden = msg.step_id, msg.position, msg.hidden
         async with session.lock:
             _check_open(session, "step waited")
             if session.push_token and session.last_step is not None:
@@ -271,8 +251,18 @@ class SessionService:
                 raise BadRequestError(
                     f"batch {hidden.shape[0]} != session batch {session.batch_size}"
                 )
+            tree = None
+            if msg.tree is not None:
+                check_parents(msg.tree, hidden.shape[0], tokens)
+                tree = build_tree(msg.tree, position)
             request = StepRequest(
-                session.cache, session.blocks, hidden, position, mask, position_ids
+                session.cache,
+                session.blocks,
+                hidden,
+                position,
+                msg.attention_mask,
+                msg.position_ids,
+                tree,
             )
             began = time.perf_counter()
             out = await st.scheduler.step(session.backend, request, session.key, session.peer)
@@ -298,11 +288,8 @@ class SessionService:
         self,
         session: Session,
         hops: list[NextHop],
-        step_id: int,
-        position: int,
+        msg: Step | Push,
         out: torch.Tensor,
-        mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
     ) -> str:
         """Push `out` to the first of `hops` (with the rest of the route): "" once it is written,
         else why it could not be (the client then sends that hop the output itself).
@@ -315,19 +302,21 @@ class SessionService:
         push = Push(
             0,
             token=first.token,
-            step_id=step_id,
-            position=position,
+            step_id=msg.step_id,
+            position=msg.position,
             hidden=out,
-            attention_mask=mask,
-            position_ids=position_ids,
+            attention_mask=msg.attention_mask,
+            position_ids=msg.position_ids,
             next_hops=tuple(h.as_dict() for h in rest),
+            tree=msg.tree,
         )
         try:
             ack = await self.state.pusher.send(first, push)
         except BeeError as exc:
             return self._push_failed(first, exc)
         self.state.tasks.spawn(
-            self._confirm_push(session, first, ack, step_id, out), name=f"confirm-{step_id}"
+            self._confirm_push(session, first, ack, msg.step_id, out),
+            name=f"confirm-{msg.step_id}",
         )
         return ""
 

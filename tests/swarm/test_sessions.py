@@ -103,6 +103,9 @@ async def test_bad_requests_get_errors_and_the_connection_survives(swarm2, model
             Step(sid, 1, 5, torch.randn(1, 3, 576)),  # position past the cached end
             Step(sid, 1, 0, torch.randn(1, 65, 576)),  # beyond max_length
             Step(sid, 1, 0, torch.randn(2, 3, 576)),  # batch differs from the session's
+            Step(sid, 1, 0, torch.randn(1, 3, 576), tree=torch.tensor([[-1, 1, 0]])),  # a loop
+            Step(sid, 1, 0, torch.randn(1, 3, 576), tree=torch.tensor([[-1, 0]])),  # its shape
+            Step(sid, 1, 0, torch.randn(1, 3, 576), tree=torch.tensor([[-1.0, 0.0, 1.0]])),
         ):
             try:
                 await conn.request(bad, 10.0)
