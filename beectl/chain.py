@@ -21,7 +21,7 @@ from beectl.replies import checked_step_result
 from beectl.routing import Hop
 from beectl.timeouts import HopTimer
 from beed.net.peer import PeerConnection
-from protocol.errors import BeeError, ConnectionClosed, InvalidReplyError
+from protocol.errors import BadRequestError, BeeError, ConnectionClosed, InvalidReplyError
 from protocol.messages import Message, Step, StepResult
 
 
@@ -64,6 +64,28 @@ class ChainBroken(Exception):
         self.done, self.error = done, error
 
 
+def takes_trees(h: OpenHop) -> bool:
+    """Whether the hop's server runs tree steps (an older one would read a tree step as a
+    causal one, silently wrong)."""
+    hello = h.conn.remote_hello
+    return hello is not None and "tree" in hello.features
+
+
+def check_takes_trees(h: OpenHop, tree: torch.Tensor | None) -> None:
+    if tree is not None and not takes_trees(h):
+        raise BadRequestError(f"server {h.hop.peer_id[:8]} does not run tree steps")
+
+
+def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    """Each token's depth in a tree step [batch, tokens] (0: it follows the cache)."""
+    out = torch.zeros_like(parents)
+    for j in range(parents.shape[1]):
+        p = parents[:, j]
+        has = p >= 0
+        out[has, j] = out[has, p[has]] + 1
+    return out
+
+
 def push_run(hops: list[OpenHop], index: int) -> int:
     """How many hops from `index` one Step reaches: all the rest when every one of them accepts
     pushes (and push is on), else just the one."""
@@ -81,6 +103,7 @@ async def send_chain(
     position_ids: torch.Tensor | None,
     position: int,
     config: ClientConfig,
+    tree: torch.Tensor | None = None,
 ) -> list[StepResult]:
     """One Step to `hops[0]` that servers push through the rest; the replies of all of them
     (each hop's output is the next one's input, kept in its history). Raises ChainBroken with
@@ -99,9 +122,11 @@ async def send_chain(
             break
     notices = [h.conn.expect_step(h.stream_id, step_id, 4 * hidden.numel()) for h in hops[:-1]]
     first = hops[0]
-    first.history.add(position, hidden, mask, position_ids)
+    first.history.add(position, hidden, mask, position_ids, tree)
     try:
         try:
+            for h in hops:
+                check_takes_trees(h, tree)
             step = Step(
                 first.stream_id,
                 step_id,
@@ -110,6 +135,7 @@ async def send_chain(
                 mask,
                 position_ids,
                 next_hops=tuple(h.next_hop() for h in hops[1:]),
+                tree=tree,
             )
             await first.conn.send(step, config.step_timeout_s)
         except BeeError as exc:
@@ -133,7 +159,7 @@ async def send_chain(
                 raise ChainBroken(done, exc) from exc
             done.append(reply)
             if j + 1 < len(hops):
-                hops[j + 1].history.add(position, reply.hidden, mask, position_ids)
+                hops[j + 1].history.add(position, reply.hidden, mask, position_ids, tree)
                 if reply.push_error:
                     raise ChainBroken(done, PushFailedError(reply.push_error))
         return done

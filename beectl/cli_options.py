@@ -45,10 +45,11 @@ def generation_options(f: Any) -> Any:
             "--speculate",
             default="auto",
             show_default=True,
-            metavar="auto|off|N",
+            metavar="auto|off|N|NxW",
             help="Speculative decoding: draft tokens locally and verify several per trip "
-            "through the swarm; auto: the draft length follows the measured acceptance and "
-            "round trip (off where it does not pay); N: always up to N drafts.",
+            "through the swarm; auto: the draft length and tree width follow the measured "
+            "acceptance and round trip (off where it does not pay); N: always up to N drafts; "
+            "NxW: a tree of W candidate branches, N deep, verified in one step.",
         ),
         click.option(
             "--draft-model",

@@ -16,14 +16,18 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from beectl.chain import tree_depths
 from beectl.head import LocalHead
 from beectl.session import InferenceSession
 from beectl.speculative.accept import greedy, rejection
 from beectl.speculative.adaptive import DraftLength, SpeculationConfig, SpeculationStats
-from beectl.speculative.drafts import Drafter, DraftModel, PromptLookup
+from beectl.speculative.drafts import Draft, Drafter, DraftModel, PromptLookup
+from beectl.speculative.tree import DraftTree, step_parents, walk_greedy, walk_rejection
 from protocol.errors import BadRequestError
 
 log = logging.getLogger(__name__)
+
+TREE_AFTER = 64  # the most pending tokens a tree round follows (a prompt's prefill goes linear)
 
 
 @dataclass(frozen=True)
@@ -167,58 +171,64 @@ async def generate(
         rounds += 1
         round_began = time.perf_counter()
         room = session.max_length - session.position - pending.shape[1]
-        k = lengths.choose(min(sampling.max_new_tokens - generated - 1, room))
-        draft = None
-        if k > 0 and drafter is not None:
+        limit = min(sampling.max_new_tokens - generated - 1, room)
+        trees = drafter is not None and session.takes_trees and pending.shape[1] <= TREE_AFTER
+        k, width = lengths.plan(limit, trees=trees)
+        draft: Draft | None = None
+        tree: DraftTree | None = None
+        if k > 0 and drafter is not None and width > 1:
+            tree = drafter.propose_tree(sequences, mask, unfinished, k, width)
+            if tree is not None and tree.nodes > room:
+                tree = None
+        elif k > 0 and drafter is not None:
             draft = drafter.propose(sequences, mask, unfinished, k)
-        drafts = draft.tokens if draft is not None else sequences[:, :0]
-        k = drafts.shape[1]
+        drafts = sequences[:, :0]
+        if tree is not None:
+            drafts = tree.tokens
+        elif draft is not None:
+            drafts = draft.tokens
+        n, p = drafts.shape[1], pending.shape[1]
         new_ids = torch.cat([pending, drafts], dim=1)
-        step_mask = torch.cat([mask, torch.ones(batch, k, dtype=mask.dtype)], dim=1)
+        step_mask = torch.cat([mask, torch.ones(batch, n, dtype=mask.dtype)], dim=1)
+        parents = None if tree is None else step_parents(p, tree)
         position_ids = None
         if padded:
             # As transformers does for left padding: count real tokens; pads get position 1.
             full = (step_mask.long().cumsum(-1) - 1).masked_fill(step_mask == 0, 1)
             position_ids = full[:, -new_ids.shape[1] :]
+            if tree is not None:  # each node one past its parent (the pending ones: as usual)
+                nodes = position_ids[:, p - 1 : p] + 1 + tree_depths(tree.parents)
+                position_ids = torch.cat([position_ids[:, :p], nodes], dim=1)
         start = session.position
         hidden = head.embed(new_ids)
         hidden = await session.step(
-            hidden, attention_mask=step_mask if padded else None, position_ids=position_ids
+            hidden,
+            attention_mask=step_mask if padded else None,
+            position_ids=position_ids,
+            tree=parents,
         )
-        last = hidden[:, -(k + 1) :, :]
-        raw = head.logits(last) if logits is None else await logits(last)  # [batch, k + 1, V]
-        scores = raw
-        if processors:
-            extended = torch.cat([sequences, drafts], dim=1).to(raw.device)
-            width = sequences.shape[1]
-            scores = torch.stack(
-                [processors(extended[:, : width + j], raw[:, j, :]) for j in range(k + 1)],  # type: ignore[arg-type]
-                dim=1,
+        last = hidden[:, -(n + 1) :, :]  # the last pending token, then each draft
+        raw = head.logits(last) if logits is None else await logits(last)  # [batch, n + 1, V]
+        if tree is None:
+            out, out_raw, contiguous = _linear_round(
+                raw, sequences, drafts, draft, unfinished, processors, sampling, generator
             )
-        if sampling.do_sample:
-            # On the host, with the seeded host generator: the same draws on any device.
-            probs = torch.softmax(scores.cpu(), dim=-1)
-            if k:
-                accepted, tokens = rejection(
-                    probs, drafts, None if draft is None else draft.probs, generator
-                )
-            else:
-                tokens = torch.multinomial(probs[:, 0], 1, generator=generator)
-                accepted = torch.zeros(batch, dtype=torch.long)
         else:
-            accepted, tokens = greedy(scores, drafts)
-        keep = 1 + (int(accepted[unfinished].min()) if k and bool(unfinished.any()) else 0)
+            out, out_raw, contiguous = _tree_round(
+                raw, sequences, tree, unfinished, processors, sampling, generator
+            )
+        keep = out.shape[1]
         emitted = 0
         for j in range(keep):
             next_ids = torch.where(
-                unfinished, tokens[:, j], torch.full_like(tokens[:, j], sampling.pad_token_id)
+                unfinished, out[:, j], torch.full_like(out[:, j], sampling.pad_token_id)
             )
             sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
             generated += 1
             emitted += 1
             if output_logits:
-                logits_out.append(raw[:, j, :].to("cpu", copy=True))
+                logits_out.append(out_raw[:, j, :].to("cpu", copy=True))
             if generated == 1:
                 prefill_s = time.perf_counter() - began
             if on_tokens is not None:
@@ -234,22 +244,27 @@ async def generate(
                             unfinished[row] = False
             if not torch.equal(before, unfinished):
                 break  # a row ended: the rest of the round assumed it went on
-        # Cached now: the pending tokens and the drafts that were kept (emitted - 1 of them).
-        session.rewind(start + pending.shape[1] + emitted - 1)
+        # Cached now: the pending tokens and the kept drafts that sit where they were sent (all
+        # of a linear draft's; a tree's up to where the kept branch leaves the main one). The
+        # rest of what was emitted goes out again as the next step's first tokens.
+        cached = min(contiguous, emitted - 1)
+        session.rewind(start + p + cached)
         if drafter is not None:
             drafter.commit(session.position)
-        if k:
+        if n:
             stats.rounds += 1
-            stats.proposed += k
+            stats.proposed += n
             stats.accepted += emitted - 1
         if rounds > 1:  # the prefill round is not a decode round
-            lengths.record(k, emitted - 1, time.perf_counter() - round_began)
+            lengths.record(
+                n, emitted - 1, time.perf_counter() - round_began, width if tree else 1, k
+            )
         if not unfinished.any():
             break
         if session.position + 1 > session.max_length:
             log.info("generate.max_length session=%d", session.max_length)
             break
-        pending = sequences[:, -1:]
+        pending = sequences[:, -(emitted - cached) :]
     elapsed = time.perf_counter() - began
     return GenerationOutput(
         sequences=sequences,
@@ -259,3 +274,91 @@ async def generate(
         logits=logits_out,
         speculation=stats,
     )
+
+
+def _linear_round(
+    raw: torch.Tensor,
+    sequences: torch.Tensor,
+    drafts: torch.Tensor,
+    draft: Draft | None,
+    unfinished: torch.Tensor,
+    processors: LogitsProcessorList,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A linear draft's verdict: the tokens every row emits [batch, keep], the raw logits each
+    came from [batch, keep, V], and how many of them sit in the cache already (keep - 1)."""
+    batch, k = drafts.shape
+    scores = raw
+    if processors:
+        extended = torch.cat([sequences, drafts], dim=1).to(raw.device)
+        width = sequences.shape[1]
+        scores = torch.stack(
+            [processors(extended[:, : width + j], raw[:, j, :]) for j in range(k + 1)],  # type: ignore[arg-type]
+            dim=1,
+        )
+    if sampling.do_sample:
+        # On the host, with the seeded host generator: the same draws on any device.
+        probs = torch.softmax(scores.cpu(), dim=-1)
+        if k:
+            accepted, tokens = rejection(
+                probs, drafts, None if draft is None else draft.probs, generator
+            )
+        else:
+            tokens = torch.multinomial(probs[:, 0], 1, generator=generator)
+            accepted = torch.zeros(batch, dtype=torch.long)
+    else:
+        accepted, tokens = greedy(scores, drafts)
+    keep = 1 + (int(accepted[unfinished].min()) if k and bool(unfinished.any()) else 0)
+    return tokens[:, :keep], raw[:, :keep], keep - 1
+
+
+def _tree_round(
+    raw: torch.Tensor,
+    sequences: torch.Tensor,
+    tree: DraftTree,
+    unfinished: torch.Tensor,
+    processors: LogitsProcessorList,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A tree draft's verdict, as _linear_round's; `raw` [batch, 1 + nodes, V]: the last pending
+    token's logits, then each node's. Every row emits as many tokens as the least lucky
+    unfinished row; what sits in the cache is the main branch's part of that."""
+    batch = raw.shape[0]
+    scores = raw
+    if processors:  # each position's context: the sequence, then its node's branch
+        rows = []
+        for r in range(batch):
+            parents, tokens = tree.parents[r].tolist(), tree.tokens[r].tolist()
+            per_node = []
+            for q in range(raw.shape[1]):
+                branch: list[int] = []
+                node = q - 1
+                while node >= 0:
+                    branch.append(tokens[node])
+                    node = parents[node]
+                context = torch.cat([sequences[r], torch.tensor(branch[::-1], dtype=torch.long)])
+                per_node.append(processors(context[None].to(raw.device), raw[r : r + 1, q])[0])  # type: ignore[arg-type]
+            rows.append(torch.stack(per_node))
+        scores = torch.stack(rows)
+    if sampling.do_sample:
+        walks = walk_rejection(torch.softmax(scores.cpu(), dim=-1), tree, generator)
+    else:
+        walks = walk_greedy(scores, tree)
+    live = [r for r in range(batch) if bool(unfinished[r])] or list(range(batch))
+    keep = min(len(walks[r][0]) + 1 for r in live)
+    out = torch.zeros(batch, keep, dtype=torch.long)
+    sources = torch.zeros(batch, keep, dtype=torch.long)  # the position each token came from
+    contiguous = keep - 1
+    for r, (path, bonus) in enumerate(walks):
+        emitted = [int(tree.tokens[r, c]) for c in path] + [bonus]
+        froms = [0] + [c + 1 for c in path]
+        emitted, froms = (emitted + emitted[-1:] * keep)[:keep], (froms + froms[-1:] * keep)[:keep]
+        out[r] = torch.tensor(emitted)
+        sources[r] = torch.tensor(froms)
+        if r in live:
+            lead = next((i for i, c in enumerate(path) if c != i), len(path))
+            contiguous = min(contiguous, lead)
+    picked = raw.gather(1, sources.to(raw.device)[:, :, None].expand(-1, -1, raw.shape[-1]))
+    return out, picked, contiguous

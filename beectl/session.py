@@ -2,8 +2,8 @@
 
 Each hop keeps the inputs it was sent (its history). When a hop's server dies, times out, loses
 the session or announces that it is draining, the session bans it, finds a replacement route for
-exactly that hop's blocks, replays the history there in one step, and carries on: the caller sees
-a pause, never an error or a different result.
+exactly that hop's blocks, replays the history there (one step, plus one per tree step), and
+carries on: the caller sees a pause, never an error or a different result.
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from beectl.bans import is_server_failure
-from beectl.chain import ChainBroken, OpenHop, PushFailedError, push_run, send_chain
+from beectl.chain import (
+    ChainBroken,
+    OpenHop,
+    PushFailedError,
+    check_takes_trees,
+    push_run,
+    send_chain,
+    takes_trees,
+    tree_depths,
+)
 from beectl.config import ClientConfig
 from beectl.history import History
 from beectl.replies import checked_session_opened, checked_step_result
@@ -109,8 +118,8 @@ class InferenceSession:
         """Open sessions covering [start, end), moving on to other servers while some fail.
 
         With `replay`, the new hops are brought to the state of the hop they replace: its history
-        runs through them as one step (and becomes their history); the replay's output is
-        returned. With `wait`, a missing server is waited for (a replica may start, a ban may
+        runs through them (History.replay: one step, a tree step on its own) and becomes theirs;
+        the replay's output is returned. With `wait`, a missing server is waited for (a replica may start, a ban may
         end) until `failover_timeout_s`; without, the last server failure (or the gap) is raised.
         """
         deadline = time.monotonic() + self.config.failover_timeout_s
@@ -201,12 +210,14 @@ class InferenceSession:
         hidden: torch.Tensor,
         mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
+        tree: torch.Tensor | None = None,
     ) -> StepResult:
         """One Step on one hop, remembered in its history; failures name the hop's server."""
-        h.history.add(position, hidden, mask, position_ids)
+        h.history.add(position, hidden, mask, position_ids, tree)
         try:
+            check_takes_trees(h, tree)
             reply = await h.conn.request(
-                Step(h.stream_id, self._step_id, position, hidden, mask, position_ids),
+                Step(h.stream_id, self._step_id, position, hidden, mask, position_ids, tree=tree),
                 self.config.step_timeout_s,
             )
         except BeeError as exc:
@@ -219,10 +230,15 @@ class InferenceSession:
             raise
 
     async def _replay(self, hops: list[OpenHop], history: History) -> torch.Tensor:
-        hidden, mask, position_ids = history.replay()
+        steps = history.replay()
+        inputs = [s.hidden for s in steps]
         for h in hops:
-            hidden = (await self._send(h, 0, hidden, mask, position_ids)).hidden
-        return hidden
+            outputs = []
+            for s, hidden in zip(steps, inputs, strict=True):
+                reply = await self._send(h, s.position, hidden, s.mask, s.position_ids, s.tree)
+                outputs.append(reply.hidden)
+            inputs = outputs
+        return torch.cat(inputs, dim=1)
 
     async def _replace(self, index: int, *, wait: bool) -> tuple[int, torch.Tensor | None]:
         """Swap hop `index` for new hops over the same blocks, replaying its history there.
@@ -251,10 +267,13 @@ class InferenceSession:
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run `hidden` [batch, new_tokens, hidden_size] at the current position through all hops.
 
-        A hop whose server fails is replaced (history replayed elsewhere) and the step goes on; a
+        `tree` [batch, new_tokens] makes it a tree step (protocol Step.tree: each token's parent
+        in the step, -1 after the cache), which needs `takes_trees`; the step's tokens then sit
+        at the position their depth gives unless `position_ids` say otherwise. A hop whose server fails is replaced (history replayed elsewhere) and the step goes on; a
         hop whose server announces it is draining is moved after it answered.
         """
         if self._closed:
@@ -265,6 +284,8 @@ class InferenceSession:
                 f"session max_length {self.max_length} exceeded: {self.position} cached + "
                 f"{tokens} new tokens"
             )
+        if tree is not None and position_ids is None:
+            position_ids = self.position + tree_depths(tree)
         self._step_id += 1
         # The wire carries host memory (a no-op for a CPU head), in the first server's dtype:
         # it computes in that dtype anyway, so a bf16 server is sent bf16, not float32.
@@ -286,6 +307,7 @@ class InferenceSession:
                     position_ids,
                     self.position,
                     self.config,
+                    tree,
                 )
                 error: BeeError | None = None
             except ChainBroken as broken:
@@ -337,6 +359,11 @@ class InferenceSession:
             await self._replace(index, wait=False)
         except BeeError as exc:  # nowhere to go yet: stay until it closes
             log.info("session.drain_stay span=%d:%d error=%s", h.hop.start, h.hop.end, exc)
+
+    @property
+    def takes_trees(self) -> bool:
+        """Whether every hop's server runs tree steps (its Hello lists "tree")."""
+        return bool(self._hops) and all(takes_trees(h) for h in self._hops)
 
     def rewind(self, position: int) -> None:
         """Make `position` the current position without a round trip: the next step starts

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from beectl.speculative.adaptive import SpeculationConfig
+from protocol.errors import BadRequestError
+
 MAX_N = 8
 MAX_STOPS = 4
 DEFAULT_MAX_TOKENS = 256
@@ -200,8 +203,14 @@ def _speculate(body: dict[str, Any]) -> str | None:
     value = body.get("speculate")
     if value is None:
         return None
-    if value in ("auto", "off") or (
-        isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64
-    ):
-        return str(value)
-    raise bad('\'speculate\' must be "auto", "off" or a draft length from 0 to 64', "speculate")
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            SpeculationConfig.parse(value)
+            return str(value)
+        except BadRequestError:
+            pass
+    raise bad(
+        '\'speculate\' must be "auto", "off", a draft length from 0 to 64 or "NxW" '
+        "(a tree of depth N and W branches)",
+        "speculate",
+    )

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from transformers import LogitsProcessorList
 
+from beectl.speculative.tree import DraftTree, flatten, pad_rows
+
 
 @dataclass(frozen=True)
 class Draft:
@@ -29,6 +31,11 @@ class Drafter(Protocol):
     ) -> Draft | None:
         """Up to k tokens after `sequences` [batch, length] (`mask`: 0 on left padding) for the
         rows where `active` is True; None when there is nothing worth proposing."""
+
+    def propose_tree(
+        self, sequences: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, k: int, width: int
+    ) -> DraftTree | None:
+        """Up to `width` branches of up to k tokens per active row, as one tree (tree.py)."""
 
     def commit(self, length: int) -> None:
         """The first `length` positions of the sequences are final (rejected drafts dropped)."""
@@ -46,17 +53,41 @@ class PromptLookup:
 
     def row(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """The proposal for one row of real (unpadded) tokens [length]."""
+        found = self.branches(tokens, k, 1)
+        return torch.tensor(found[0], dtype=tokens.dtype) if found else tokens[:0]
+
+    def branches(self, tokens: torch.Tensor, k: int, width: int) -> list[list[int]]:
+        """Up to `width` different continuations of up to k tokens: what followed earlier
+        occurrences of the last n tokens, longest n first, most recent first."""
         length = int(tokens.shape[0])
+        found: list[list[int]] = []
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             pattern = tokens[length - n :]
             windows = tokens[: length - 1].unfold(0, n, 1)  # every earlier start, not the suffix
-            hits = (windows == pattern).all(dim=1).nonzero()
-            if hits.numel():
-                start = int(hits[-1]) + n  # the most recent occurrence
-                proposal = tokens[start : start + k]
-                if proposal.numel():
-                    return proposal
-        return tokens[:0]
+            hits = (windows == pattern).all(dim=1).nonzero().flatten().tolist()
+            for hit in reversed(hits):
+                proposal = tokens[hit + n : hit + n + k].tolist()
+                if proposal and proposal not in found:
+                    found.append(proposal)
+                    if len(found) == width:
+                        return found
+        return found
+
+    def propose_tree(
+        self, sequences: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, k: int, width: int
+    ) -> DraftTree | None:
+        if k <= 0 or not bool(active.any()):
+            return None
+        rows: list[tuple[list[int], list[int]]] = []
+        for r in range(sequences.shape[0]):
+            if not bool(active[r]):
+                rows.append(([], []))
+                continue
+            found = self.branches(sequences[r][mask[r].bool()], k, width)
+            if not found:
+                return None  # the batch keeps what its least lucky row keeps: nothing
+            rows.append(flatten(found))
+        return pad_rows(rows, int(sequences[0, -1]))
 
     def propose(
         self, sequences: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, k: int
@@ -164,6 +195,37 @@ class ModelDrafter:
             if i + 1 < k:
                 logits = self._forward(token[:, None], msk)
         return Draft(torch.stack(tokens, dim=1), torch.stack(probs, dim=1) if probs else None)
+
+    @torch.inference_mode()
+    def propose_tree(
+        self, sequences: torch.Tensor, mask: torch.Tensor, active: torch.Tensor, k: int, width: int
+    ) -> DraftTree | None:
+        """The draft model's greedy chain of k tokens, and at each depth its next `width - 1`
+        choices as leaves (they cost no extra forward)."""
+        if k <= 0 or not bool(active.any()):
+            return None
+        if self.cached > sequences.shape[1] - 1:
+            self.cache = type(self.cache)()
+            self.cached = 0
+        seq, msk = sequences, mask
+        logits = self._forward(seq[:, self.cached :], msk)
+        ranked: list[torch.Tensor] = []  # per depth [batch, width]: the chain's token first
+        for i in range(k):
+            scores = self.processors(seq, logits) if self.processors else logits  # type: ignore[arg-type]
+            top = scores.topk(width, dim=-1).indices
+            ranked.append(top)
+            seq = torch.cat([seq, top[:, :1]], dim=1)
+            msk = torch.cat([msk, torch.ones_like(msk[:, :1])], dim=1)
+            if i + 1 < k:
+                logits = self._forward(top[:, :1], msk)
+        rows = []
+        for r in range(sequences.shape[0]):
+            chain = [int(t[r, 0]) for t in ranked]
+            branches = [chain] + [
+                [*chain[:d], int(ranked[d][r, j])] for d in range(k) for j in range(1, width)
+            ]
+            rows.append(flatten(branches))
+        return pad_rows(rows, int(sequences[0, -1]))
 
     def commit(self, length: int) -> None:
         if self.cached > length:

@@ -92,11 +92,17 @@ def test_chat_greedy_equals_local_transformers_and_streams_the_same_text(
             finish = choice.finish_reason or finish
     assert "".join(parts) == text and finish == "length"
     assert usage is not None and usage.total_tokens == answer.usage.total_tokens
-    # beed's extension: speculation forced on (up to 6 drafts a round) answers the same.
-    drafted = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, extra_body={"speculate": 6}
-    )
-    assert drafted.choices[0].message.content == text
+    # beed's extension: speculation forced on (up to 6 drafts a round, or trees of 3
+    # branches 4 deep) answers the same.
+    for speculate in (6, "4x3"):
+        drafted = client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=24,
+            extra_body={"speculate": speculate},
+        )
+        assert drafted.choices[0].message.content == text
 
 
 def test_models_completions_stop_and_n(client):

@@ -16,6 +16,7 @@ from beectl.generation import generate as run_generation
 from beectl.local_swarm import LocalSwarm
 from beectl.model import RemoteModel
 from beectl.speculative.adaptive import SpeculationConfig
+from beectl.speculative.tree import flatten, pad_rows
 from beed.dht.peers import parse_initial_peers
 from tests.conftest import STORY, peers_of
 from tests.swarm.test_batch import PROMPTS
@@ -47,16 +48,82 @@ def generate(model, ids, **kw):
     )
 
 
-@pytest.mark.parametrize(("speculate", "text"), [(4, REPEATS), ("auto", STORY)])
+@pytest.mark.parametrize(
+    ("speculate", "text"), [(4, REPEATS), ("auto", STORY), ("4x3", REPEATS), ("3x2", STORY)]
+)
 def test_prompt_lookup_equals_plain_greedy_and_local(
     model, local_model, tokenizer, speculate, text
 ):
     ids = tokenizer(text, return_tensors="pt").input_ids
     out = generate(model, ids, speculate=speculate)
     assert_same(out, reference(local_model, ids, NEW_TOKENS))
-    if speculate == 4:
+    if speculate in (4, "4x3"):
         stats = out.speculation
         assert stats.proposed > 0 and stats.accepted > 0, stats
+
+
+def test_the_model_drafting_trees_for_itself_keeps_every_main_branch(model, local_model, tokenizer):
+    """Depth 4, width 2: the model's own chain and its second choice at each depth as leaves;
+    the chain is always kept, so every round keeps half of what it proposed."""
+    ids = tokenizer(STORY, return_tensors="pt").input_ids
+    out = generate(model, ids, speculate="4x2", draft_model="smollm2-135m", max_new_tokens=24)
+    assert_same(out, reference(local_model, ids, 24))
+    stats = out.speculation
+    assert stats.proposed >= 24 and 2 * stats.accepted == stats.proposed, stats
+
+
+class OffMainBranch:
+    """A drafter whose main branch is right only at its first token and whose second branch is
+    the true greedy continuation: every round keeps a branch that leaves the main one, so the
+    kept tokens after the first go out again in the next step."""
+
+    def __init__(self, truth: torch.Tensor, vocab: int) -> None:
+        self.truth, self.vocab = truth, vocab
+
+    def drafter(self, *_args, **_kw):
+        return self
+
+    def propose(self, *_args):
+        return None
+
+    def propose_tree(self, sequences, mask, active, k, width):
+        true = self.truth[:, sequences.shape[1] : sequences.shape[1] + k]
+        if true.shape[1] < 2:
+            return None
+        wrong = torch.cat([true[:, :1], (true[:, 1:] + 1) % self.vocab], dim=1)
+        rows = [flatten([wrong[r].tolist(), true[r].tolist()]) for r in range(true.shape[0])]
+        return pad_rows(rows, 0)
+
+    def commit(self, length: int) -> None:
+        return None
+
+
+def test_a_kept_branch_off_the_main_one_is_resent_exactly(swarm2, local_model, tokenizer):
+    ids = tokenizer(STORY, return_tensors="pt").input_ids
+    ref = reference(local_model, ids, NEW_TOKENS)
+
+    async def run():
+        config = ClientConfig(initial_peers=tuple(parse_initial_peers(peers_of(swarm2))))
+        remote = await RemoteModel.load("smollm2-135m", config)
+        try:
+            async with remote.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+                return await run_generation(
+                    remote.head,
+                    session,
+                    ids,
+                    SamplingConfig(max_new_tokens=NEW_TOKENS),
+                    output_logits=True,
+                    speculation=SpeculationConfig.parse("4x2"),
+                    draft_model=OffMainBranch(ref.sequences, local_model.config.vocab_size),  # type: ignore[arg-type]
+                )
+        finally:
+            await remote.aclose()
+
+    out = asyncio.run(run())
+    assert_same(out, ref)
+    stats = out.speculation
+    # Every round keeps its 4-token true branch (3 at the end, where fewer remain).
+    assert stats.rounds >= 8 and stats.accepted >= 4 * (stats.rounds - 1), stats
 
 
 def test_the_model_drafting_for_itself_accepts_every_draft(model, local_model, tokenizer):
@@ -67,7 +134,10 @@ def test_the_model_drafting_for_itself_accepts_every_draft(model, local_model, t
     assert stats.proposed >= 12 and stats.accepted == stats.proposed, stats
 
 
-def test_a_batch_of_different_lengths_equals_local_batched_generate(model, local_model, tokenizer):
+@pytest.mark.parametrize("speculate", [3, "3x2"])
+def test_a_batch_of_different_lengths_equals_local_batched_generate(
+    model, local_model, tokenizer, speculate
+):
     tokenizer.padding_side = "left"
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     ref = local_model.generate(
@@ -86,7 +156,7 @@ def test_a_batch_of_different_lengths_equals_local_batched_generate(model, local
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
         output_logits=True,
-        speculate=3,
+        speculate=speculate,
         draft_model="smollm2-135m",
     )
     assert_same(out, ref)
@@ -142,19 +212,23 @@ def test_speculative_sampling_draws_from_the_same_distribution(swarm2, tokenizer
     ids = tokenizer(REPEATS, return_tensors="pt").input_ids
     shape = dict(sessions=16, rows=2, runs=64)
     plain, _, _ = asyncio.run(sample_many(peers_of(swarm2), ids, "off", **shape))
-    spec, proposed, accepted = asyncio.run(sample_many(peers_of(swarm2), ids, "4", **shape))
-    assert plain.shape == spec.shape == (2048, 4)
-    assert proposed > 0 and 0 < accepted < proposed, (proposed, accepted)
-    # Tokens 2-4 come from verification rounds (the first from the prefill).
-    for position in (1, 2, 3):
-        stat, df = two_sample_chi_square(plain[:, position], spec[:, position])
-        assert df >= 1
-        # chi-square 0.999 quantiles for df 1..6
-        limit = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46][min(df, 6) - 1]
-        assert stat < limit, (position, stat, df)
+    for speculate in ("4", "3x3"):  # linear drafts, then trees of 3 branches
+        spec, proposed, accepted = asyncio.run(
+            sample_many(peers_of(swarm2), ids, speculate, **shape)
+        )
+        assert plain.shape == spec.shape == (2048, 4)
+        assert proposed > 0 and 0 < accepted < proposed, (speculate, proposed, accepted)
+        # Tokens 2-4 come from verification rounds (the first from the prefill).
+        for position in (1, 2, 3):
+            stat, df = two_sample_chi_square(plain[:, position], spec[:, position])
+            assert df >= 1
+            # chi-square 0.999 quantiles for df 1..6
+            limit = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46][min(df, 6) - 1]
+            assert stat < limit, (speculate, position, stat, df)
 
 
-def test_a_server_killed_mid_verification_costs_nothing(local_model, tokenizer):
+@pytest.mark.parametrize("speculate", [4, "4x3"])
+def test_a_server_killed_mid_verification_costs_nothing(local_model, tokenizer, speculate):
     ids = tokenizer(REPEATS, return_tensors="pt").input_ids
     ref = reference(local_model, ids, NEW_TOKENS)
     with LocalSwarm(spans=[(0, 15), (15, 30), (15, 30)]) as swarm:
@@ -168,7 +242,7 @@ def test_a_server_killed_mid_verification_costs_nothing(local_model, tokenizer):
             trigger = Trigger(12, kill)
             with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
                 trigger.session = session
-                out = generate(model, ids, session=session, streamer=trigger, speculate=4)
+                out = generate(model, ids, session=session, streamer=trigger, speculate=speculate)
                 assert session.inner.recoveries >= 1
     assert_same(out, ref)
     assert out.speculation.accepted > 0

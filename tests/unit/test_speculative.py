@@ -3,11 +3,22 @@ length controller (beectl/speculative/)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from beectl.history import History
 from beectl.speculative.accept import greedy, rejection
 from beectl.speculative.adaptive import DraftLength, SpeculationConfig
 from beectl.speculative.drafts import PromptLookup
+from beectl.speculative.tree import (
+    DraftTree,
+    flatten,
+    pad_rows,
+    step_parents,
+    walk_greedy,
+    walk_rejection,
+)
+from protocol.errors import BadRequestError
 
 
 def test_prompt_lookup_copies_what_followed_the_last_match():
@@ -87,3 +98,82 @@ def test_the_draft_length_follows_cost_and_acceptance():
     assert chosen.count(0) >= 14 and any(chosen)  # off, but probing now and then
     assert DraftLength(SpeculationConfig.parse(4)).choose(8) == 4
     assert DraftLength(SpeculationConfig.parse("off")).choose(8) == 0
+
+
+def test_a_trie_of_branches_is_depth_first_with_the_main_branch_first():
+    tokens, parents = flatten([[5, 6, 7], [5, 8], [9], [5, 6, 4]])
+    # 5-6-7 first (contiguous), then 6's other child 4, 5's other child 8, then the root's 9.
+    assert tokens == [5, 6, 7, 4, 8, 9]
+    assert parents == [-1, 0, 1, 1, 0, -1]
+    tree = pad_rows([(tokens, parents), flatten([[1, 2]])], filler=0)
+    assert tree.tokens.tolist()[1] == [1, 2, 0, 0, 0, 0]
+    assert tree.parents.tolist()[1] == [-1, 0, -1, -1, -1, -1]  # padding: leaves at the root
+    assert step_parents(2, tree).tolist()[0] == [-1, 0, 1, 2, 3, 3, 2, 1]
+    lookup = PromptLookup()
+    seq = torch.tensor([7, 1, 2, 7, 3, 4, 7, 1, 5, 7])
+    # After "7": most recent first ("1 5"), then "3 4", then "1 2" (merged under "1").
+    assert lookup.branches(seq, 2, 3) == [[1, 5], [3, 4], [1, 2]]
+
+
+def test_the_tree_walks_keep_the_models_choices():
+    # Nodes: 0:a=3 (root), 1:b=4 (child of 0), 2:c=6 (root), 3:d=5 (child of 0).
+    tree = DraftTree(torch.tensor([[3, 4, 6, 5]]), torch.tensor([[-1, 0, -1, 0]]))
+    scores = torch.zeros(1, 5, 10)
+    scores[0, 0, 3] = 1  # after the pending token: 3 (node 0)
+    scores[0, 1, 5] = 1  # after node 0: 5 (node 3, not the main child 4)
+    scores[0, 4, 8] = 1  # after node 3: 8, not drafted
+    assert walk_greedy(scores, tree) == [([0, 3], 8)]
+
+
+def test_the_tree_rejection_walk_draws_the_models_distribution():
+    """Two point-mass children at the root (tokens 1 and 2) and one under the first: the first
+    token follows p, and so does the second after token 1."""
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.tensor([0.3, 0.4, 0.2, 0.1])
+    p1 = torch.tensor([0.1, 0.1, 0.2, 0.6])
+    tree = DraftTree(torch.tensor([[1, 3, 2]]), torch.tensor([[-1, 0, -1]]))
+    probs = torch.stack([p0, p1, p0, p0])[None]  # positions: pending, node 0, node 1, node 2
+    firsts, seconds = [], []
+    for _ in range(12000):
+        path, bonus = walk_rejection(probs, tree, g)[0]
+        emitted = [int(tree.tokens[0, c]) for c in path] + [bonus]
+        firsts.append(emitted[0])
+        if emitted[0] == 1 and len(emitted) > 1:
+            seconds.append(emitted[1])
+    assert chi_square(torch.bincount(torch.tensor(firsts), minlength=4).float(), p0) < 16.3
+    assert chi_square(torch.bincount(torch.tensor(seconds), minlength=4).float(), p1) < 16.3
+
+
+def test_a_failover_replays_a_tree_step_on_its_own():
+    history = History()
+    x = torch.randn(1, 5, 4)
+    history.add(0, x[:, :3], None, None)
+    history.add(3, x[:, 3:], None, None, torch.tensor([[-1, -1]]))  # two siblings
+    steps = history.replay()
+    assert [(s.position, s.hidden.shape[1]) for s in steps] == [(0, 3), (3, 2)]
+    assert steps[0].tree is None and steps[1].tree.tolist() == [[-1, -1]]
+    # Keeping a chain of a tree step makes it a plain chunk again: one replay step.
+    history.add(3, x[:, 3:], None, None, torch.tensor([[-1, 0]]))
+    history.truncate(4)
+    assert [(s.position, s.hidden.shape[1], s.tree) for s in history.replay()] == [(0, 4, None)]
+
+
+def test_speculate_takes_trees_and_auto_tries_them_only_where_the_servers_can():
+    assert SpeculationConfig.parse("4x3") == SpeculationConfig("fixed", 4, 3)
+    for bad in ("4x0", "4x", "x3", "9x40"):
+        with pytest.raises(BadRequestError):
+            SpeculationConfig.parse(bad)
+    lengths = DraftLength(SpeculationConfig.parse("auto"))
+    lengths.record(0, 0, 0.100)
+    assert lengths.plan(8, trees=False)[1] == 1
+    # Slow round trips, cheap tokens, drafts that miss half the time: wider trees look better.
+    for _ in range(3):
+        k, w = lengths.plan(8, trees=False)
+        lengths.record(k, k // 2, 0.101)
+    k, w = lengths.plan(8, trees=True)
+    assert w > 1 and k * w <= 32
+    # Measured: the wide trees keep no more than a chain: back to width 1.
+    for _ in range(40):
+        k, w = lengths.plan(8, trees=True)
+        lengths.record(k * w, k // 2 if w == 1 else 0, 0.101 + 0.001 * k * w, w, k)
+    assert lengths.plan(8, trees=True)[1] == 1
