@@ -1,7 +1,8 @@
-"""Speculative decoding through emulated links: tokens/s with speculation off, auto and fixed.
+"""Speculative decoding through emulated links: tokens/s with speculation off, auto, fixed, tree.
 
     python bench/speculative.py                          # RTT 0 and 100 ms, batch 1 and 8
     python bench/speculative.py --rtts 100 --batches 1 --new-tokens 48
+    python bench/speculative.py --modes 'off,tree 4x3'  # some modes only
 
 Three servers (blocks 0:10, 10:20, 20:30) behind the link emulator of bench/wan.py (they
 announce 127.0.0.2; every client->server and server->server hop crosses a link of the given
@@ -51,7 +52,7 @@ CHAT = [
     "Why do cats purr?",
     "How do I start learning to play the guitar?",
 ]
-MODES = {"off": "off", "auto": "auto", "fixed 6": "6"}
+MODES = {"off": "off", "auto": "auto", "fixed 6": "6", "tree 4x3": "4x3"}
 
 
 def prompts(task: str, batch: int) -> list[tuple[str, bool]]:
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--tasks", default="rewrite,code,chat")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--modes", default=",".join(MODES), help="of: " + ", ".join(MODES))
     args = parser.parse_args()
     from beectl import AutoDistributedModelForCausalLM
 
@@ -111,7 +113,8 @@ def main() -> None:
                             )
                             model.generate(ids, mask, max_new_tokens=4, speculate="off", **kw)
                             base_tokens = None
-                            for name, value in MODES.items():
+                            for name in args.modes.split(","):
+                                value = MODES[name]
                                 began = time.perf_counter()
                                 out = model.generate(
                                     ids, mask, max_new_tokens=args.new_tokens, speculate=value, **kw
