@@ -20,6 +20,7 @@ each node's proposal is a point mass, so this is the rejection rule with several
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,54 +90,57 @@ def children_of(parents: list[int], node: int) -> list[int]:
     return [j for j, p in enumerate(parents) if p == node]
 
 
-def walk_greedy(scores: torch.Tensor, tree: DraftTree) -> list[tuple[list[int], int]]:
-    """scores [batch, 1 + nodes, vocab] (position 0: the last pending token, 1 + j: node j) ->
-    per row, the kept nodes from the root down and the model's token after them."""
-    choice = scores.argmax(dim=-1).cpu()
+def _walk(
+    tree: DraftTree, pick: Callable[[int, int, list[int]], tuple[int | None, int]]
+) -> list[tuple[list[int], int]]:
+    """Per row, from the last pending token down: `pick(row, node, child tokens)` gives the
+    index of the kept child, or None and the model's own token, which ends the walk."""
     out = []
     for r in range(tree.tokens.shape[0]):
         parents, tokens = tree.parents[r].tolist(), tree.tokens[r].tolist()
         path: list[int] = []
         node = -1
         while True:
-            want = int(choice[r, node + 1])
-            match = next((c for c in children_of(parents, node) if tokens[c] == want), None)
-            if match is None:
-                out.append((path, want))
+            children = children_of(parents, node)
+            kept, token = pick(r, node, [tokens[c] for c in children])
+            if kept is None:
+                out.append((path, token))
                 break
-            path.append(match)
-            node = match
+            node = children[kept]
+            path.append(node)
     return out
+
+
+def walk_greedy(scores: torch.Tensor, tree: DraftTree) -> list[tuple[list[int], int]]:
+    """scores [batch, 1 + nodes, vocab] (position 0: the last pending token, 1 + j: node j) ->
+    per row, the kept nodes from the root down and the model's token after them."""
+    choice = scores.argmax(dim=-1).cpu()
+
+    def pick(r: int, node: int, tokens: list[int]) -> tuple[int | None, int]:
+        want = int(choice[r, node + 1])
+        return (tokens.index(want) if want in tokens else None), want
+
+    return _walk(tree, pick)
 
 
 def walk_rejection(
     probs: torch.Tensor, tree: DraftTree, generator: torch.Generator | None
 ) -> list[tuple[list[int], int]]:
     """probs [batch, 1 + nodes, vocab] on the host -> as walk_greedy, sampled (module doc)."""
-    out = []
-    for r in range(tree.tokens.shape[0]):
-        parents, tokens = tree.parents[r].tolist(), tree.tokens[r].tolist()
-        path: list[int] = []
-        node = -1
-        while True:
-            p = probs[r, node + 1].clone()
-            match = None
-            for child in children_of(parents, node):
-                x = tokens[child]
-                px = float(p[x])
-                if px > 0 and float(torch.rand((), generator=generator, dtype=torch.float64)) < px:
-                    match = child
-                    break
-                p[x] = 0.0
-                total = float(p.sum())
-                if total <= 0:  # every token the model allows was tried and refused
-                    break
-                p /= total
-            if match is None:
-                if float(p.sum()) <= 0:
-                    p = probs[r, node + 1]
-                out.append((path, int(torch.multinomial(p, 1, generator=generator)[0])))
+
+    def pick(r: int, node: int, tokens: list[int]) -> tuple[int | None, int]:
+        p = probs[r, node + 1].clone()
+        for i, x in enumerate(tokens):
+            px = float(p[x])
+            if px > 0 and float(torch.rand((), generator=generator, dtype=torch.float64)) < px:
+                return i, x
+            p[x] = 0.0
+            total = float(p.sum())
+            if total <= 0:  # every token the model allows was tried and refused
                 break
-            path.append(match)
-            node = match
-    return out
+            p /= total
+        if float(p.sum()) <= 0:
+            p = probs[r, node + 1]
+        return None, int(torch.multinomial(p, 1, generator=generator)[0])
+
+    return _walk(tree, pick)
