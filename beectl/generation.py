@@ -155,7 +155,7 @@ async def generate(
             drafter = draft_model.drafter(
                 processors, sample=sampling.do_sample, generator=generator
             )
-    lengths = DraftLength(spec)
+    lengths = DraftLength(spec, rows=batch)
     stats = SpeculationStats()
     eos = torch.tensor(sampling.eos_token_ids, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool)

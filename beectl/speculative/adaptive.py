@@ -10,12 +10,18 @@ draft costs as much as four), so lengths not tried yet are estimated optimistica
 neighbours, which gets them tried once. The chosen k has the largest E(k) / T(k); it is 0 (no
 drafts) when nothing beats a plain step: a fast link, a compute-bound batch, drafts that miss.
 The first decode round and every REBASE_EVERY-th drafted round go without drafts (they measure
-T(0)); while drafting is off, every PROBE_EVERY-th round drafts anyway, so a change is noticed.
+T(0)); while drafting is off, a round drafts anyway now and then (after PROBE_EVERY plain rounds,
+then twice as many after each probe that did not pay, up to MAX_PROBE_EVERY), so a change is
+noticed without paying for probes all along a long generation.
+
+A batch keeps a draft only where every row accepts it, so before anything is measured a batch of
+B rows expects a^B (each row: the prior a = 1/2), and where speculation cannot pay (a big batch,
+compute-bound servers) it is not tried at all until a probe.
 
 Tree drafts (tree.py) add a width w, the branches proposed: a round of depth k and width w
 sends about k * w tokens, and its acceptance a_w (how often the walk goes one level deeper) is
-measured per width. Widths not tried yet start a little more optimistic than the linear a (so
-each is tried), then follow what they do; the (k, w) with the largest E_w(k) / T(k * w) wins.
+measured per width. Widths not tried yet start a little more optimistic than the linear a (per
+row: a^(1/B) plus WIDTH_OPTIMISM per extra branch, so each is tried), then follow what they do; the (k, w) with the largest E_w(k) / T(k * w) wins.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from protocol.errors import BadRequestError
 
 MAX_DRAFT = 8  # the longest draft `auto` tries
 PROBE_EVERY = 8
+MAX_PROBE_EVERY = 64
 REBASE_EVERY = 32
 DECAY = 0.9  # weight of the past per round
-OPTIMISM = 0.02  # untried lengths: T(0) times this per draft beyond the longest tried
+OPTIMISM = 0.02  # untried lengths: T(0) times this per draft and row beyond the longest tried
 WIDTHS = (1, 2, 4)  # the tree widths `auto` tries where the servers take tree steps
 MAX_NODES = 32  # the most drafted tokens of one tree round
 WIDTH_OPTIMISM = 0.1  # an untried width's acceptance: the linear one plus this per extra branch
@@ -85,12 +92,15 @@ class SpeculationStats:
 class DraftLength:
     """Chooses each round's draft length, and tree width (see the module doc)."""
 
-    def __init__(self, config: SpeculationConfig) -> None:
+    def __init__(self, config: SpeculationConfig, rows: int = 1) -> None:
         self.config = config
-        self.successes, self.failures = 1.0, 1.0  # prior: a = 0.5
+        self.rows = max(1, rows)
+        prior = 0.5**self.rows  # every row accepts, each with a = 1/2
+        self.successes, self.failures = 2 * prior, 2 - 2 * prior
         self.by_width: dict[int, list[float]] = {}  # width > 1 -> [successes, failures]
         self.times: dict[int, float] = {}  # drafted tokens -> seconds per round (moving average)
         self._since_drafts = 0
+        self._probe_every = PROBE_EVERY
         self._since_base = 0
 
     @property
@@ -102,7 +112,8 @@ class DraftLength:
             return self.acceptance
         counts = self.by_width.get(width)
         if counts is None:
-            return min(0.95, self.acceptance + WIDTH_OPTIMISM * (width - 1))
+            per_row = self.acceptance ** (1 / self.rows)
+            return min(0.95, per_row + WIDTH_OPTIMISM * (width - 1)) ** self.rows
         return counts[0] / (counts[0] + counts[1])
 
     def expected_tokens(self, k: int, width: int = 1) -> float:
@@ -111,7 +122,8 @@ class DraftLength:
 
     def round_time(self, k: int) -> float:
         """T(k): measured, or interpolated between measured lengths, or extrapolated from the
-        longest one measured at OPTIMISM of T(0) per extra draft."""
+        longest one measured at OPTIMISM of T(0) per extra draft and row (a batch computes each
+        draft once per row)."""
         if k in self.times:
             return self.times[k]
         below = max(j for j in self.times if j < k)
@@ -120,7 +132,7 @@ class DraftLength:
             hi = min(above)
             share = (k - below) / (hi - below)
             return self.times[below] + share * (self.times[hi] - self.times[below])
-        return self.times[below] + (k - below) * OPTIMISM * self.times[0]
+        return self.times[below] + (k - below) * OPTIMISM * self.rows * self.times[0]
 
     def choose(self, limit: int) -> int:
         """The draft length for the next round, at most `limit` (what the generation may still
@@ -147,11 +159,13 @@ class DraftLength:
         best = max(rates, key=lambda kw: rates[kw])
         if rates[best] < rates[(0, 1)] * 1.02:  # a gain smaller than the noise is no gain
             self._since_drafts += 1
-            if self._since_drafts < PROBE_EVERY:
+            if self._since_drafts < self._probe_every:
                 return 0, 1
             self._since_drafts = 0
+            self._probe_every = min(2 * self._probe_every, MAX_PROBE_EVERY)
             return max((kw for kw in rates if kw[0]), key=lambda kw: rates[kw])
         self._since_drafts = 0
+        self._probe_every = PROBE_EVERY
         return best
 
     def record(

@@ -100,6 +100,30 @@ def test_the_draft_length_follows_cost_and_acceptance():
     assert DraftLength(SpeculationConfig.parse("off")).choose(8) == 0
 
 
+def test_a_batch_drafts_only_once_it_pays_and_probes_ever_less_often():
+    # Eight rows keep a draft only where all of them accept it: before anything is measured,
+    # drafting does not look worth a round even where extra tokens cost little.
+    batch = DraftLength(SpeculationConfig.parse("auto"), rows=8)
+    batch.record(0, 0, 0.050)
+    chosen = []
+    for _ in range(120):
+        k, w = batch.plan(8, trees=True)
+        chosen.append(k)
+        batch.record(k * w, 0, 0.050 + 0.03 * k * w, w, k)  # compute-bound: drafts cost
+    probes = [i for i, k in enumerate(chosen) if k]
+    assert chosen[:7] == [0] * 7 and len(probes) <= 4
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps == sorted(gaps) and gaps[-1] > 2 * gaps[0]  # the interval grows
+    # One row with the same history before it: a = 1/2 makes drafts worth trying at once.
+    single = DraftLength(SpeculationConfig.parse("auto"))
+    single.record(0, 0, 0.050)
+    assert single.plan(8, trees=True)[0] > 0
+    # When drafts pay again, probing goes back to its first interval.
+    batch.record(4, 4, 0.051)
+    batch.record(4, 4, 0.051)
+    assert batch.plan(8, trees=False)[0] > 0
+
+
 def test_a_trie_of_branches_is_depth_first_with_the_main_branch_first():
     tokens, parents = flatten([[5, 6, 7], [5, 8], [9], [5, 6, 4]])
     # 5-6-7 first (contiguous), then 6's other child 4, 5's other child 8, then the root's 9.
