@@ -12,11 +12,19 @@ included), drafted and accepted tokens, the ratio to speculation off in the same
 the tokens equal those of speculation off (they must). Tasks: `rewrite` (the answer repeats a
 given paragraph: drafts from prompt lookup help), `code` (continue a repetitive function) and
 `chat` (an open question: drafts rarely help). Batch 8 runs 8 different prompts of the task.
+Petals 2.2 (bench/petals_swarm.sh: the same three spans, its own venv, no speculation) then
+generates the same left-padded batches through the same kind of links, after beed (never at the
+same time), and every row gets its ratio to Petals; `--no-petals` leaves it out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +35,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from linkemu import LinkEmulatorProcess
-from wan import BeedSwarm, link_for, proxy_maps
+from wan import (
+    _BASELINE_ENV,
+    PETALS_MODEL,
+    PETALS_PORTS,
+    PETALS_PREFIX,
+    PETALS_PY,
+    BeedSwarm,
+    PetalsSwarm,
+    link_for,
+    proxy_maps,
+)
 
 PARAGRAPHS = [
     "The library opens at nine in the morning and closes at six in the evening. Members may "
@@ -53,6 +71,97 @@ CHAT = [
     "How do I start learning to play the guitar?",
 ]
 MODES = {"off": "off", "auto": "auto", "fixed 6": "6", "tree 4x3": "4x3"}
+
+# Run by the Petals venv's python: each cell's batch once as a warm-up (4 tokens), then timed
+# like beed's rows (all new tokens over the whole generate call); one JSON line on stdout.
+PETALS_CLIENT = r"""
+import json, os, sys, time
+import torch
+from petals import AutoDistributedModelForCausalLM
+
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+model = AutoDistributedModelForCausalLM.from_pretrained(
+    args["model_dir"], initial_peers=[args["peer"]], dht_prefix=args["prefix"],
+    torch_dtype=torch.float32,
+)
+model.eval()
+out = {}
+try:
+    for cell in args["cells"]:
+        ids, mask = torch.tensor(cell["ids"]), torch.tensor(cell["mask"])
+        kw = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=4, **kw)
+            began = time.perf_counter()
+            seq = model.generate(ids, max_new_tokens=args["new_tokens"], **kw)
+            seconds = time.perf_counter() - began
+        out[cell["key"]] = {"seconds": seconds, "tokens": seq[:, ids.shape[1]:].tolist()}
+        print(cell["key"], seconds, file=sys.stderr, flush=True)
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+print("RESULT " + json.dumps(out), flush=True)
+# petals 2.2 can hang at interpreter exit: shut the client's DHT (and its p2pd) down, exit hard.
+try:
+    sm = model.transformer.h.sequence_manager
+    sm.shutdown()
+    sm.dht.shutdown()
+except Exception as exc:
+    print("client shutdown:", repr(exc), file=sys.stderr)
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""
+
+
+def petals_cells(
+    swarm: PetalsSwarm,
+    rtt: float,
+    cells: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    new_tokens: int,
+    log_dir: Path,
+) -> dict[str, dict]:
+    """Petals' seconds and new tokens for each cell (key -> ids, mask) through links of `rtt`."""
+    payload = {
+        "model_dir": str(PETALS_MODEL),
+        "peer": swarm.initial_peer,
+        "prefix": PETALS_PREFIX,
+        "threads": torch.get_num_threads(),
+        "new_tokens": new_tokens,
+        "cells": [
+            {"key": key, "ids": ids.tolist(), "mask": mask.tolist()}
+            for key, (ids, mask) in cells.items()
+        ],
+    }
+    timeout = 300 + len(cells) * (new_tokens + 4) * (1 + 8 * rtt / 1000)
+    emu = LinkEmulatorProcess(proxy_maps(PETALS_PORTS), link_for(rtt, 1000))
+    with emu, open(log_dir / "petals_client.log", "a") as log:
+        # Its own session: Ctrl-C here does not reach it, and its whole group is ours to end.
+        proc = subprocess.Popen(
+            [str(PETALS_PY), "-c", PETALS_CLIENT, json.dumps(payload)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=_BASELINE_ENV,
+            start_new_session=True,
+        )
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)  # the client and any DHT/p2pd child it left
+                if sig == signal.SIGTERM:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(5)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"the Petals client printed no result (exit {proc.returncode})")
+    data = json.loads(lines[-1][len("RESULT ") :])
+    if "error" in data:
+        raise RuntimeError(data["error"])
+    return data
 
 
 def prompts(task: str, batch: int) -> list[tuple[str, bool]]:
@@ -90,15 +199,19 @@ def main() -> None:
     parser.add_argument("--tasks", default="rewrite,code,chat")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--modes", default=",".join(MODES), help="of: " + ", ".join(MODES))
+    parser.add_argument("--no-petals", action="store_true", help="leave the Petals rows out")
     args = parser.parse_args()
     from beectl import AutoDistributedModelForCausalLM
 
     log_dir = Path(tempfile.mkdtemp(prefix="beed-spec-"))
     swarm = BeedSwarm("smollm2-135m", "float32", ["--num-threads", "1"], log_dir)
     swarm.start()
+    rtts = [float(r) for r in args.rtts.split(",")]
     results = []
+    cells: dict[float, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {r: {} for r in rtts}
+    base: dict[tuple[float, str, int], torch.Tensor] = {}
     try:
-        for rtt in [float(r) for r in args.rtts.split(",")]:
+        for rtt in rtts:
             emu = LinkEmulatorProcess(proxy_maps(swarm.ports), link_for(rtt, 1000))
             with emu:
                 model = AutoDistributedModelForCausalLM.from_pretrained(
@@ -108,11 +221,11 @@ def main() -> None:
                     for task in args.tasks.split(","):
                         for batch in [int(b) for b in args.batches.split(",")]:
                             ids, mask = encode(model.tokenizer, prompts(task, batch))
+                            cells[rtt][f"{task}|{batch}"] = (ids, mask)
                             kw = dict(
                                 eos_token_id=None, pad_token_id=0, return_dict_in_generate=True
                             )
                             model.generate(ids, mask, max_new_tokens=4, speculate="off", **kw)
-                            base_tokens = None
                             for name in args.modes.split(","):
                                 value = MODES[name]
                                 began = time.perf_counter()
@@ -121,41 +234,57 @@ def main() -> None:
                                 )
                                 seconds = time.perf_counter() - began
                                 new = out.sequences[:, ids.shape[1] :]
-                                if base_tokens is None:
-                                    base_tokens = new
+                                base.setdefault((rtt, task, batch), new)
                                 tps = batch * args.new_tokens / seconds
                                 s = out.speculation
+                                same = torch.equal(new, base[(rtt, task, batch)])
                                 results.append(
-                                    (
-                                        rtt,
-                                        task,
-                                        batch,
-                                        name,
-                                        tps,
-                                        s.proposed,
-                                        s.accepted,
-                                        torch.equal(new, base_tokens),
-                                    )
+                                    (rtt, task, batch, name, tps, s.proposed, s.accepted, same)
                                 )
                                 print(results[-1], file=sys.stderr, flush=True)
                 finally:
                     model.close()
     finally:
         swarm.stop()
+    if not args.no_petals:
+        petals = PetalsSwarm(log_dir)
+        try:
+            petals.start()
+            for rtt in rtts:
+                data = petals_cells(petals, rtt, cells[rtt], args.new_tokens, log_dir)
+                for key, cell in data.items():
+                    task, b = key.split("|")
+                    batch = int(b)
+                    tokens = torch.tensor(cell["tokens"])
+                    ref = base.get((rtt, task, batch))
+                    same = ref is not None and torch.equal(tokens, ref)
+                    tps = batch * args.new_tokens / cell["seconds"]
+                    results.append((rtt, task, batch, "petals", tps, None, None, same))
+                    print(results[-1], file=sys.stderr, flush=True)
+        except Exception as exc:
+            print(f"# Petals: {type(exc).__name__}: {exc} (logs in {log_dir})", flush=True)
+        finally:
+            petals.stop()
     print(
         f"# 3 servers (10 blocks each, float32, push) behind emulated links, smollm2-135m greedy, "
-        f"{args.new_tokens} new tokens per row; speculation by prompt lookup"
+        f"{args.new_tokens} new tokens per row; speculation by prompt lookup; Petals 2.2 with the "
+        f"same spans and links, no speculation"
     )
     print(
-        "| RTT ms | task | batch | speculation | tok/s | drafted | accepted | vs off | same tokens |"
+        "| RTT ms | task | batch | speculation | tok/s | drafted | accepted | vs off | vs Petals "
+        "| same tokens |"
     )
-    print("|---:|---|---:|---|---:|---:|---:|---:|---|")
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|---|")
     off = {(r[0], r[1], r[2]): r[4] for r in results if r[3] == "off"}
+    pet = {(r[0], r[1], r[2]): r[4] for r in results if r[3] == "petals"}
     for rtt, task, batch, name, tps, proposed, accepted, same in results:
-        ratio = tps / off[(rtt, task, batch)]
+        key = (rtt, task, batch)
+        ratio = f"{tps / off[key]:.2f}x" if key in off else "-"
+        vs_petals = f"{tps / pet[key]:.2f}x" if key in pet else "-"
+        counts = "| - | - |" if proposed is None else f"| {proposed} | {accepted} |"
         print(
-            f"| {rtt:.0f} | {task} | {batch} | {name} | {tps:.1f} | {proposed} | {accepted} | "
-            f"{ratio:.2f}x | {'yes' if same else 'NO'} |"
+            f"| {rtt:.0f} | {task} | {batch} | {name} | {tps:.1f} {counts} {ratio} | "
+            f"{vs_petals} | {'yes' if same else 'NO'} |"
         )
 
 
