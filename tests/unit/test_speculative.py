@@ -3,6 +3,8 @@ length controller (beectl/speculative/)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -112,7 +114,7 @@ def test_a_batch_drafts_only_once_it_pays_and_probes_ever_less_often():
         batch.record(k * w, 0, 0.050 + 0.03 * k * w, w, k)  # compute-bound: drafts cost
     probes = [i for i, k in enumerate(chosen) if k]
     assert chosen[:7] == [0] * 7 and len(probes) <= 4
-    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert gaps == sorted(gaps) and gaps[-1] > 2 * gaps[0]  # the interval grows
     # One row with the same history before it: a = 1/2 makes drafts worth trying at once.
     single = DraftLength(SpeculationConfig.parse("auto"))
