@@ -13,8 +13,9 @@ the tokens equal those of speculation off (they must). Tasks: `rewrite` (the ans
 given paragraph: drafts from prompt lookup help), `code` (continue a repetitive function) and
 `chat` (an open question: drafts rarely help). Batch 8 runs 8 different prompts of the task.
 Petals 2.2 (bench/petals_swarm.sh: the same three spans, its own venv, no speculation) then
-generates the same left-padded batches through the same kind of links, after beed (never at the
-same time), and every row gets its ratio to Petals; `--no-petals` leaves it out.
+generates the same batches through the same kind of links, after beed (never at the same time),
+and every row gets its ratio to Petals; `--no-petals` leaves it out. Petals takes no padding
+mask, so its padded rows attend to their pads: the same work, other tokens for those rows.
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ model.eval()
 out = {}
 try:
     for cell in args["cells"]:
-        ids, mask = torch.tensor(cell["ids"]), torch.tensor(cell["mask"])
-        kw = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ids = torch.tensor(cell["ids"])
+        # Petals 2.2 refuses attention masks with padding: its rows attend to the pads (the
+        # same amount of work; other tokens where a row was padded).
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
+                  pad_token_id=0)
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=4, **kw)
             began = time.perf_counter()
