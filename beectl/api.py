@@ -27,6 +27,7 @@ from beectl.session import InferenceSession
 from beectl.speculative.adaptive import SpeculationConfig
 from beectl.speculative.drafts import DraftModel
 from beed.dht.peers import parse_initial_peers
+from beed.net.swarm_key import SwarmKey
 from protocol.errors import BadRequestError
 
 _UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None}
@@ -234,9 +235,13 @@ class AutoDistributedModelForCausalLM:
 
         `dtype` and `device` are those of the local embeddings and LM head (e.g. "cuda").
 
-        Extra keyword arguments set ClientConfig fields (e.g. `step_timeout_s=30`).
+        Extra keyword arguments set ClientConfig fields (e.g. `step_timeout_s=30`);
+        `swarm_key` may be the path of a private swarm's key file.
         """
         peers = [initial_peers] if isinstance(initial_peers, str) else list(initial_peers)
+        key = config.get("swarm_key")
+        if key is not None and not isinstance(key, SwarmKey):
+            config["swarm_key"] = SwarmKey.load(key)
         client_config = dataclasses.replace(
             ClientConfig(initial_peers=tuple(parse_initial_peers(peers))), **config
         )

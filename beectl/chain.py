@@ -39,12 +39,15 @@ class OpenHop:
     def next_hop(self) -> dict[str, object]:
         """This hop as a route entry for the previous hop's push."""
         server = self.hop.server
-        return {
+        entry: dict[str, object] = {
             "host": server.host,
             "port": server.port,
             "peer_id": server.peer_id,
             "token": self.push_token,
         }
+        if server.tls:
+            entry["tls"] = True
+        return entry
 
     def timer_for(self, config: ClientConfig) -> HopTimer:
         if self.timer is None:

@@ -21,6 +21,7 @@ import click
 
 from beectl.cli_options import generation_options, peers_option
 from beectl.config import ClientConfig
+from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def main(log_level: str) -> None:
     "initial peers are public (by default only a swarm on such addresses may name them).",
 )
 @peers_option
+@swarm_key_option
 @generation_options
 def generate(
     prompt: str | None,
@@ -106,6 +108,7 @@ def generate(
     compression: str,
     allow_private_addresses: bool,
     initial_peers: list[tuple[str, int]],
+    swarm_key: SwarmKey | None,
     **kwargs: Any,
 ) -> None:
     """Generate text after PROMPT through the swarm; text streams to stdout as it is produced.
@@ -118,6 +121,7 @@ def generate(
         raise click.UsageError("give either a PROMPT or --prompts FILE")
     config = ClientConfig(
         initial_peers=tuple(initial_peers),
+        swarm_key=swarm_key,
         kv_wait_s=kv_wait,
         routing=routing,
         push=push,
@@ -348,6 +352,7 @@ class _TextStream:
 
 @main.command()
 @peers_option
+@swarm_key_option
 @click.option("--model", default=None, help="Show only this model's servers (name).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--serve", is_flag=True, help="Serve a live web page of the swarm instead.")
@@ -362,6 +367,7 @@ def swarm(
     serve: bool,
     host: str,
     port: int,
+    swarm_key: SwarmKey | None,
 ) -> None:
     """List the models in the swarm and which servers serve which blocks.
 
@@ -369,7 +375,7 @@ def swarm(
     (`ready http://HOST:PORT` is printed once it listens; JSON at /api/swarm).
     """
     _require_peers(initial_peers)
-    config = ClientConfig(initial_peers=tuple(initial_peers))
+    config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=swarm_key)
     if serve:
         from beectl.swarm_page import serve_page
 

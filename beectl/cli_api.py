@@ -10,6 +10,7 @@ import click
 
 from beectl.cli_options import DEFAULT_MODEL, peers_option
 from beectl.config import ClientConfig
+from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
 
 
@@ -46,6 +47,7 @@ from protocol.errors import BeeError
     "--draft-model", default=None, help="Draft with this local model instead of prompt lookup."
 )
 @peers_option
+@swarm_key_option
 def api(
     host: str,
     port: int,
@@ -56,6 +58,7 @@ def api(
     speculate: str,
     draft_model: str | None,
     initial_peers: list[tuple[str, int]],
+    swarm_key: SwarmKey | None,
 ) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) over the swarm.
 
@@ -74,7 +77,9 @@ def api(
     except BeeError as exc:
         raise click.BadParameter(str(exc), param_hint="--speculate") from None
 
-    config = ClientConfig(initial_peers=tuple(initial_peers), kv_wait_s=kv_wait)
+    config = ClientConfig(
+        initial_peers=tuple(initial_peers), swarm_key=swarm_key, kv_wait_s=kv_wait
+    )
 
     async def run() -> None:
         from beectl.model import RemoteModel

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from beectl.cli_options import DEFAULT_MODEL, peers_option
+from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
 
 HELP = "/reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."
@@ -126,6 +127,7 @@ class _Printer:
     "--verbose", is_flag=True, help="After each answer, print the tokens reused and sent."
 )
 @peers_option
+@swarm_key_option
 def chat(
     model: str,
     system: str | None,
@@ -136,6 +138,7 @@ def chat(
     seed: int | None,
     verbose: bool,
     initial_peers: list[tuple[str, int]],
+    swarm_key: SwarmKey | None,
 ) -> None:
     """Chat with the model in this terminal: each turn streams, the past stays cached."""
     if not initial_peers:
@@ -149,7 +152,7 @@ def chat(
         sampling.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
     try:
         distributed = AutoDistributedModelForCausalLM.from_pretrained(
-            model, initial_peers=[f"{h}:{p}" for h, p in initial_peers]
+            model, initial_peers=[f"{h}:{p}" for h, p in initial_peers], swarm_key=swarm_key
         )
     except BeeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from beed.dht.config import DHTConfig
+from beed.net.swarm_key import SwarmKey
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,7 @@ class ClientConfig:
     """How a client finds servers and how long it waits for them; built by the CLI or the API."""
 
     initial_peers: tuple[tuple[str, int], ...] = ()  # DHT nodes to join through
+    swarm_key: SwarmKey | None = None  # a private swarm's key (beed/net/swarm_key.py)
     connect_timeout_s: float = 5.0  # TCP connect plus Hello exchange with one server
     open_timeout_s: float = 30.0  # OpenSession answer, on top of kv_wait_s
     kv_wait_s: float = 10.0  # how long a full server may keep a new session waiting for memory

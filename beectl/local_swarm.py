@@ -142,8 +142,11 @@ class LocalSwarm:
         extra_args: list[str] | None = None,
         dtype: str = "float32",
         num_threads: int | None = None,
+        swarm_key: Path | None = None,
     ) -> None:
         self.model = model
+        # A private swarm: every daemon gets --swarm-key (clients need the same file).
+        self.key_args = [] if swarm_key is None else ["--swarm-key", str(swarm_key)]
         self.num_servers = num_servers
         self.spans = spans
         self.extra_args = extra_args or []
@@ -185,7 +188,9 @@ class LocalSwarm:
         tmp = Path(self._tmp.name)
         spans = self._split()  # converts the embedded model once, before servers race for it
         self.bootstrap = Daemon(
-            "bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0"], tmp / "bootstrap.log"
+            "bootstrap",
+            ["bootstrap", "--host", "127.0.0.1", "--port", "0", *self.key_args],
+            tmp / "bootstrap.log",
         )
         self.bootstrap.start(self.env)
         line = self.bootstrap.wait_ready(60.0)
@@ -219,6 +224,7 @@ class LocalSwarm:
             peers or ",".join(f"{h}:{p}" for h, p in self.initial_peers),
             "--dtype",
             self.dtype,
+            *self.key_args,
             *self.extra_args,
             *(extra_args or []),
         ]

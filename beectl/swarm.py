@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -32,7 +33,9 @@ class Swarm:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.dht = DHTNode(config.dht, client_mode=True)
+        self.dht = DHTNode(
+            dataclasses.replace(config.dht, swarm_key=config.swarm_key), client_mode=True
+        )
         self._connections: dict[str, PeerConnection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self.rtt_s: dict[str, float] = {}
@@ -218,6 +221,8 @@ class Swarm:
                 server.host,
                 server.port,
                 peer_id=server.peer_id,
+                tls=server.tls,
+                swarm_key=self.config.swarm_key,
                 compression=self.config.compression,
                 policy=self.policy,
             )

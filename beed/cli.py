@@ -22,6 +22,7 @@ from beed.cli_config import config_option
 from beed.cli_limits import peer_limit_options, peer_limits_from
 from beed.dht.peers import initial_peers_callback
 from beed.logs import setup_logging
+from beed.net.swarm_key import SwarmKey, SwarmKeyError, swarm_key_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,6 +62,22 @@ class OffloadFraction(_FractionType):
 
 
 @main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path) -> None:
+    """Make a new private swarm key in PATH (mode 0600; never overwrites a file).
+
+    Give the same file to every `beed bootstrap`, `beed serve` and `beectl` of the swarm as
+    `--swarm-key PATH`; peers without it are ignored and refused. Prints the key's id (not
+    secret): machines holding the same key print the same id at start.
+    """
+    try:
+        key = SwarmKey.generate_file(path)
+    except SwarmKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"swarm key {key.key_id} written to {path}")
+
+
+@main.command()
 @config_option
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind the UDP port.")
 @click.option(
@@ -90,12 +107,14 @@ class OffloadFraction(_FractionType):
     default=None,
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (TCP, on --host) [default: off].",
 )
+@swarm_key_option
 def bootstrap(
     host: str,
     port: int,
     identity_path: Path | None,
     initial_peers: list[tuple[str, int]],
     metrics_port: int | None,
+    swarm_key: SwarmKey | None,
 ) -> None:
     """Run a DHT-only node that others join through.
 
@@ -103,6 +122,7 @@ def bootstrap(
     `beectl`; logs go to stderr. Exits with code 0 on SIGINT or SIGTERM.
     """
     from beed.bootstrap import run_bootstrap
+    from beed.dht.config import DHTConfig
     from protocol.errors import BeeError
 
     def on_ready(value: str) -> None:
@@ -112,7 +132,13 @@ def bootstrap(
     try:
         code = asyncio.run(
             run_bootstrap(
-                host, port, identity_path, initial_peers, on_ready, metrics_port=metrics_port
+                host,
+                port,
+                identity_path,
+                initial_peers,
+                on_ready,
+                config=DHTConfig(swarm_key=swarm_key),
+                metrics_port=metrics_port,
             )
         )
     except BeeError as exc:
@@ -180,6 +206,14 @@ def _parse_block_indices(
     show_default=True,
     help="auto: lossless compression of activations on links whose measured speed makes it "
     "pay (never on fast links); off: always send raw.",
+)
+@swarm_key_option
+@click.option(
+    "--encryption/--no-encryption",
+    default=True,
+    show_default=True,
+    help="Activation connections use TLS 1.3, this server authenticated as the identity its "
+    "DHT record names (docs/security.md); --no-encryption serves them in the clear.",
 )
 @click.option(
     "--public-port",
@@ -361,6 +395,8 @@ def serve(
     public_host: str | None,
     public_port: int | None,
     compression: str,
+    encryption: bool,
+    swarm_key: SwarmKey | None,
     initial_peers: list[tuple[str, int]],
     identity_path: Path | None,
     device: str,
@@ -399,6 +435,10 @@ def serve(
 
     if num_blocks is not None and block_indices is not None:
         raise click.UsageError("give either --blocks or --block-indices, not both")
+    if swarm_key is not None and not encryption:
+        raise click.UsageError(
+            "a private swarm (--swarm-key) needs encryption: drop --no-encryption"
+        )
     _check_device(device)
     config = ServerConfig(
         model=model,
@@ -410,6 +450,8 @@ def serve(
         public_host=public_host,
         public_port=public_port,
         compression=compression,
+        encryption=encryption,
+        swarm_key=swarm_key,
         initial_peers=tuple(initial_peers),
         identity_path=identity_path,
         device=device,

@@ -433,7 +433,8 @@ async def amain(args: argparse.Namespace) -> list[Row]:
     tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m").path))
     ids = tok(PROMPT, return_tensors="pt").input_ids[:, :10]
     t0 = time.perf_counter()
-    swarm = LocalSwarm(num_servers=1, extra_args=args.server_args.split())
+    # Plain TCP: the attack tools write raw frames (the framing layer is the same behind TLS).
+    swarm = LocalSwarm(num_servers=1, extra_args=["--no-encryption", *args.server_args.split()])
     await asyncio.to_thread(swarm.start)
     try:
         print(

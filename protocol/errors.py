@@ -29,6 +29,7 @@ BeeError                          base of everything we raise on purpose
 │   ├── PushRefusedError          207 a Push names no session that accepts it (token, sender, step)
 │   ├── QuotaExceededError        208 the peer holds its share (connections, sessions, KV) - retryable
 │   ├── RequestTooLargeError      209 more tokens or bytes in one request than this server takes
+│   ├── UnauthorizedError         210 the peer did not prove the private swarm's key in its Hello
 │   └── InternalServerError       299 a bug on the peer - retryable elsewhere
 └── ClientError                   300 raised by beectl for user-facing failures (3xx, never on the wire)
     ├── ModelNotFoundError        301 unknown model name or path
@@ -190,6 +191,12 @@ class RequestTooLargeError(RequestError):
     """One request asks for more tokens or bytes than this server takes in one request."""
 
     code = 209
+
+
+class UnauthorizedError(RequestError):
+    """The connection did not prove the private swarm's key (docs/security.md); closed."""
+
+    code = 210
 
 
 class InternalServerError(RequestError):

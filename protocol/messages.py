@@ -121,6 +121,9 @@ class Hello(Message):
     max_frame_bytes: int = Limits().max_frame_bytes
     max_streams: int = Limits().max_streams_per_connection
     features: tuple[str, ...] = ()
+    # Private swarms: HMAC-SHA256 (hex) of the role under the swarm key, bound to the TLS
+    # server's identity key (docs/protocol.md, "Private swarms"); "" in a public swarm.
+    swarm_proof: str = field(default="", metadata=_EXT)
 
 
 def negotiate(local: Hello, remote: Hello) -> tuple[int, tuple[str, ...]]:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from beed.net.swarm_key import SwarmKey
 
 
 @dataclass(frozen=True)
@@ -10,6 +14,8 @@ class DHTConfig:
     """Settings of one DHT node; tests shrink the periods, production keeps the defaults."""
 
     ksize: int = 20  # Kademlia k: bucket size and number of replicas a record is stored on
+    # A private swarm's key: every datagram is sealed with it, others dropped (net/swarm_key.py).
+    swarm_key: SwarmKey | None = None
     alpha: int = 3  # Kademlia alpha: parallel requests per lookup round
     rpc_timeout_s: float = 3.0  # wait for one UDP reply before counting it as missed
     bootstrap_timeout_s: float = 10.0  # whole bootstrap (pings + self lookup)

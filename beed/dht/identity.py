@@ -74,11 +74,7 @@ class Identity:
         except FileNotFoundError:
             pass
         identity = cls.generate()
-        pem = identity._private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        pem = identity.private_key_pem()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -115,6 +111,18 @@ class Identity:
         identity = cls(key)
         log.info("identity.loaded path=%s peer_id=%s", path, identity.peer_id)
         return identity
+
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The private key (for the server's TLS certificate, beed/net/tls.py)."""
+        return self._private_key
+
+    def private_key_pem(self) -> bytes:
+        return self._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def sign(self, data: bytes) -> bytes:
         """The Ed25519 signature (64 bytes) of `data`."""

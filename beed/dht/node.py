@@ -106,11 +106,13 @@ class DHTNode:
         self._tasks.spawn(self._maintain(), "maintain")
         if self.config.liveness_period_s > 0:
             self._tasks.spawn(self._check_contacts(), "liveness")
+        key = self.config.swarm_key
         log.info(
-            "dht.started addr=%s peer_id=%s client_mode=%s",
+            "dht.started addr=%s peer_id=%s client_mode=%s swarm=%s",
             format_initial_peers([self.address]),
             self.peer_id,
             self.client_mode,
+            "public" if key is None else f"private:{key.key_id}",
         )
         return self.address
 
@@ -156,6 +158,7 @@ class DHTNode:
         if not contacts:
             raise PeerUnreachableError(
                 f"no initial peer answered within {timeout_s:g}s: {format_initial_peers(peers)}"
+                " (the peers of a private swarm answer only those with its --swarm-key)"
             )
         for contact in contacts:
             protocol.welcome_if_new(contact)

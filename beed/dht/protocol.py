@@ -101,6 +101,13 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
         # The one boundary for peer bytes: nothing a peer sends may raise out of here.
         address = (addr[0], addr[1])
         try:
+            key = self.config.swarm_key
+            if key is not None:
+                opened = key.open(data)
+                if opened is None:  # not of this private swarm: never answered
+                    self.stats["wrong_swarm_key"] += 1
+                    return
+                data = opened
             if data[:1] == _RESPONSE:
                 if self._addresses.get(data[1:_HEADER_BYTES]) != address:
                     self.stats["unexpected_reply"] += 1  # dropped unparsed
@@ -140,10 +147,15 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
             if limit is not None and len(reply) > limit:
                 self.stats["reply_too_large"] += 1  # never an amplifier for a spoofed source
                 return
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.sendto(reply, addr)
+            self._send(reply, addr)
         else:
             raise MalformedRequest("unknown datagram kind")
+
+    def _send(self, datagram: bytes, address: Address) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        key = self.config.swarm_key
+        self.transport.sendto(datagram if key is None else key.seal(datagram), address)
 
     def _handlers(self) -> dict[str, Any]:
         return {
@@ -187,7 +199,7 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
             future.set_result((False, None))
             return future
         msg_id = os.urandom(_MSG_ID_BYTES)
-        self.transport.sendto(_REQUEST + msg_id + data, address)
+        self._send(_REQUEST + msg_id + data, address)
         timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
         self._outstanding[msg_id] = (future, timer)
         self._addresses[msg_id] = (address[0], address[1])

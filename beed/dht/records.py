@@ -55,6 +55,9 @@ class ServerRecord:
     # Measured round trips from this server to servers of the following blocks, in ms, by peer
     # id: routing adds a push hop's link from it (written only when non-empty).
     next_rtt_ms: tuple[tuple[str, float], ...] = ()
+    # The TCP port speaks TLS with a certificate of public_key (beed/net/tls.py); written
+    # only when true.
+    tls: bool = False
     public_key: bytes = b""  # Ed25519 public key; filled in by DHTNode.announce
     issued_at: float = 0.0  # unix time of issue; newer replaces older (replay ordering)
     expires_at: float = 0.0  # unix time of expiry; taken from the signed DHT entry
@@ -107,6 +110,8 @@ def encode_record(record: ServerRecord) -> bytes:
     }
     if record.next_rtt_ms:
         fields["nr"] = {peer: float(ms) for peer, ms in record.next_rtt_ms}
+    if record.tls:
+        fields["tl"] = True
     return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
@@ -142,6 +147,7 @@ def decode_record(data: bytes, expires_at: float = 0.0) -> ServerRecord:
             codecs=tuple(_codecs(fields)),
             software_version=_typed(fields, "sw", str),
             next_rtt_ms=_next_rtts(fields),
+            tls=fields.get("tl", False) is True,
             public_key=public_key,
             issued_at=_number(fields, "ia"),
             expires_at=expires_at,

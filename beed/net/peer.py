@@ -16,7 +16,9 @@ import beed
 from beed.net.dial import DialPolicy
 from beed.net.link import LinkStats
 from beed.net.stream import FramedStream, open_stream
+from beed.net.swarm_key import SwarmKey
 from beed.net.tasks import TaskOwner
+from beed.net.tls import check_server, server_public_key
 from beed.net.traffic import TensorTraffic
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
@@ -58,8 +60,9 @@ class PeerConnection:
     Error on a stream fails its oldest FIFO waiter, or else its step waiters; an Error on
     stream 0 fails every waiter.
 
-    `peer_id`: the peer id the server must name in its Hello ("" = any); `local_peer_id`: the
-    one this side names in its own Hello (servers pushing to the next hop).
+    `peer_id`: the peer id the server must name in its Hello ("" = any) and, with `tls`, prove
+    by its certificate (beed/net/tls.py); `local_peer_id`: the one this side names in its own
+    Hello (servers pushing to the next hop).
     """
 
     def __init__(
@@ -68,12 +71,15 @@ class PeerConnection:
         port: int,
         *,
         peer_id: str = "",
+        tls: bool = False,
+        swarm_key: SwarmKey | None = None,
         local_peer_id: str = "",
         compression: str = "auto",
         policy: DialPolicy | None = None,
         traffic: TensorTraffic | None = None,
     ) -> None:
-        self.host, self.port, self.peer_id = host, port, peer_id
+        self.host, self.port, self.peer_id, self.tls = host, port, peer_id, tls
+        self.swarm_key = swarm_key  # a private swarm's: proven in the Hello, both ways
         self.traffic = traffic  # where tensor bytes of this connection are counted (or None)
         self.local_peer_id = local_peer_id
         self.compression = compression  # "auto": codecs follow the measured link; "off": raw
@@ -99,6 +105,12 @@ class PeerConnection:
         return self._stream.link if self._stream is not None else None
 
     async def connect(self, timeout_s: float) -> None:
+        key = self.swarm_key
+        where = f"{self.host}:{self.port}"
+        if key is not None and not self.tls:
+            raise PeerUnreachableError(
+                f"{where} does not speak TLS: not a server of this private swarm"
+            )
         stream = await open_stream(
             self.host,
             self.port,
@@ -106,12 +118,18 @@ class PeerConnection:
             compression=self.compression,
             policy=self.policy,
             limits=REPLY_LIMITS,
+            tls=self.tls,
         )
         try:
+            server_key = b""
+            if self.tls:
+                server_key = server_public_key(stream.ssl_object)
+                check_server(stream.ssl_object, self.peer_id, where)
             hello = Hello(
                 protocol_version=PROTOCOL_VERSION,
                 software_version=beed.__version__,
                 peer_id=self.local_peer_id,
+                swarm_proof="" if key is None else key.proof("client", server_key),
             )
             began = time.monotonic()
             await stream.send(hello, timeout_s=timeout_s)
@@ -123,6 +141,8 @@ class PeerConnection:
             if not isinstance(reply, Hello):
                 raise InvalidReplyError(f"server answered Hello with {type(reply).__name__}")
             _version, codecs = negotiate(hello, reply)
+            if key is not None and not key.check("server", server_key, reply.swarm_proof):
+                raise PeerUnreachableError(f"{where} cannot prove this private swarm's key")
             if self.peer_id and reply.peer_id != self.peer_id:
                 raise PeerUnreachableError(
                     f"{self.host}:{self.port} is peer {reply.peer_id[:16] or '(none)'}, "

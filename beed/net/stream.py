@@ -18,6 +18,7 @@ from typing import Any
 
 from beed.net.dial import DialPolicy
 from beed.net.link import PROBE_BYTES, LinkStats, policy_for
+from beed.net.tls import client_context
 from beed.net.traffic import TensorTraffic
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
@@ -93,6 +94,7 @@ class FramedStream:
             # One-token steps are tiny frames: never wait for Nagle's algorithm.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peername = writer.get_extra_info("peername")
+        self.ssl_object = writer.get_extra_info("ssl_object")  # None on a plain connection
 
     async def read(self, timeout_s: float | None = None) -> Message:
         """The next message; ConnectionClosed at EOF, PhaseTimeoutError when the whole message
@@ -228,8 +230,10 @@ async def open_stream(
     limits: Limits | None = None,
     compression: str = "auto",
     policy: DialPolicy | None = None,
+    tls: bool = False,
 ) -> FramedStream:
-    """Connect to host:port; PeerUnreachableError when that fails within timeout_s, and
+    """Connect to host:port (with `tls`, a TLS 1.3 handshake too: the caller checks the server's
+    identity, beed/net/tls.py); PeerUnreachableError when that fails within timeout_s, and
     AddressRefusedError when `policy` does not allow the address (a name is resolved first and
     only its allowed addresses are tried)."""
     try:
@@ -237,8 +241,14 @@ async def open_stream(
             target = host
             if policy is not None and not policy.allow_private:
                 target = await _allowed_address(host, port, policy)
-            reader, writer = await asyncio.open_connection(target, port, limit=READ_CHUNK_BYTES)
-    except (TimeoutError, OSError) as exc:
+            reader, writer = await asyncio.open_connection(
+                target,
+                port,
+                limit=READ_CHUNK_BYTES,
+                ssl=client_context() if tls else None,
+                server_hostname="" if tls else None,
+            )
+    except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
         raise PeerUnreachableError(
             f"cannot connect to {host}:{port}: {exc or 'timed out'}"
         ) from exc

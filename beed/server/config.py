@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from beed.dht.config import DHTConfig
+from beed.net.swarm_key import SwarmKey
 
 
 def available_cores() -> int:
@@ -108,6 +109,8 @@ class ServerConfig:
     max_inflight_per_connection: int = 64  # requests running at once; past that, stop reading
     max_kv_wait_s: float = 60.0  # longest a new session may wait for cache memory to free up
     compression: str = "auto"  # "auto": lossless codecs where a link's measured speed pays; "off"
+    encryption: bool = True  # the TCP port speaks TLS with the identity's certificate (net/tls.py)
+    swarm_key: SwarmKey | None = None  # a private swarm's key (net/swarm_key.py); needs encryption
     push_connect_timeout_s: float = 5.0  # connecting to a next hop to push to it (Hello included)
     # Push to loopback/private next hops: True always, None (auto) when our own address is one.
     allow_private_addresses: bool | None = None

@@ -32,6 +32,7 @@ from protocol.errors import (
     ServerBusyError,
     StreamStateError,
     TooManyStreamsError,
+    UnauthorizedError,
     UnknownMessageTypeError,
     UnknownSessionError,
 )
@@ -114,6 +115,11 @@ class ServerConnection:
                 await self._answer(Error.from_exception(0, exc), timeout_s=1.0)
             except BeeError:
                 pass
+        except UnauthorizedError as exc:
+            log.info("conn.unauthorized id=%d peer=%s", self.id, self.stream.peername)
+            self.state.errors_sent[exc.code] += 1
+            with contextlib.suppress(BeeError):
+                await self._answer(Error.from_exception(0, exc), timeout_s=1.0)
         finally:
             await self._tasks.aclose()
             self.state.memory.release_connection(self.id)  # requests cancelled unstarted
@@ -256,6 +262,14 @@ class ServerConnection:
         if not isinstance(msg, Hello):
             raise StreamStateError(f"the first frame must be Hello, got {type(msg).__name__}")
         _version, codecs = negotiate(self.state.hello, msg)
+        key = self.state.swarm_key
+        if key is not None and not (
+            self.stream.ssl_object is not None
+            and key.check("client", self.state.public_key, msg.swarm_proof)
+        ):
+            raise UnauthorizedError(
+                "this server belongs to a private swarm: connect with its --swarm-key"
+            )
         self.remote_hello = msg
         per_request = self.state.memory.per_connection_bytes
         decoder.limits = Limits(
@@ -273,6 +287,7 @@ class ServerConnection:
             max_streams=self.state.config.max_streams_per_connection,
             max_frame_bytes=decoder.limits.max_frame_bytes,
             features=self.state.hello.features,
+            swarm_proof="" if key is None else key.proof("server", self.state.public_key),
         )
         await self.stream.send(reply, timeout_s=self.state.config.write_timeout_s)
         self.stream.ping_rtt()  # this side's round trip to the peer (for its codec policy)

@@ -17,6 +17,7 @@ from typing import Any
 
 from beed.net.dial import DialPolicy
 from beed.net.peer import PeerConnection
+from beed.net.swarm_key import SwarmKey
 from beed.net.traffic import TensorTraffic
 from protocol.errors import BadRequestError
 from protocol.messages import Ack, Push
@@ -35,9 +36,11 @@ class NextHop:
     port: int
     peer_id: str
     token: str
+    tls: bool = False  # its port speaks TLS (its record says so)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "port": self.port, "peer_id": self.peer_id, "token": self.token}
+        entry = {"host": self.host, "port": self.port, "peer_id": self.peer_id, "token": self.token}
+        return {**entry, "tls": True} if self.tls else entry
 
 
 def check_token(token: str) -> str:
@@ -62,7 +65,10 @@ def parse_next_hops(raw: Sequence[dict[str, Any]]) -> list[NextHop]:
             raise BadRequestError(f"next_hops[{i}].peer_id must be a peer id")
         if not (isinstance(token, str) and TOKEN_RE.fullmatch(token)):
             raise BadRequestError(f"next_hops[{i}].token must be 32 lowercase hex digits")
-        hops.append(NextHop(host, port, peer_id, token))
+        tls = entry.get("tls", False)
+        if not isinstance(tls, bool):
+            raise BadRequestError(f"next_hops[{i}].tls must be true or false")
+        hops.append(NextHop(host, port, peer_id, token, tls))
     return hops
 
 
@@ -76,21 +82,23 @@ class Pusher:
         connect_timeout_s: float,
         ack_timeout_s: float,
         compression: str = "auto",
+        swarm_key: SwarmKey | None = None,
         policy: DialPolicy | None = None,
         traffic: TensorTraffic | None = None,
     ):
         self.traffic = traffic  # tensor bytes pushed, counted with the server's
         self.local_peer_id = local_peer_id
         self.compression = compression
+        self.swarm_key = swarm_key
         self.policy = policy  # which next-hop addresses a route may name
         self.connect_timeout_s = connect_timeout_s
         self.ack_timeout_s = ack_timeout_s
-        self._connections: dict[tuple[str, int, str], PeerConnection] = {}
-        self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+        self._connections: dict[tuple[str, int, str, bool], PeerConnection] = {}
+        self._locks: dict[tuple[str, int, str, bool], asyncio.Lock] = {}
         self._closed = False
 
     async def connection(self, hop: NextHop) -> PeerConnection:
-        key = (hop.host, hop.port, hop.peer_id)
+        key = (hop.host, hop.port, hop.peer_id, hop.tls)
         conn = self._connections.get(key)
         if conn is not None and not conn.closed:
             return conn
@@ -104,6 +112,8 @@ class Pusher:
                 hop.host,
                 hop.port,
                 peer_id=hop.peer_id,
+                tls=hop.tls,
+                swarm_key=self.swarm_key,
                 local_peer_id=self.local_peer_id,
                 compression=self.compression,
                 policy=self.policy,

@@ -27,6 +27,7 @@ from beed.models.registry import cache_dir, resolve_model
 from beed.net.dial import DialPolicy
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
+from beed.net.tls import server_context
 from beed.net.traffic import TensorTraffic
 from beed.server.admission import Admission
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
@@ -126,7 +127,11 @@ class BlockServer:
             else Identity.generate()
         )
         tcp: asyncio.Server | None = None
-        self.dht = dht = DHTNode(cfg.dht, identity, on_crash=self._crashed)
+        if cfg.swarm_key is not None and not cfg.encryption:
+            raise BadRequestError("a private swarm (--swarm-key) needs encryption on")
+        self.dht = dht = DHTNode(
+            dataclasses.replace(cfg.dht, swarm_key=cfg.swarm_key), identity, on_crash=self._crashed
+        )
         try:
             tcp_sock = bind_tcp(cfg.host, cfg.port)
             port = tcp_sock.getsockname()[1]
@@ -151,6 +156,7 @@ class BlockServer:
                 protocol_version=PROTOCOL_VERSION,
                 codecs=tuple(ALL_CODECS),
                 software_version=beed.__version__,
+                tls=cfg.encryption,
             )
             self._record = base
             await dht.announce(base, ttl_s=cfg.record_ttl_s)
@@ -179,6 +185,7 @@ class BlockServer:
                 connect_timeout_s=cfg.push_connect_timeout_s,
                 ack_timeout_s=cfg.push_ack_timeout_s,
                 compression=cfg.compression,
+                swarm_key=cfg.swarm_key,
                 policy=DialPolicy.for_swarm(
                     [public_host, *(h for h, _ in cfg.initial_peers)], cfg.allow_private_addresses
                 ),
@@ -201,13 +208,21 @@ class BlockServer:
                 memory=request_memory(cfg, backend.info.hidden_size),
                 admission=Admission(cfg.limits),
                 traffic=traffic,
+                public_key=identity.public_key_bytes,
+                swarm_key=cfg.swarm_key,
             )
             if cfg.metrics_port is not None:
                 self.metrics = ServerMetrics(self._info, asyncio.get_running_loop())
                 bound = self.metrics.start(cfg.host, cfg.metrics_port)
                 self.state.observe_step = self.metrics.observe_step
                 log.info("server.metrics host=%s port=%d", cfg.host, bound)
-            tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock, limit=1 << 20)
+            tcp = await asyncio.start_server(
+                self._on_connection,
+                sock=tcp_sock,
+                limit=1 << 20,
+                ssl=server_context(identity) if cfg.encryption else None,
+                ssl_handshake_timeout=cfg.limits.hello_timeout_s if cfg.encryption else None,
+            )
             self._record = dataclasses.replace(
                 base, state=ServerState.ONLINE, compute_tokens_per_s=per_block_tps
             )

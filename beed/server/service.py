@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from beed.models.tree_mask import build_tree, check_parents
+from beed.net.swarm_key import SwarmKey
 from beed.net.tasks import TaskOwner
 from beed.net.traffic import TensorTraffic
 from beed.server.admission import Admission
@@ -98,6 +99,8 @@ class ServerState:
     observe_step: Callable[[float, int], None] | None = None  # metrics: seconds, tokens
     errors_sent: collections.Counter[int] = field(default_factory=collections.Counter)  # by code
     traffic: TensorTraffic = field(default_factory=TensorTraffic)  # tensor bytes by codec
+    public_key: bytes = b""  # this server's identity key (the TLS certificate's)
+    swarm_key: SwarmKey | None = None  # a private swarm's: every Hello must prove it
 
 
 class SessionService:

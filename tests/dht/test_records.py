@@ -47,6 +47,17 @@ def test_round_trip_and_size() -> None:
     assert decode_record(data, expires_at=record.expires_at) == record
 
 
+def test_the_tls_flag_is_written_only_when_set() -> None:
+    plain = make(Identity.generate())
+    assert "tl" not in msgpack.unpackb(encode_record(plain))
+    encrypted = dataclasses.replace(plain, tls=True)
+    fields = msgpack.unpackb(encode_record(encrypted))
+    assert fields["tl"] is True
+    assert decode_record(encode_record(encrypted), encrypted.expires_at) == encrypted
+    fields["tl"] = 1  # only a msgpack true means TLS
+    assert not decode_record(msgpack.packb(fields), encrypted.expires_at).tls
+
+
 def test_unknown_fields_are_tolerated_and_missing_ones_rejected() -> None:
     record = make(Identity.generate())
     fields = msgpack.unpackb(encode_record(record))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -24,11 +26,15 @@ def reference(local_model, ids: torch.Tensor, new_tokens: int):
     )
 
 
-def check_same(local_model, tokenizer, peers: list[str], speculate: str = "auto") -> None:
+def check_same(
+    local_model, tokenizer, peers: list[str], speculate: str = "auto", **client: Any
+) -> None:
+    """Greedy generation through the swarm equals local transformers (`client`: ClientConfig
+    fields)."""
     ids = tokenizer(STORY, return_tensors="pt").input_ids
     ref = reference(local_model, ids, NEW_TOKENS)
     with AutoDistributedModelForCausalLM.from_pretrained(
-        "smollm2-135m", initial_peers=peers
+        "smollm2-135m", initial_peers=peers, **client
     ) as model:
         out = model.generate(
             ids,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 
 import msgpack
@@ -11,6 +12,7 @@ import torch
 
 from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir
+from beed.net.tls import client_context
 from protocol import FrameDecoder, encode_message_bytes
 from protocol.frames import MAGIC, PREFIX
 from protocol.messages import (
@@ -28,10 +30,13 @@ from protocol.messages import (
 
 
 class RawPeer:
-    """A blocking socket speaking (or not) our framing."""
+    """A blocking socket speaking (or not) our framing; inside TLS (as servers speak by
+    default) unless `tls` is False."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], tls: bool = True) -> None:
         self.sock = socket.create_connection(address, timeout=10)
+        if tls:
+            self.sock = client_context().wrap_socket(self.sock)
         self.decoder = FrameDecoder()
 
     def send(self, data: bytes) -> None:
@@ -55,17 +60,22 @@ class RawPeer:
             if msg is not None:
                 return msg
             assert time.monotonic() < deadline
-            data = self.sock.recv(1 << 16)
+            try:
+                data = self.sock.recv(1 << 16)
+            except ssl.SSLEOFError:  # the server closed without TLS's close_notify
+                data = b""
             if not data:
                 return None
             self.decoder.feed(data)
 
     def closed_by_peer(self) -> bool:
+        """Read (and drop) until the server closes; after `sock.shutdown` a TLS socket reads
+        the raw records, which are not frames."""
         self.sock.settimeout(10)
         try:
-            while data := self.sock.recv(1 << 16):
-                self.decoder.feed(data)
-        except ConnectionResetError:
+            while self.sock.recv(1 << 16):
+                pass
+        except (ConnectionResetError, ssl.SSLEOFError):
             pass
         return True
 

@@ -57,7 +57,7 @@ GiB = 1 << 30
 
 @pytest.fixture(scope="module")
 def swarm():
-    with LocalSwarm(spans=[(0, 30)], extra_args=LIMITS) as swarm:
+    with LocalSwarm(spans=[(0, 30)], extra_args=[*LIMITS, "--no-encryption"]) as swarm:
         yield swarm
 
 
@@ -105,7 +105,8 @@ def finish(proc: subprocess.Popen[str]) -> str:
 
 
 class Attacker(RawPeer):
-    """A raw peer from another loopback address."""
+    """A raw peer from another loopback address, speaking plain TCP (this module's server does
+    not encrypt: the attacks here are on the framing, the same code behind TLS)."""
 
     def __init__(self, address: tuple[str, int], source: str, rcvbuf: int | None = None) -> None:
         from protocol import FrameDecoder
@@ -161,7 +162,7 @@ def wrong_model_forward(tokens: int, sid: int) -> bytes:
 def test_compression_bombs_are_refused_before_decompression(swarm, honest_text):
     frame = bomb(MAX_TOKENS)  # claims 4.7 MB, sends under 4 KB
     assert len(frame) < 4096
-    watcher = RawPeer(swarm.servers[0].address)
+    watcher = RawPeer(swarm.servers[0].address, tls=False)
     watcher.hello()
     slowest = 0.0
     for round_ in range(40):
@@ -190,7 +191,7 @@ def test_large_frames_stay_within_the_memory_budget_and_others_are_answered(swar
     for a in attackers:
         a.hello()
     peak = idle_rss
-    watcher = RawPeer(swarm.servers[0].address)
+    watcher = RawPeer(swarm.servers[0].address, tls=False)
     watcher.hello()
     sid = 1
     for round_ in range(10):
