@@ -252,7 +252,7 @@ async def test_a_filling_server_announces_it_and_clients_route_around_it(
     with LocalSwarm(spans=[(0, 30), (0, 30)], extra_args=args) as swarm:
         full, other = swarm.servers
         fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
-        conn = PeerConnection(*full.address)
+        conn = PeerConnection(*full.address, tls=True)
         await conn.connect(5.0)
         try:
             await conn.request(OpenSession(conn.new_stream_id(), fingerprint, 0, 30, 144), 10.0)
@@ -286,7 +286,7 @@ async def test_a_client_that_floods_and_never_reads_does_not_stall_the_others(
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
     first = swarm2.servers[0]
     span = (0, 15) if "blocks 0:15" in first.ready_line else (15, 30)
-    hog = await open_stream(*first.address, timeout_s=5.0)
+    hog = await open_stream(*first.address, timeout_s=5.0, tls=True)
     try:
         await hog.send(Hello(), timeout_s=5.0)
         await hog.read(timeout_s=5.0)

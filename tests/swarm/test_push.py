@@ -84,9 +84,9 @@ def _server(swarm: LocalSwarm, span: tuple[int, int]) -> Daemon:
 async def test_unsolicited_and_malformed_pushes_are_refused(swarm4, model_path):
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
     target = _server(swarm4, (20, 30))
-    owner = PeerConnection(*target.address)
-    pusher = PeerConnection(*target.address, local_peer_id="f" * 64)
-    anonymous = PeerConnection(*target.address)
+    owner = PeerConnection(*target.address, tls=True)
+    pusher = PeerConnection(*target.address, tls=True, local_peer_id="f" * 64)
+    anonymous = PeerConnection(*target.address, tls=True)
     for conn in (owner, pusher, anonymous):
         await conn.connect(5.0)
     try:
@@ -127,8 +127,8 @@ async def test_unsolicited_and_malformed_pushes_are_refused(swarm4, model_path):
 async def test_a_step_that_arrives_by_push_and_directly_runs_once(swarm4, model_path):
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
     target = _server(swarm4, (20, 30))
-    owner = PeerConnection(*target.address)
-    pusher = PeerConnection(*target.address, local_peer_id="e" * 64)
+    owner = PeerConnection(*target.address, tls=True)
+    pusher = PeerConnection(*target.address, tls=True, local_peer_id="e" * 64)
     await owner.connect(5.0)
     await pusher.connect(5.0)
     try:
@@ -168,7 +168,7 @@ async def test_a_refused_push_is_reported_to_the_owner_after_the_copy(swarm4, mo
     push (a token it does not know), the owner gets a second StepResult saying so."""
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
     first, nxt = _server(swarm4, (0, 10)), _server(swarm4, (20, 30))
-    owner = PeerConnection(*first.address)
+    owner = PeerConnection(*first.address, tls=True)
     await owner.connect(5.0)
     try:
         sid = await _open(owner, fingerprint, (0, 10), secrets.token_hex(16))

@@ -22,7 +22,7 @@ from protocol.messages import Close, GetInfo, Info, OpenSession, SessionOpened, 
 
 
 async def info(daemon: Daemon) -> dict:
-    conn = PeerConnection(*daemon.address)
+    conn = PeerConnection(*daemon.address, tls=True)
     await conn.connect(5.0)
     try:
         reply = await conn.request(GetInfo(conn.new_stream_id()), 5.0)
@@ -60,7 +60,7 @@ async def test_budget_returns_to_zero_on_close_timeout_and_disconnect(swarm2, mo
     assert before["sessions"] == 0 and before["used_kv_bytes"] == 0
 
     # 1. explicit Close
-    conn = PeerConnection(*server.address)
+    conn = PeerConnection(*server.address, tls=True)
     await conn.connect(5.0)
     sid = await open_session(conn, fingerprint, span)
     reply = await conn.request(Step(sid, 1, 0, torch.randn(1, 5, 576)), 30.0)
@@ -94,7 +94,7 @@ async def test_budget_returns_to_zero_on_close_timeout_and_disconnect(swarm2, mo
 async def test_bad_requests_get_errors_and_the_connection_survives(swarm2, model_path):
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
     server = swarm2.servers[1]
-    conn = PeerConnection(*server.address)
+    conn = PeerConnection(*server.address, tls=True)
     await conn.connect(5.0)
     try:
         sid = await open_session(conn, fingerprint, (15, 30))
@@ -132,7 +132,7 @@ async def test_stateless_forward_and_backward(swarm2, model_path, local_model, t
     conns = []
     try:
         for server, (start, end) in zip(swarm2.servers, [(0, 15), (15, 30)], strict=True):
-            conn = PeerConnection(*server.address)
+            conn = PeerConnection(*server.address, tls=True)
             await conn.connect(5.0)
             conns.append(conn)
             reply = await conn.request(
@@ -178,7 +178,7 @@ async def test_pipelined_requests_keep_order_and_truncate_rolls_back(swarm2, mod
 
     fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
     server = swarm2.servers[1]
-    conn = PeerConnection(*server.address)
+    conn = PeerConnection(*server.address, tls=True)
     await conn.connect(5.0)
     torch.manual_seed(3)
     prompt, more = torch.randn(1, 20, 576), torch.randn(1, 3, 576)

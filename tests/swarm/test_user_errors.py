@@ -77,7 +77,7 @@ def test_blocks_not_covered_and_server_full(model_path):
         fingerprint = model_fingerprint(model_path, cache_dir() / "fingerprints.json")
 
         async def hold_and_generate() -> subprocess.CompletedProcess[str]:
-            conn = PeerConnection(*swarm.servers[0].address)
+            conn = PeerConnection(*swarm.servers[0].address, tls=True)
             await conn.connect(5.0)
             try:
                 await conn.request(OpenSession(conn.new_stream_id(), fingerprint, 0, 30, 80), 10.0)
