@@ -26,6 +26,7 @@ from beectl.runner import LoopThread
 from beectl.session import InferenceSession
 from beectl.speculative.adaptive import SpeculationConfig
 from beectl.speculative.drafts import DraftModel
+from beectl.verify import VerifyStats
 from beed.dht.peers import parse_initial_peers
 from beed.net.swarm_key import SwarmKey
 from protocol.errors import BadRequestError
@@ -66,6 +67,12 @@ class DistributedModelForCausalLM:
         self.config = remote.head.config
         self.generation_config = remote.generation_config
         self.fingerprint = remote.files.fingerprint
+
+    @property
+    def verification(self) -> VerifyStats:
+        """Spot checks of servers' results so far (beectl/verify.py): steps checked, servers
+        caught answering wrong, steps that had no other server to check them on."""
+        return self._remote.swarm.verifier.stats
 
     def inference_session(self, *, max_length: int, batch_size: int = 1) -> Session:
         """A session to reuse across `generate` calls (`with model.inference_session(...) as s`)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from beectl.replies import checked_step_result
 from beectl.routing import Hop
 from beectl.timeouts import HopTimer
 from beed.net.peer import PeerConnection
-from protocol.errors import BadRequestError, BeeError, ConnectionClosed, InvalidReplyError
+from protocol.errors import BadRequestError, BeeError, ConnectionClosed
 from protocol.messages import Message, Step, StepResult
 
 
@@ -53,6 +54,10 @@ class OpenHop:
         if self.timer is None:
             self.timer = HopTimer(config.min_step_timeout_s, config.step_timeout_s)
         return self.timer
+
+
+# What the session does with each hop's reply before it counts (speeds, spot checks).
+HopCheck = Callable[["OpenHop", StepResult, int, float], Awaitable[None]]
 
 
 class PushFailedError(ConnectionClosed):
@@ -107,10 +112,12 @@ async def send_chain(
     position: int,
     config: ClientConfig,
     tree: torch.Tensor | None = None,
+    check: HopCheck | None = None,
 ) -> list[StepResult]:
     """One Step to `hops[0]` that servers push through the rest; the replies of all of them
     (each hop's output is the next one's input, kept in its history). Raises ChainBroken with
-    the replies so far when a hop fails."""
+    the replies so far when a hop fails. `check(hop, reply, rows x tokens, compute seconds)`
+    sees each hop's reply before it counts (its BeeError fails the hop)."""
     done: list[StepResult] = []
     # Per hop: its result, and (all but the last) a notice that its push failed after it
     # answered (the server confirms the next hop's Ack after sending its copy).
@@ -155,10 +162,16 @@ async def send_chain(
                 raise ChainBroken(done, exc) from exc
             now = time.monotonic()
             timer.observe(size, now - since)
+            # The interval less the link: a round trip to the first hop, half of one after a push.
+            link = h.conn.link
+            rtt = (link.min_rtt_s or 0.0) if link is not None else 0.0
+            compute_s = now - since - (rtt if j == 0 else rtt / 2)
             since = now
             try:
                 reply = checked_step_result(reply, hidden.shape)
-            except InvalidReplyError as exc:
+                if check is not None:
+                    await check(h, reply, size, compute_s)
+            except BeeError as exc:
                 raise ChainBroken(done, exc) from exc
             done.append(reply)
             if j + 1 < len(hops):

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from beectl.cli_options import generation_options, peers_option
+from beectl.cli_options import generation_options, peers_option, verify_option
 from beectl.config import ClientConfig
 from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
@@ -98,6 +98,7 @@ def main(log_level: str) -> None:
 )
 @peers_option
 @swarm_key_option
+@verify_option
 @generation_options
 def generate(
     prompt: str | None,
@@ -109,6 +110,7 @@ def generate(
     allow_private_addresses: bool,
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
+    verify_rate: float,
     **kwargs: Any,
 ) -> None:
     """Generate text after PROMPT through the swarm; text streams to stdout as it is produced.
@@ -122,6 +124,7 @@ def generate(
     config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=swarm_key,
+        verify_rate=verify_rate,
         kv_wait_s=kv_wait,
         routing=routing,
         push=push,
@@ -305,6 +308,10 @@ async def _generate(
                             "mode": speculate,
                             "draft": draft_model or "prompt lookup",
                             **out.speculation.as_dict(),
+                        },
+                        "verification": {
+                            "rate": remote.config.verify_rate,
+                            **remote.swarm.verifier.stats.as_dict(),
                         },
                         "timings": {
                             "load_s": round(load_s, 4),

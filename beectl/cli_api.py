@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from beectl.cli_options import DEFAULT_MODEL, peers_option
+from beectl.cli_options import DEFAULT_MODEL, peers_option, verify_option
 from beectl.config import ClientConfig
 from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
@@ -48,6 +48,7 @@ from protocol.errors import BeeError
 )
 @peers_option
 @swarm_key_option
+@verify_option
 def api(
     host: str,
     port: int,
@@ -59,6 +60,7 @@ def api(
     draft_model: str | None,
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
+    verify_rate: float,
 ) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) over the swarm.
 
@@ -78,7 +80,10 @@ def api(
         raise click.BadParameter(str(exc), param_hint="--speculate") from None
 
     config = ClientConfig(
-        initial_peers=tuple(initial_peers), swarm_key=swarm_key, kv_wait_s=kv_wait
+        initial_peers=tuple(initial_peers),
+        swarm_key=swarm_key,
+        verify_rate=verify_rate,
+        kv_wait_s=kv_wait,
     )
 
     async def run() -> None:

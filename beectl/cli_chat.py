@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from beectl.cli_options import DEFAULT_MODEL, peers_option
+from beectl.cli_options import DEFAULT_MODEL, peers_option, verify_option
 from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
 
@@ -128,6 +128,7 @@ class _Printer:
 )
 @peers_option
 @swarm_key_option
+@verify_option
 def chat(
     model: str,
     system: str | None,
@@ -139,6 +140,7 @@ def chat(
     verbose: bool,
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
+    verify_rate: float,
 ) -> None:
     """Chat with the model in this terminal: each turn streams, the past stays cached."""
     if not initial_peers:
@@ -152,7 +154,10 @@ def chat(
         sampling.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
     try:
         distributed = AutoDistributedModelForCausalLM.from_pretrained(
-            model, initial_peers=[f"{h}:{p}" for h, p in initial_peers], swarm_key=swarm_key
+            model,
+            initial_peers=[f"{h}:{p}" for h, p in initial_peers],
+            swarm_key=swarm_key,
+            verify_rate=verify_rate,
         )
     except BeeError as exc:
         raise click.ClickException(str(exc)) from None

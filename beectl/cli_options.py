@@ -71,6 +71,18 @@ def generation_options(f: Any) -> Any:
     return f
 
 
+def verify_option(f: Any) -> Any:
+    return click.option(
+        "--verify-rate",
+        type=click.FloatRange(0.0, 1.0),
+        default=0.02,
+        show_default=True,
+        help="Share of each server's steps re-run on other servers of the same blocks and "
+        "compared (a new server's first 2 steps always are); a server caught answering wrong is "
+        "banned and its steps recomputed. 0 checks nothing.",
+    )(f)
+
+
 def peers_option(f: Any) -> Any:
     return click.option(
         "--initial-peers",

@@ -31,6 +31,10 @@ class ClientConfig:
     measure_servers: int = 8  # before routing, connect to at most this many unmeasured servers
     measure_timeout_s: float = 1.5  # and wait this long for each one's Hello round trip
     push: bool = True  # servers forward each step to the next hop (False: the client relays)
+    # Spot checks (beectl/verify.py): this share of each hop's steps, and every new server's
+    # first verify_first_steps, are re-run on other servers of the same blocks and compared.
+    verify_rate: float = 0.02
+    verify_first_steps: int = 2
     # Loopback/private addresses named by records: True dials them, False never, None (auto)
     # only when the initial peers are such addresses themselves (a LAN or test swarm).
     allow_private_addresses: bool | None = None

@@ -31,6 +31,7 @@ class Daemon:
     name: str
     args: list[str]
     log_path: Path
+    module: str = "beed.cli"  # what `python -m` runs (tests run wrappers of the server)
     process: subprocess.Popen[str] | None = None
     ready_line: str = ""
     _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
@@ -42,7 +43,7 @@ class Daemon:
             [
                 sys.executable,
                 "-m",
-                "beed.cli",
+                self.module,
                 "--log-level",
                 env.get("BEED_LOG_LEVEL", "INFO"),
                 *self.args,
@@ -208,6 +209,7 @@ class LocalSwarm:
         name: str | None = None,
         peers: str | None = None,
         extra_args: list[str] | None = None,
+        module: str = "beed.cli",
     ) -> Daemon:
         """Start one more server (not waited for: call `wait_ready` on the result)."""
         tmp = Path(self._tmp.name)
@@ -232,7 +234,7 @@ class LocalSwarm:
             args += ["--block-indices", block_indices]
         threads = self.num_threads or max(1, _cores() // max(1, self._server_count()))
         args += ["--num-threads", str(threads)]
-        daemon = Daemon(name, args, tmp / f"{name}.log")
+        daemon = Daemon(name, args, tmp / f"{name}.log", module)
         daemon.start(self.env)
         self.servers.append(daemon)
         return daemon

@@ -3,7 +3,8 @@
 Blocks are graph nodes 0..N; a server announcing span [a, b) gives edges s -> e for every
 breakpoint a <= s < e <= b (breakpoints are the starts and ends of all candidate spans, so a route
 may use a sub-span of a server). A route costs the expected time of one decode step through it:
-the announced per-block compute time for the blocks each server runs, a penalty when a server is
+the announced per-block compute time for the blocks each server runs (or the measured one, for a
+server whose claim this client's measurements contradict: beectl/speeds.py), a penalty when a server is
 low on free KV cache, and the links the step crosses:
 
 - relayed (the client sends every hop its input): the client's round trip to each server;
@@ -29,6 +30,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from beectl.speeds import claimed_block_s
 from beed.dht.records import ServerRecord, ServerState
 from protocol.errors import NoRouteError
 
@@ -53,13 +55,13 @@ class Hop:
 
 
 def _compute_cost(
-    server: ServerRecord, blocks: int, needed_kv_tokens: int, weight: float = 1.0
+    server: ServerRecord,
+    blocks: int,
+    needed_kv_tokens: int,
+    weight: float = 1.0,
+    measured: Mapping[str, float] | None = None,
 ) -> float:
-    per_block = (
-        1.0 / server.compute_tokens_per_s
-        if server.compute_tokens_per_s > 0
-        else DEFAULT_BLOCK_TIME_S
-    )
+    per_block = claimed_block_s(server, measured or {}, DEFAULT_BLOCK_TIME_S)
     cost = blocks * per_block * weight
     if server.free_kv_tokens < needed_kv_tokens:
         cost += LOW_KV_PENALTY_S
@@ -92,12 +94,15 @@ def find_route(
     load: Mapping[str, int] | None = None,
     rng: random.Random | None = None,
     push: bool = False,
+    measured_block_s: Mapping[str, float] | None = None,
 ) -> list[Hop]:
     """The cheapest chain of hops covering [start, end); NoRouteError naming the gap if none.
 
     `rtt_s`: the client's measured round trips by peer id; `push`: cost links as a pushed
     chain (see the module docstring). `load` (throughput mode): sessions this client runs on
-    each server now; `rng` draws the per-route jitter (a fresh one when not given)."""
+    each server now; `rng` draws the per-route jitter (a fresh one when not given);
+    `measured_block_s`: per-block times that replace the claims of servers caught
+    overclaiming (beectl/speeds.py)."""
     if mode not in MODES:
         raise ValueError(f"routing mode must be one of {', '.join(MODES)}, got {mode!r}")
     banned_set = set(banned)
@@ -149,7 +154,11 @@ def find_route(
                 if point <= node or point > min(server.span_end, end):
                     continue
                 step = _compute_cost(
-                    server, point - node, needed_kv_tokens, weights[server.peer_id]
+                    server,
+                    point - node,
+                    needed_kv_tokens,
+                    weights[server.peer_id],
+                    measured_block_s,
                 ) + link_cost(prev, server, point == end)
                 new = (cost + step, hops + 1)
                 target = (point, server.peer_id)

@@ -33,6 +33,7 @@ from beectl.history import History
 from beectl.replies import checked_session_opened, checked_step_result
 from beectl.routing import Hop
 from beectl.swarm import Swarm
+from beectl.verify import BAN_S, difference, tolerance
 from protocol.errors import (
     BadRequestError,
     BeeError,
@@ -113,7 +114,13 @@ class InferenceSession:
         )
 
     async def _open_span(
-        self, start: int, end: int, *, replay: History | None, wait: bool
+        self,
+        start: int,
+        end: int,
+        *,
+        replay: History | None,
+        wait: bool,
+        exclude: frozenset[str] = frozenset(),
     ) -> tuple[list[OpenHop], torch.Tensor | None]:
         """Open sessions covering [start, end), moving on to other servers while some fail.
 
@@ -121,6 +128,7 @@ class InferenceSession:
         runs through them (History.replay: one step, a tree step on its own) and becomes theirs;
         the replay's output is returned. With `wait`, a missing server is waited for (a replica may start, a ban may
         end) until `failover_timeout_s`; without, the last server failure (or the gap) is raised.
+        Servers in `exclude` are left out.
         """
         deadline = time.monotonic() + self.config.failover_timeout_s
         delay = self.config.retry_delay_s
@@ -138,6 +146,7 @@ class InferenceSession:
                     end=end,
                     needed_kv_tokens=self.max_length * self.batch_size,
                     max_age_s=max_age_s,
+                    exclude=exclude,
                 )
                 # Counted as this client's load from now, not once open: sessions opening at
                 # the same time route around each other (throughput routing).
@@ -308,6 +317,7 @@ class InferenceSession:
                     self.position,
                     self.config,
                     tree,
+                    self._after_hop,
                 )
                 error: BeeError | None = None
             except ChainBroken as broken:
@@ -346,6 +356,88 @@ class InferenceSession:
             await self._move_draining(h)
         self.position += tokens
         return hidden
+
+    async def _after_hop(
+        self, h: OpenHop, reply: StepResult, rows_x_tokens: int, compute_s: float
+    ) -> None:
+        """Each hop's reply before it counts: its speed is noted, and a sampled step is
+        re-run on other servers of its blocks (InvalidReplyError when it was wrong)."""
+        self.swarm.speeds.observe(h.hop.peer_id, h.hop.end - h.hop.start, rows_x_tokens, compute_s)
+        if self.swarm.verifier.wants(h.hop.peer_id):
+            await self._verify(h, reply)
+
+    async def _rerun(
+        self, h: OpenHop, exclude: frozenset[str]
+    ) -> tuple[torch.Tensor, list[str]] | None:
+        """Hop h's output for its history's last step, from other servers of its blocks (its
+        whole history replayed there, then closed); None when there are none."""
+        try:
+            hops, output = await self._open_span(
+                h.hop.start, h.hop.end, replay=h.history, wait=False, exclude=exclude
+            )
+        except BeeError as exc:
+            log.info("verify.unavailable span=%d:%d error=%s", h.hop.start, h.hop.end, exc)
+            return None
+        await asyncio.gather(*(self._close_hop(o) for o in hops))
+        if output is None:  # pragma: no cover - the history holds at least this step
+            return None
+        return output, [o.hop.peer_id for o in hops]
+
+    async def _verify(self, h: OpenHop, reply: StepResult) -> None:
+        stats = self.swarm.verifier.stats
+        peer = h.hop.peer_id
+        last = h.history.chunks[-1]
+        tokens = reply.hidden.shape[1]
+        mask = h.history.attention_mask
+        keep = None if mask is None else mask[:, -tokens:]  # left padding is not compared
+        limit = tolerance(reply.hidden.dtype)
+        other = await self._rerun(h, frozenset({peer}))
+        if other is None:
+            stats.unverifiable += 1
+            return
+        stats.checked += 1
+        theirs, verifiers = other
+        diff = difference(reply.hidden, theirs[:, -tokens:], keep)
+        if diff <= limit:
+            log.debug("verify.ok peer=%s diff=%.3g", peer[:8], diff)
+            return
+        # Two servers disagree: a third opinion decides where there is one.
+        third = await self._rerun(h, frozenset({peer, *verifiers}))
+        if third is not None and difference(reply.hidden, third[0][:, -tokens:], keep) <= limit:
+            for v in verifiers:
+                self.swarm.bans.ban(v, seconds=BAN_S)
+            log.warning(
+                "verify.mismatch_verifier peer=%s span=%d:%d position=%d diff=%.3g verifiers=%s "
+                "third=%s: the verifiers were wrong; banned",
+                peer[:8],
+                h.hop.start,
+                h.hop.end,
+                last.position,
+                diff,
+                ",".join(v[:8] for v in verifiers),
+                ",".join(v[:8] for v in third[1]),
+            )
+            return
+        stats.mismatches += 1
+        stats.caught_at.append(self.swarm.verifier.steps_of(peer))
+        self.swarm.bans.ban(peer, seconds=BAN_S)
+        log.warning(
+            "verify.mismatch peer=%s span=%d:%d position=%d tokens=%d diff=%.3g tolerance=%.3g "
+            "verifiers=%s third=%s: banned, the step is recomputed elsewhere",
+            peer[:8],
+            h.hop.start,
+            h.hop.end,
+            last.position,
+            tokens,
+            diff,
+            limit,
+            ",".join(v[:8] for v in verifiers),
+            "none" if third is None else ",".join(v[:8] for v in third[1]),
+        )
+        raise InvalidReplyError(
+            f"server {peer[:8]} answered blocks {h.hop.start}:{h.hop.end} differently from "
+            f"{len(verifiers)} other server(s) (difference {diff:.3g}, tolerance {limit:.3g})"
+        )
 
     async def _move_draining(self, h: OpenHop) -> None:
         """The server is shutting down: move this hop now, while it still answers. The new

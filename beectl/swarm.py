@@ -11,6 +11,8 @@ import time
 from beectl.bans import BanList
 from beectl.config import ClientConfig
 from beectl.routing import Hop, find_route
+from beectl.speeds import SpeedCheck
+from beectl.verify import Verifier
 from beed.dht.node import DHTNode
 from beed.dht.records import ModelEntry, ServerRecord, ServerState
 from beed.net.dial import DialPolicy
@@ -40,6 +42,8 @@ class Swarm:
         self._connecting: dict[str, asyncio.Lock] = {}
         self.rtt_s: dict[str, float] = {}
         self.bans = BanList()  # shared by every session of this client
+        self.speeds = SpeedCheck()  # measured per-block times, against announced throughput
+        self.verifier = Verifier(config.verify_rate, config.verify_first_steps)
         self._servers_cache: dict[str, tuple[float, list[ServerRecord]]] = {}
         self.load: dict[str, int] = {}  # server sessions this client holds, per server
         self._measure_failed: dict[str, float] = {}  # peer id -> when measuring it failed
@@ -48,6 +52,7 @@ class Swarm:
             (host for host, _ in config.initial_peers), config.allow_private_addresses
         )
         self._refused_hosts: set[str] = set()
+        self._overclaim_logged: set[str] = set()
 
     def session_opened(self, peer_id: str) -> None:
         self.load[peer_id] = self.load.get(peer_id, 0) + 1
@@ -137,20 +142,32 @@ class Swarm:
         end: int | None = None,
         needed_kv_tokens: int = 0,
         max_age_s: float = 0.0,
+        exclude: frozenset[str] = frozenset(),
     ) -> list[Hop]:
         """The cheapest chain of online, unbanned servers for blocks [start, end), from a DHT
-        read at most `max_age_s` old."""
+        read at most `max_age_s` old, leaving the servers in `exclude` out."""
         servers = await self.servers(fingerprint, num_blocks, max_age_s=max_age_s)
         if not servers:
             await self._explain_missing(fingerprint, model_name)
         await self.measure(servers, start, num_blocks if end is None else end)
+        measured = self.speeds.overrides(servers)
+        for peer_id, seconds in measured.items():
+            if peer_id not in self._overclaim_logged:
+                self._overclaim_logged.add(peer_id)
+                log.warning(
+                    "swarm.overclaim peer=%s measured_block_ms=%.3f: slower than its record "
+                    "claims; routed by the measured speed",
+                    peer_id[:8],
+                    1000 * seconds,
+                )
         try:
             return find_route(
                 servers,
                 start,
                 num_blocks if end is None else end,
                 rtt_s=self.rtt_s,
-                banned=self.bans.banned(),
+                banned=self.bans.banned() | exclude,
+                measured_block_s=measured,
                 needed_kv_tokens=needed_kv_tokens,
                 mode=self.config.routing,
                 load=self.load,
