@@ -83,9 +83,9 @@ class RawPeer:
         self.sock.close()
 
 
-def server_info(address: tuple[str, int]) -> dict:
+def server_info(address: tuple[str, int], tls: bool = True) -> dict:
     """A server's GetInfo answer, over a connection of its own."""
-    peer = RawPeer(address)
+    peer = RawPeer(address, tls)
     try:
         peer.hello()
         peer.send(encode_message_bytes(GetInfo(1)))

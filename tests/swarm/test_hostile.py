@@ -130,7 +130,7 @@ def server_rss(swarm) -> int:
 
 
 def info(swarm) -> dict:
-    return server_info(swarm.servers[0].address)
+    return server_info(swarm.servers[0].address, tls=False)
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bool:

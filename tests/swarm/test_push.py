@@ -173,7 +173,9 @@ async def test_a_refused_push_is_reported_to_the_owner_after_the_copy(swarm4, mo
     try:
         sid = await _open(owner, fingerprint, (0, 10), secrets.token_hex(16))
         host, port = nxt.address
-        route = ({"host": host, "port": port, "peer_id": nxt.peer_id, "token": "ab" * 16},)
+        route = (
+            {"host": host, "port": port, "peer_id": nxt.peer_id, "token": "ab" * 16, "tls": True},
+        )
         copy = owner.expect_step(sid, 1)
         notice = owner.expect_step(sid, 1)
         await owner.send(Step(sid, 1, 0, torch.randn(1, 2, 576), next_hops=route), 10.0)
