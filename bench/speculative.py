@@ -87,10 +87,12 @@ model = AutoDistributedModelForCausalLM.from_pretrained(
     torch_dtype=torch.float32,
 )
 model.eval()
+model.generation_config.eos_token_id = None  # every row generates all its tokens, as beed's
 out = {}
 try:
     for cell in args["cells"]:
         ids = torch.tensor(cell["ids"])
+        n = args["new_tokens"]
         # Petals 2.2 refuses attention masks with padding: its rows attend to the pads (the
         # same amount of work; other tokens where a row was padded).
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
@@ -98,9 +100,11 @@ try:
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=4, **kw)
             began = time.perf_counter()
-            seq = model.generate(ids, max_new_tokens=args["new_tokens"], **kw)
+            seq = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
             seconds = time.perf_counter() - began
-        out[cell["key"]] = {"seconds": seconds, "tokens": seq[:, ids.shape[1]:].tolist()}
+        new = seq[:, ids.shape[1]:]
+        assert new.shape[1] == n, f"Petals generated {new.shape[1]} tokens, not {n}"
+        out[cell["key"]] = {"seconds": seconds, "tokens": new.tolist()}
         print(cell["key"], seconds, file=sys.stderr, flush=True)
 except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"
