@@ -87,16 +87,16 @@ model = AutoDistributedModelForCausalLM.from_pretrained(
     torch_dtype=torch.float32,
 )
 model.eval()
-model.generation_config.eos_token_id = None  # every row generates all its tokens, as beed's
 out = {}
 try:
     for cell in args["cells"]:
         ids = torch.tensor(cell["ids"])
         n = args["new_tokens"]
         # Petals 2.2 refuses attention masks with padding: its rows attend to the pads (the
-        # same amount of work; other tokens where a row was padded).
-        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
-                  pad_token_id=0)
+        # same amount of work; other tokens where a row was padded). Every row generates all
+        # its tokens, as beed's do: min_new_tokens keeps EOS from ending it (transformers 4.33
+        # stops at the model's EOS whatever eos_token_id says), so after an EOS its tokens differ.
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=4, **kw)
             began = time.perf_counter()
