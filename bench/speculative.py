@@ -21,11 +21,6 @@ mask, so its padded rows attend to their pads: the same work, other tokens for t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,15 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from linkemu import LinkEmulatorProcess
 from wan import (
-    _BASELINE_ENV,
     PETALS_MODEL,
     PETALS_PORTS,
     PETALS_PREFIX,
-    PETALS_PY,
     BeedSwarm,
     PetalsSwarm,
     link_for,
     proxy_maps,
+    run_petals_client,
 )
 
 PARAGRAPHS = [
@@ -143,33 +137,8 @@ def petals_cells(
     }
     timeout = 300 + len(cells) * (new_tokens + 4) * (1 + 8 * rtt / 1000)
     emu = LinkEmulatorProcess(proxy_maps(PETALS_PORTS), link_for(rtt, 1000))
-    with emu, open(log_dir / "petals_client.log", "a") as log:
-        # Its own session: Ctrl-C here does not reach it, and its whole group is ours to end.
-        proc = subprocess.Popen(
-            [str(PETALS_PY), "-c", PETALS_CLIENT, json.dumps(payload)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=_BASELINE_ENV,
-            start_new_session=True,
-        )
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, sig)  # the client and any DHT/p2pd child it left
-                if sig == signal.SIGTERM:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(5)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"the Petals client printed no result (exit {proc.returncode})")
-    data = json.loads(lines[-1][len("RESULT ") :])
-    if "error" in data:
-        raise RuntimeError(data["error"])
-    return data
+    with emu:
+        return run_petals_client(PETALS_CLIENT, payload, timeout, log_dir / "petals_client.log")
 
 
 def prompts(task: str, batch: int) -> list[tuple[str, bool]]:

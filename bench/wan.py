@@ -372,6 +372,39 @@ class PetalsSwarm:
             )
 
 
+def run_petals_client(script: str, payload: dict[str, Any], timeout: float, log: Path) -> Any:
+    """Run `script` with the Petals venv's python and `payload` as its JSON argument; the JSON
+    after its `RESULT ` line (RuntimeError when there is none, or it reports an error). The
+    client runs in its own session: Ctrl-C here does not reach it, and its whole process group
+    (any DHT or p2pd child it left) is ended afterwards."""
+    with open(log, "a") as log_file:
+        proc = subprocess.Popen(
+            [str(PETALS_PY), "-c", script, json.dumps(payload)],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=_BASELINE_ENV,
+            start_new_session=True,
+        )
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+                if sig == signal.SIGTERM:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(5)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"the Petals client printed no result (exit {proc.returncode})")
+    data = json.loads(lines[-1][len("RESULT ") :])
+    if "error" in data:
+        raise RuntimeError(data["error"])
+    return data
+
+
 def petals_row(
     swarm: PetalsSwarm,
     args: argparse.Namespace,
@@ -394,33 +427,11 @@ def petals_row(
     emu = LinkEmulatorProcess(
         proxy_maps(PETALS_PORTS), link_for(row.rtt_ms, row.rate_mbit), log_path=args.linkemu_log
     )
-    with emu, open(args.linkemu_log.parent / "petals_client.log", "a") as log:
-        # Its own session: Ctrl-C here does not reach it, and its whole group is ours to end.
-        proc = subprocess.Popen(
-            [str(PETALS_PY), "-c", PETALS_CLIENT, json.dumps(payload)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=_BASELINE_ENV,
-            start_new_session=True,
+    with emu:
+        data = run_petals_client(
+            PETALS_CLIENT, payload, timeout, args.linkemu_log.parent / "petals_client.log"
         )
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, sig)  # the client and any DHT/p2pd child it left
-                if sig == signal.SIGTERM:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(5)
     row.set_link(emu.stats)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"the Petals client printed no result (exit {proc.returncode})")
-    data = json.loads(lines[-1][len("RESULT ") :])
-    if "error" in data:
-        raise RuntimeError(data["error"])
     row.tokens = data["tokens"]
     row.set_decode(data["stamps"])
     row.ttft_token = data["ttft_token"]
