@@ -10,7 +10,6 @@ import os
 # and stops within about a millisecond of the step's end. An explicit setting wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
-import asyncio
 import json
 import logging
 import sys
@@ -19,7 +18,13 @@ from typing import Any
 
 import click
 
-from beectl.cli_options import generation_options, peers_option, verify_option
+from beectl.cli_options import (
+    generation_options,
+    peers_option,
+    require_peers,
+    run_cli,
+    verify_option,
+)
 from beectl.config import ClientConfig
 from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
@@ -118,7 +123,7 @@ def generate(
     With --prompts FILE, every non-empty line is a prompt; they run as one batch (left-padded)
     and each finishes on its own; one JSON object per prompt is printed, in order.
     """
-    _require_peers(initial_peers)
+    require_peers(initial_peers)
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either a PROMPT or --prompts FILE")
     config = ClientConfig(
@@ -135,9 +140,9 @@ def generate(
         prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]
         if not prompts:
             raise click.UsageError("--prompts: the file has no prompt")
-        _run_cli(_generate_batch(prompts, config, **kwargs))
+        run_cli(_generate_batch(prompts, config, **kwargs))
     else:
-        _run_cli(_generate(prompt or "", config, **kwargs))
+        run_cli(_generate(prompt or "", config, **kwargs))
 
 
 def _encode(tokenizer: Any, prompt: str, raw: bool) -> list[int]:
@@ -358,90 +363,6 @@ class _TextStream:
 
 
 @main.command()
-@peers_option
-@swarm_key_option
-@click.option("--model", default=None, help="Show only this model's servers (name).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--serve", is_flag=True, help="Serve a live web page of the swarm instead.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="--serve: address.")
-@click.option(
-    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="--serve: port."
-)
-def swarm(
-    initial_peers: list[tuple[str, int]],
-    model: str | None,
-    as_json: bool,
-    serve: bool,
-    host: str,
-    port: int,
-    swarm_key: SwarmKey | None,
-) -> None:
-    """List the models in the swarm and which servers serve which blocks.
-
-    With --serve, a web page at http://HOST:PORT/ shows the same, refreshed every 2 s
-    (`ready http://HOST:PORT` is printed once it listens; JSON at /api/swarm).
-    """
-    _require_peers(initial_peers)
-    config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=swarm_key)
-    if serve:
-        from beectl.swarm_page import serve_page
-
-        _run_cli(serve_page(config, host, port, model))
-        return
-    _run_cli(_swarm(config, model, as_json))
-
-
-async def _swarm(config: ClientConfig, model_name: str | None, as_json: bool) -> None:
-    from beectl.swarm import Swarm
-    from beectl.swarm_view import swarm_snapshot
-
-    swarm_client = Swarm(config)
-    try:
-        await swarm_client.start()
-        result = await swarm_snapshot(swarm_client, model_name)
-    finally:
-        await swarm_client.aclose()
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    if not result:
-        click.echo(
-            "no models are served in this swarm"
-            + (f" under the name {model_name!r}" if model_name else "")
-        )
-        return
-    for m in result:
-        gaps = m["uncovered_blocks"]
-        status = "all blocks covered" if not gaps else f"UNCOVERED blocks: {_ranges(gaps)}"
-        click.echo(
-            f"{m['model']}  fingerprint {m['fingerprint']}  {m['num_blocks']} blocks  {status}"
-        )
-        click.echo(
-            f"  {'blocks':>9}  {'state':<8} {'address':<22} {'dtype':<9} {'tok/s/blk':>9} {'free KV':>9}  peer"
-        )
-        for s in m["servers"]:
-            start, end = s["blocks"]
-            address = f"{s['host']}:{s['port']}"
-            click.echo(
-                f"  {start:>4}:{end:<4}  {s['state']:<8} {address:<22} "
-                f"{s['dtype']:<9} {s['compute_tokens_per_s']:>9.0f} {s['free_kv_tokens']:>9}  {s['peer_id']}"
-            )
-
-
-def _ranges(blocks: list[int]) -> str:
-    out: list[str] = []
-    start = prev = blocks[0]
-    for b in [*blocks[1:], None]:
-        if b is not None and b == prev + 1:
-            prev = b
-            continue
-        out.append(f"{start}:{prev + 1}")
-        if b is not None:
-            start = prev = b
-    return ", ".join(out)
-
-
-@main.command()
 @click.argument("prompt", default="Why is the sky blue?")
 @generation_options
 @click.option(
@@ -468,7 +389,7 @@ def demo(prompt: str, servers: int, **kwargs: Any) -> None:
             for line in local.describe():
                 click.echo(f"demo: {line}", err=True)
             config = ClientConfig(initial_peers=tuple(local.initial_peers))
-            _run_cli(_generate(prompt, config, **kwargs))
+            run_cli(_generate(prompt, config, **kwargs))
     except BeeError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
@@ -477,33 +398,13 @@ def demo(prompt: str, servers: int, **kwargs: Any) -> None:
     click.echo("demo: swarm stopped", err=True)
 
 
-def _require_peers(initial_peers: list[tuple[str, int]]) -> None:
-    if not initial_peers:
-        raise click.UsageError(
-            "no --initial-peers given: pass the address printed by `beed bootstrap` "
-            "(or run `beectl demo` for a swarm on this machine)"
-        )
-
-
-def _run_cli(coro: Any) -> None:
-    """Run a command's coroutine; user-facing errors become one line, Ctrl-C exits 130."""
-    from beectl.runner import new_event_loop
-
-    try:
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(coro)
-    except BeeError as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; sessions closed", err=True)
-        sys.exit(130)
-
-
 from beectl.cli_api import api  # noqa: E402  (commands in their own modules; they import
 from beectl.cli_chat import chat  # noqa: E402  nothing of this one)
+from beectl.cli_swarm import swarm  # noqa: E402
 
 main.add_command(api)
 main.add_command(chat)
+main.add_command(swarm)
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,15 @@
-"""Options shared by the `beectl` commands that generate text."""
+"""Options shared by the `beectl` commands, and how a command runs its coroutine."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Any
 
 import click
 
 from beed.dht.peers import initial_peers_callback
+from protocol.errors import BeeError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -92,3 +95,25 @@ def peers_option(f: Any) -> Any:
         help="DHT address printed by `beed bootstrap`, HOST:PORT (repeated or comma-separated; "
         "env BEED_INITIAL_PEERS).",
     )(f)
+
+
+def require_peers(initial_peers: list[tuple[str, int]]) -> None:
+    if not initial_peers:
+        raise click.UsageError(
+            "no --initial-peers given: pass the address printed by `beed bootstrap` "
+            "(or run `beectl demo` for a swarm on this machine)"
+        )
+
+
+def run_cli(coro: Any) -> None:
+    """Run a command's coroutine; user-facing errors become one line, Ctrl-C exits 130."""
+    from beectl.runner import new_event_loop
+
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(coro)
+    except BeeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; sessions closed", err=True)
+        sys.exit(130)
