@@ -33,7 +33,7 @@ from beectl.history import History
 from beectl.replies import checked_session_opened, checked_step_result
 from beectl.routing import Hop
 from beectl.swarm import Swarm
-from beectl.verify import BAN_S, difference, tolerance
+from beectl.verify import check_step
 from protocol.errors import (
     BadRequestError,
     BeeError,
@@ -384,59 +384,16 @@ class InferenceSession:
         return output, [o.hop.peer_id for o in hops]
 
     async def _verify(self, h: OpenHop, reply: StepResult) -> None:
-        stats = self.swarm.verifier.stats
-        peer = h.hop.peer_id
-        last = h.history.chunks[-1]
         tokens = reply.hidden.shape[1]
         mask = h.history.attention_mask
-        keep = None if mask is None else mask[:, -tokens:]  # left padding is not compared
-        limit = tolerance(reply.hidden.dtype)
-        other = await self._rerun(h, frozenset({peer}))
-        if other is None:
-            stats.unverifiable += 1
-            return
-        stats.checked += 1
-        theirs, verifiers = other
-        diff = difference(reply.hidden, theirs[:, -tokens:], keep)
-        if diff <= limit:
-            log.debug("verify.ok peer=%s diff=%.3g", peer[:8], diff)
-            return
-        # Two servers disagree: a third opinion decides where there is one.
-        third = await self._rerun(h, frozenset({peer, *verifiers}))
-        if third is not None and difference(reply.hidden, third[0][:, -tokens:], keep) <= limit:
-            for v in verifiers:
-                self.swarm.bans.ban(v, seconds=BAN_S)
-            log.warning(
-                "verify.mismatch_verifier peer=%s span=%d:%d position=%d diff=%.3g verifiers=%s "
-                "third=%s: the verifiers were wrong; banned",
-                peer[:8],
-                h.hop.start,
-                h.hop.end,
-                last.position,
-                diff,
-                ",".join(v[:8] for v in verifiers),
-                ",".join(v[:8] for v in third[1]),
-            )
-            return
-        stats.mismatches += 1
-        stats.caught_at.append(self.swarm.verifier.steps_of(peer))
-        self.swarm.bans.ban(peer, seconds=BAN_S)
-        log.warning(
-            "verify.mismatch peer=%s span=%d:%d position=%d tokens=%d diff=%.3g tolerance=%.3g "
-            "verifiers=%s third=%s: banned, the step is recomputed elsewhere",
-            peer[:8],
-            h.hop.start,
-            h.hop.end,
-            last.position,
-            tokens,
-            diff,
-            limit,
-            ",".join(v[:8] for v in verifiers),
-            "none" if third is None else ",".join(v[:8] for v in third[1]),
-        )
-        raise InvalidReplyError(
-            f"server {peer[:8]} answered blocks {h.hop.start}:{h.hop.end} differently from "
-            f"{len(verifiers)} other server(s) (difference {diff:.3g}, tolerance {limit:.3g})"
+        await check_step(
+            self.swarm.verifier,
+            self.swarm.bans,
+            h.hop,
+            h.history.chunks[-1].position,
+            reply.hidden,
+            None if mask is None else mask[:, -tokens:],  # left padding is not compared
+            lambda exclude: self._rerun(h, exclude),
         )
 
     async def _move_draining(self, h: OpenHop) -> None:

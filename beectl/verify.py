@@ -1,4 +1,4 @@
-"""Spot checks of servers' results: which steps to re-run elsewhere, and what counts as equal.
+"""Spot checks of servers' results: which steps to re-run elsewhere, what counts as equal, who lost.
 
 A server's answer is plausible by construction (shape, dtype and finite values are checked in
 replies.py), so a server that adds a small push to its outputs changes the text unseen. The
@@ -17,10 +17,22 @@ share of the largest value (`TOLERANCE`). Honest servers differ only by the orde
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from beectl.bans import BanList
+from beectl.routing import Hop
+from protocol.errors import InvalidReplyError
+
+log = logging.getLogger(__name__)
+
+# The hop's output for its last step from other servers of its blocks, leaving out the given
+# peer ids: (output, the servers that computed it), or None when there are none.
+Rerun = Callable[[frozenset[str]], Awaitable[tuple[torch.Tensor, list[str]] | None]]
 
 # Largest |ours - theirs| over the largest |theirs|, per dtype of the compared outputs.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -83,3 +95,67 @@ def difference(ours: torch.Tensor, theirs: torch.Tensor, keep: torch.Tensor | No
 
 def tolerance(dtype: torch.dtype) -> float:
     return TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
+
+
+async def check_step(
+    verifier: Verifier,
+    bans: BanList,
+    hop: Hop,
+    position: int,
+    ours: torch.Tensor,
+    keep: torch.Tensor | None,
+    rerun: Rerun,
+) -> None:
+    """Compare a hop's answer `ours` (its step at `position`) with other servers' (`rerun`);
+    InvalidReplyError when the hop's server is found wrong (it is banned then)."""
+    stats = verifier.stats
+    peer = hop.peer_id
+    tokens = ours.shape[1]
+    limit = tolerance(ours.dtype)
+    other = await rerun(frozenset({peer}))
+    if other is None:
+        stats.unverifiable += 1
+        return
+    stats.checked += 1
+    theirs, verifiers = other
+    diff = difference(ours, theirs[:, -tokens:], keep)
+    if diff <= limit:
+        log.debug("verify.ok peer=%s diff=%.3g", peer[:8], diff)
+        return
+    # Two servers disagree: a third opinion decides where there is one.
+    third = await rerun(frozenset({peer, *verifiers}))
+    if third is not None and difference(ours, third[0][:, -tokens:], keep) <= limit:
+        for v in verifiers:
+            bans.ban(v, seconds=BAN_S)
+        log.warning(
+            "verify.mismatch_verifier peer=%s span=%d:%d position=%d diff=%.3g verifiers=%s "
+            "third=%s: the verifiers were wrong; banned",
+            peer[:8],
+            hop.start,
+            hop.end,
+            position,
+            diff,
+            ",".join(v[:8] for v in verifiers),
+            ",".join(v[:8] for v in third[1]),
+        )
+        return
+    stats.mismatches += 1
+    stats.caught_at.append(verifier.steps_of(peer))
+    bans.ban(peer, seconds=BAN_S)
+    log.warning(
+        "verify.mismatch peer=%s span=%d:%d position=%d tokens=%d diff=%.3g tolerance=%.3g "
+        "verifiers=%s third=%s: banned, the step is recomputed elsewhere",
+        peer[:8],
+        hop.start,
+        hop.end,
+        position,
+        tokens,
+        diff,
+        limit,
+        ",".join(v[:8] for v in verifiers),
+        "none" if third is None else ",".join(v[:8] for v in third[1]),
+    )
+    raise InvalidReplyError(
+        f"server {peer[:8]} answered blocks {hop.start}:{hop.end} differently from "
+        f"{len(verifiers)} other server(s) (difference {diff:.3g}, tolerance {limit:.3g})"
+    )

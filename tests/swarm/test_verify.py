@@ -54,7 +54,7 @@ def test_a_noisy_server_is_caught_at_its_first_step_and_the_text_is_the_models(
 
 def test_the_catch_is_counted_and_logged_with_evidence(noisy, tokenizer, caplog):
     ids = tokenizer(STORY, return_tensors="pt").input_ids
-    with caplog.at_level("WARNING", logger="beectl.session"):
+    with caplog.at_level("WARNING", logger="beectl.verify"):
         with AutoDistributedModelForCausalLM.from_pretrained(
             "smollm2-135m", initial_peers=peers_of(noisy), verify_rate=0.0
         ) as model:
