@@ -8,6 +8,7 @@ from pathlib import Path
 
 from beed.dht.config import DHTConfig
 from beed.net.swarm_key import SwarmKey
+from protocol.errors import BadRequestError
 
 
 def available_cores() -> int:
@@ -118,3 +119,7 @@ class ServerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: PeerLimits = field(default_factory=PeerLimits)
     dht: DHTConfig = field(default_factory=DHTConfig)
+
+    def __post_init__(self) -> None:
+        if self.swarm_key is not None and not self.encryption:
+            raise BadRequestError("a private swarm (--swarm-key) needs encryption on")

@@ -1,11 +1,16 @@
-"""Binding a server's sockets: TCP first (port 0 picks one), then the DHT on the same number."""
+"""A server's sockets: TCP bound first (port 0 picks one), the DHT on the same number, and the
+TCP port served (in TLS with the identity's certificate where encryption is on)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 
+from beed.dht.identity import Identity
 from beed.dht.node import DHTNode
+from beed.net.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -31,3 +36,20 @@ async def start_dht(dht: DHTNode, host: str, port: int) -> int:
     except OSError:
         log.warning("dht.port_taken port=%d: using a free one", port)
         return (await dht.start(host, 0))[1]
+
+
+async def serve_tcp(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    sock: socket.socket,
+    tls: Identity | None,
+    handshake_timeout_s: float,
+) -> asyncio.Server:
+    """Serve connections on the bound `sock`; with `tls`, TLS 1.3 with that identity's
+    certificate, whose handshake must complete within `handshake_timeout_s`."""
+    return await asyncio.start_server(
+        handler,
+        sock=sock,
+        limit=1 << 20,
+        ssl=server_context(tls) if tls is not None else None,
+        ssl_handshake_timeout=handshake_timeout_s if tls is not None else None,
+    )

@@ -27,14 +27,13 @@ from beed.models.registry import cache_dir, resolve_model
 from beed.net.dial import DialPolicy
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
-from beed.net.tls import server_context
 from beed.net.traffic import TensorTraffic
 from beed.server.admission import Admission
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
 from beed.server.info import server_info
 from beed.server.kv_budget import KVBudget
-from beed.server.listen import bind_tcp, start_dht
+from beed.server.listen import bind_tcp, serve_tcp, start_dht
 from beed.server.loading import kv_budget_tokens, load_backend
 from beed.server.memory import request_memory, return_large_blocks, trim_heap
 from beed.server.metrics import ServerMetrics
@@ -127,8 +126,6 @@ class BlockServer:
             else Identity.generate()
         )
         tcp: asyncio.Server | None = None
-        if cfg.swarm_key is not None and not cfg.encryption:
-            raise BadRequestError("a private swarm (--swarm-key) needs encryption on")
         self.dht = dht = DHTNode(
             dataclasses.replace(cfg.dht, swarm_key=cfg.swarm_key), identity, on_crash=self._crashed
         )
@@ -216,13 +213,8 @@ class BlockServer:
                 bound = self.metrics.start(cfg.host, cfg.metrics_port)
                 self.state.observe_step = self.metrics.observe_step
                 log.info("server.metrics host=%s port=%d", cfg.host, bound)
-            tcp = await asyncio.start_server(
-                self._on_connection,
-                sock=tcp_sock,
-                limit=1 << 20,
-                ssl=server_context(identity) if cfg.encryption else None,
-                ssl_handshake_timeout=cfg.limits.hello_timeout_s if cfg.encryption else None,
-            )
+            tls = identity if cfg.encryption else None
+            tcp = await serve_tcp(self._on_connection, tcp_sock, tls, cfg.limits.hello_timeout_s)
             self._record = dataclasses.replace(
                 base, state=ServerState.ONLINE, compute_tokens_per_s=per_block_tps
             )
