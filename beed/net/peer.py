@@ -18,7 +18,7 @@ from beed.net.link import LinkStats
 from beed.net.stream import FramedStream, open_stream
 from beed.net.swarm_key import SwarmKey
 from beed.net.tasks import TaskOwner
-from beed.net.tls import check_server, server_public_key
+from beed.net.tls import check_server
 from beed.net.traffic import TensorTraffic
 from protocol.codecs import CodecPolicy
 from protocol.errors import (
@@ -123,8 +123,7 @@ class PeerConnection:
         try:
             server_key = b""
             if self.tls:
-                server_key = server_public_key(stream.ssl_object)
-                check_server(stream.ssl_object, self.peer_id, where)
+                server_key = check_server(stream.ssl_object, self.peer_id, where)
             hello = Hello(
                 protocol_version=PROTOCOL_VERSION,
                 software_version=beed.__version__,

@@ -87,12 +87,13 @@ def server_public_key(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def check_server(ssl_object: ssl.SSLObject | ssl.SSLSocket, peer_id: str, where: str) -> str:
-    """The peer id the server's certificate proves; PeerUnreachableError when `peer_id` is
-    given ("" accepts any identity) and the certificate proves another one."""
-    proven = peer_id_for(server_public_key(ssl_object))
+def check_server(ssl_object: ssl.SSLObject | ssl.SSLSocket, peer_id: str, where: str) -> bytes:
+    """The public key of the server's certificate; PeerUnreachableError when `peer_id` is
+    given ("" accepts any identity) and the key derives another one."""
+    key = server_public_key(ssl_object)
+    proven = peer_id_for(key)
     if peer_id and proven != peer_id:
         raise PeerUnreachableError(
             f"{where} holds the TLS identity {proven[:16]}, not the expected {peer_id[:16]}"
         )
-    return proven
+    return key

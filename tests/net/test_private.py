@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from beed.dht.identity import Identity
+from beed.dht.identity import Identity, peer_id_for
 from beed.net import tls
 from beed.net.swarm_key import SEAL_OVERHEAD, SwarmKey, SwarmKeyError
 from protocol.errors import PeerUnreachableError
@@ -81,8 +81,9 @@ async def test_tls_proves_the_identity_the_record_names():
         )
         ssl_object = writer.get_extra_info("ssl_object")
         assert ssl_object.version() == "TLSv1.3"
-        assert tls.check_server(ssl_object, identity.peer_id, "s") == identity.peer_id
-        assert tls.check_server(ssl_object, "", "s") == identity.peer_id
+        key = tls.check_server(ssl_object, identity.peer_id, "s")
+        assert key == identity.public_key_bytes and peer_id_for(key) == identity.peer_id
+        assert tls.check_server(ssl_object, "", "s") == identity.public_key_bytes
         with pytest.raises(PeerUnreachableError, match="TLS identity"):
             tls.check_server(ssl_object, Identity.generate().peer_id, "s")
         writer.write(b"ping")
