@@ -3,9 +3,10 @@
 Blocks are graph nodes 0..N; a server announcing span [a, b) gives edges s -> e for every
 breakpoint a <= s < e <= b (breakpoints are the starts and ends of all candidate spans, so a route
 may use a sub-span of a server). A route costs the expected time of one decode step through it:
-the announced per-block compute time for the blocks each server runs (or the measured one, for a
-server whose claim this client's measurements contradict: beectl/speeds.py), a penalty when a server is
-low on free KV cache, and the links the step crosses:
+the announced per-block compute time for the blocks each server runs (or, for a server whose claim
+this client's measurements contradict, the measured one plus a penalty that puts it behind every
+honest alternative: beectl/speeds.py), a penalty when a server is low on free KV cache, and the
+links the step crosses:
 
 - relayed (the client sends every hop its input): the client's round trip to each server;
 - push (each server sends its output to the next): half the client's round trip to the first
@@ -37,6 +38,11 @@ from protocol.errors import NoRouteError
 DEFAULT_RTT_S = 0.005  # assumed round trip to a server we have not measured yet
 DEFAULT_BLOCK_TIME_S = 0.002  # assumed per-block step time when a server announces no throughput
 LOW_KV_PENALTY_S = 1.0  # added to a hop whose server cannot hold this session's cache
+# Added to a hop whose server was caught overclaiming its speed: a liar is costed at its measured
+# speed *and* placed behind every honest alternative, so its lie cannot win a route by luck of
+# timing (honest claims are measured at start-up, often under load, and can be slower than a
+# liar's best measured step).
+OVERCLAIM_PENALTY_S = 1.0
 MODES = ("latency", "throughput")
 THROUGHPUT_JITTER = 0.25  # ± share of a server's compute time drawn per route in throughput mode
 
@@ -63,6 +69,8 @@ def _compute_cost(
 ) -> float:
     per_block = claimed_block_s(server, measured or {}, DEFAULT_BLOCK_TIME_S)
     cost = blocks * per_block * weight
+    if measured and server.peer_id in measured:
+        cost += OVERCLAIM_PENALTY_S
     if server.free_kv_tokens < needed_kv_tokens:
         cost += LOW_KV_PENALTY_S
     return cost

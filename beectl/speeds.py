@@ -5,8 +5,10 @@ claiming 1000x its speed would get every route. The client times every hop of it
 (the interval between that hop's answer and the previous one's, less the link part: the client's
 round trip for the first hop, half of it after a push) and keeps, per server, the least per-block
 time of its recent small steps (queueing and noise only ever add time). Where that is more than
-LIE_FACTOR times what the record claims, routing uses the measured time instead: an honest
-server is never judged by our noisy clock, a liar loses the routes its claim bought.
+LIE_FACTOR times what the record claims, routing uses the measured time instead and adds a
+penalty (beectl/routing.py OVERCLAIM_PENALTY_S) that puts the server behind every honest
+alternative: an honest server is never judged by our noisy clock, a liar loses the routes its
+claim bought and keeps only those nobody else can serve.
 """
 
 from __future__ import annotations

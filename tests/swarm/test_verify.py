@@ -72,8 +72,6 @@ def test_the_catch_is_counted_and_logged_with_evidence(noisy, tokenizer, caplog)
     assert float(re.search(r"diff=(\S+)", lines[0]).group(1)) > 1e-3
 
 
-# Flaky in the full default run (the liar kept its routes once; passes alone): slow until fixed.
-@pytest.mark.slow
 def test_an_overclaiming_server_stops_getting_every_route(tokenizer):
     with LocalSwarm(spans=[(0, 15), (15, 30)]) as swarm:
         liar = swarm.add_server(

@@ -54,3 +54,18 @@ def test_a_claim_the_measurements_contradict_is_replaced_for_routing():
     assert overrides["liar"] > LIE_FACTOR / liar.compute_tokens_per_s
     route = find_route([honest, liar, rest], 0, 30, measured_block_s=overrides)
     assert route[0].peer_id == "honest"
+
+
+def test_a_caught_liar_is_behind_every_honest_server_even_when_it_measures_faster():
+    # The honest claim was measured under load (5 ms a block); the liar's best step was 1 ms.
+    honest, liar = rec("honest", 0, 15, tps=200.0), rec("liar", 0, 15, tps=1e6)
+    rest = rec("rest", 15, 30, tps=1000.0)
+    speeds = SpeedCheck()
+    for _ in range(MIN_SAMPLES):
+        speeds.observe("liar", 15, 1, 15 * 0.001)
+    overrides = speeds.overrides([honest, liar, rest])
+    assert find_route([honest, liar, rest], 0, 30, measured_block_s=overrides)[0].peer_id == (
+        "honest"
+    )
+    # Where nobody else serves its blocks, the liar still serves them.
+    assert find_route([liar, rest], 0, 30, measured_block_s=overrides)[0].peer_id == "liar"
