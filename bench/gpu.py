@@ -162,6 +162,32 @@ def versions() -> str:
     )
 
 
+def profile_start(swarm):
+    """Clear the servers' samplers (bench/profiled_server.py) and sample this process."""
+    import signal
+
+    from bench.sampler import Sampler
+
+    for server in swarm.servers:
+        server.signal(signal.SIGUSR1)
+    sampler = Sampler()
+    sampler.start()
+    return sampler
+
+
+def profile_dump(swarm, sampler, out: Path, title: str) -> None:
+    """The servers append their reports to out/server-PID.txt, this process to client.txt."""
+    import signal
+
+    sampler.stop()
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "client.txt").open("a") as f:
+        f.write(f"# client: {title}\n{sampler.report()}\n\n")
+    for server in swarm.servers:
+        server.signal(signal.SIGUSR2)
+    time.sleep(1.0)
+
+
 def weight_bytes(path: Path) -> int:
     from beed.models.weights import tensor_bytes
 
@@ -185,6 +211,7 @@ def decode_part(args) -> None:
         for b in batches
     }
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=n)
+    beed_kw = dict(kw, speculate="off")  # the decode path itself (no drafts to accept here)
     rows: list[tuple[str, int, float, str]] = []
     local = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cuda").eval()
     local.generation_config.eos_token_id = None
@@ -221,19 +248,34 @@ def decode_part(args) -> None:
         setups = setups[1:2]
     for name, spans, flags in setups:
         extra_args = ["--device", "cuda", "--kv-budget-tokens", "65536", *flags]
+        profiled = args.profile is not None and "eager" not in name
         with LocalSwarm(
-            model=str(path), spans=spans, dtype=args.dtype, extra_args=extra_args
+            model=str(path),
+            spans=[] if profiled else spans,
+            dtype=args.dtype,
+            extra_args=extra_args,
         ) as swarm:
+            if profiled:
+                servers = [
+                    swarm.add_server(f"{a}:{b}", module="bench.profiled_server") for a, b in spans
+                ]
+                for server in servers:
+                    server.wait_ready(600)
             peers = [f"{h}:{p}" for h, p in swarm.initial_peers]
             with AutoDistributedModelForCausalLM.from_pretrained(
                 str(path), initial_peers=peers, dtype=dtype, device="cuda"
             ) as model:
                 for b in batches:
                     ids = prompts[b]
-                    model.generate(ids, **kw)
-                    seconds, _ = timed(lambda ids=ids, m=model: m.generate(ids, **kw), args.repeats)
+                    model.generate(ids, **beed_kw)
+                    sampler = profile_start(swarm) if profiled else None
+                    seconds, _ = timed(
+                        lambda ids=ids, m=model: m.generate(ids, **beed_kw), args.repeats
+                    )
+                    if sampler is not None:
+                        profile_dump(swarm, sampler, args.profile, f"{name}, batch {b}")
                     check = model.generate(
-                        ids, **kw, output_logits=True, return_dict_in_generate=True
+                        ids, **beed_kw, output_logits=True, return_dict_in_generate=True
                     )
                     ref = reference[b]
                     same = (check.sequences[:, 32:] == ref.sequences[:, 32:].cpu()).float().mean()
@@ -338,6 +380,12 @@ def main() -> None:
     parser.add_argument("--offload-blocks", type=int, default=10)
     parser.add_argument("--offload-batch", type=int, default=64)
     parser.add_argument("--tokenizer", type=Path, default=None, help="directory of tokenizer files")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="sample where the client's and the servers' threads spend their time, into DIR",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/beed-gpu"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
