@@ -255,7 +255,23 @@ class AutoDistributedModelForCausalLM:
         loop = LoopThread()
         try:
             remote = loop.run(RemoteModel.load(model, client_config, dtype=dtype, device=device))
+            if remote.head.device.type != "cpu":
+                one_host_thread(loop)
         except BaseException:
             loop.close()
             raise
         return DistributedModelForCausalLM(remote, loop)
+
+
+def one_host_thread(loop: LoopThread) -> None:
+    """With the head on a GPU, the loop thread's torch work on the host is checks and copies of
+    activations: give it a team of one OpenMP thread (beed/server/server.py CUDA_HOST_THREADS
+    says why), and leave the caller's threads as they were (libgomp's thread count is per
+    thread; torch's setting also sets the default for threads that start later)."""
+
+    async def one() -> None:
+        torch.set_num_threads(1)
+
+    keep = torch.get_num_threads()
+    loop.run(one())
+    torch.set_num_threads(keep)

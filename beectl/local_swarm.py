@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import signal
@@ -115,6 +116,10 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+def _on_gpu(args: list[str]) -> bool:
+    return any(a == "--device" and v != "cpu" for a, v in itertools.pairwise(args))
 
 
 def _cores() -> int:
@@ -232,8 +237,9 @@ class LocalSwarm:
         ]
         if block_indices:
             args += ["--block-indices", block_indices]
-        threads = self.num_threads or max(1, _cores() // max(1, self._server_count()))
-        args += ["--num-threads", str(threads)]
+        if self.num_threads or not _on_gpu(args):  # a GPU server picks its own (one)
+            threads = self.num_threads or max(1, _cores() // max(1, self._server_count()))
+            args += ["--num-threads", str(threads)]
         daemon = Daemon(name, args, tmp / f"{name}.log", module)
         daemon.start(self.env)
         self.servers.append(daemon)

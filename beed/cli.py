@@ -168,7 +168,7 @@ def _parse_block_indices(
     type=click.IntRange(1),
     default=None,
     help="torch intra-op CPU threads for prefills and batches [default: the CPU cores this "
-    "process may use].",
+    "process may use; 1 with a GPU --device, where the host only copies activations].",
 )
 @click.option(
     "--decode-threads",

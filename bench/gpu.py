@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shutil
 import statistics
 import subprocess
@@ -235,6 +236,9 @@ def decode_part(args) -> None:
     del local
     gc.collect()
     torch.cuda.empty_cache()
+    if args.profile is not None:  # where bench/profiled_server.py writes
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ["BEED_PROFILE_DIR"] = str(args.profile.resolve())
     half = num_layers // 2
     fast = ["--torch-compile"] if args.torch_compile else []
     tag = " (compiled)" if args.torch_compile else ""

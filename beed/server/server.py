@@ -51,6 +51,13 @@ from protocol.messages import PROTOCOL_VERSION, Error, Hello
 
 log = logging.getLogger(__name__)
 
+# On a GPU the blocks run there; this process's torch work on the host is copies and checks of
+# activations (a few hundred KiB). With a team of many OpenMP threads every such op above 32K
+# elements becomes a parallel region, and the teams of this process, the client's and other
+# servers' on the same cores wait for each other: on the H200 host (16 cores, two servers and a
+# client) a 32-row step spent ~16 ms per check of 128K values. One thread does each in ~50 us.
+CUDA_HOST_THREADS = 1
+
 KV_ANNOUNCE_MIN_S = 5.0  # earliest re-announce after free KV cache changed a lot
 
 
@@ -103,7 +110,7 @@ class BlockServer:
                 loop.add_signal_handler(sig, self.stop)
         return_large_blocks()
         cores = available_cores()
-        threads = cfg.num_threads or cores
+        threads = cfg.num_threads or (CUDA_HOST_THREADS if cfg.device != "cpu" else cores)
         decode_threads = min(threads, cfg.decode_threads or default_decode_threads(cores))
         torch.set_num_threads(threads)
         log.info("server.threads compute=%d decode=%d cores=%d", threads, decode_threads, cores)
