@@ -81,7 +81,8 @@ def servers(path: Path, dtype: str = "float32", **kw) -> list[tuple[BlockBackend
 
 
 def greedy(hops, head: LocalHead, ids: torch.Tensor, new: int = NEW, caches=None):
-    """Greedy decoding through `hops` (prefill, then one-token steps): tokens and logits."""
+    """Greedy decoding through `hops` (prefill, then one-token steps): tokens on the host and
+    logits on the head's device (where the head leaves them)."""
     caches = caches or [backend.new_cache() for backend, _ in hops]
     x, position, tokens, logits = head.embed(ids), 0, [], []
     for _ in range(new):
@@ -94,7 +95,7 @@ def greedy(hops, head: LocalHead, ids: torch.Tensor, new: int = NEW, caches=None
         tokens.append(token)
         logits.append(step_logits)
         x = head.embed(token)
-    return torch.cat(tokens, 1), logits, caches
+    return torch.cat(tokens, 1).cpu(), logits, caches
 
 
 def prompt(seed: int = 1, batch: int = 1) -> torch.Tensor:
@@ -124,7 +125,8 @@ def test_float32_graphs_equal_local_transformers(model, compiled):
     assert all(b.graphs is not None and b.graphs.compiled == compiled for b, _ in hops)
     assert torch.equal(tokens, ref.sequences[:, PROMPT:].cpu())
     diff = max(
-        (a - b.float().cpu()).abs().max().item() for a, b in zip(logits, ref.logits, strict=True)
+        (a.cpu() - b.float().cpu()).abs().max().item()
+        for a, b in zip(logits, ref.logits, strict=True)
     )
     assert diff <= 1e-4, diff
 
