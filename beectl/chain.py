@@ -48,6 +48,8 @@ class OpenHop:
         }
         if server.tls:
             entry["tls"] = True
+        if server.dial_relays:
+            entry["relays"] = [r.as_list() for r in server.dial_relays]
         return entry
 
     def timer_for(self, config: ClientConfig) -> HopTimer:

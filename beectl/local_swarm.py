@@ -33,6 +33,7 @@ class Daemon:
     args: list[str]
     log_path: Path
     module: str = "beed.cli"  # what `python -m` runs (tests run wrappers of the server)
+    prefix: list[str] = field(default_factory=list)  # runs it under (`ip netns exec NS`)
     process: subprocess.Popen[str] | None = None
     ready_line: str = ""
     _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
@@ -42,6 +43,7 @@ class Daemon:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 self.module,

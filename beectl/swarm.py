@@ -242,6 +242,7 @@ class Swarm:
                 swarm_key=self.config.swarm_key,
                 compression=self.config.compression,
                 policy=self.policy,
+                relays=server.dial_relays,
             )
             await conn.connect(self.config.connect_timeout_s)
             link = conn.link

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -12,6 +13,8 @@ from typing import Any
 from beed.dht import DHTConfig, DHTNode, Identity, format_initial_peers
 from beed.dht.errors import PeerUnreachableError
 from beed.dht.peers import reachable_host
+from beed.relay.service import RelayConfig, RelayService
+from beed.server.listen import TcpListener, bind_tcp
 from beed.systemd import notify_systemd
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,21 @@ DHT_COUNTERS = frozenset(
 )
 
 
+def _relay_listener(
+    host: str, port: int, relay: RelayConfig, identity: Identity, node: DHTNode
+) -> TcpListener | None:
+    try:
+        sock = bind_tcp(host, port)
+    except OSError as exc:
+        log.warning("bootstrap.relay_off port=%d error=%s", port, exc)
+        return None
+    config = dataclasses.replace(relay, swarm_key=node.config.swarm_key)
+    listener = TcpListener(sock, None, None, 10.0, RelayService(config, identity.peer_id))
+    listener.start()
+    log.info("bootstrap.relaying port=%d", port)
+    return listener
+
+
 async def run_bootstrap(
     host: str,
     port: int,
@@ -41,8 +59,12 @@ async def run_bootstrap(
     on_ready: Callable[[str], None],
     config: DHTConfig | None = None,
     metrics_port: int | None = None,
+    relay: RelayConfig | None = None,
 ) -> int:
-    """Serve the DHT on host:port; call `on_ready` with the --initial-peers value; exit code."""
+    """Serve the DHT on host:port; call `on_ready` with the --initial-peers value; exit code.
+
+    With `relay`, also relay for servers behind NAT on the TCP port of the same number
+    (beed/relay/service.py); a TCP port that cannot be bound is logged and relaying skipped."""
     if identity_path is None:
         identity = Identity.generate()
         log.warning("bootstrap.ephemeral_identity peer_id=%s", identity.peer_id)
@@ -54,8 +76,11 @@ async def run_bootstrap(
         loop.add_signal_handler(signum, stop.set)
     node = DHTNode(config, identity)
     metrics: Any = None  # ServerMetrics with --metrics-port
+    listener: TcpListener | None = None
     try:
         bound = await node.start(host, port)
+        if relay is not None:
+            listener = _relay_listener(host, bound[1], relay, identity, node)
         if metrics_port is not None:
             from beed.server.metrics import ServerMetrics
 
@@ -91,6 +116,8 @@ async def run_bootstrap(
     finally:
         if metrics is not None:
             metrics.stop()
+        if listener is not None:
+            await listener.aclose()
         await node.aclose()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

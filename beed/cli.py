@@ -21,6 +21,7 @@ import click
 from beed.cli_bootstrap import bootstrap, keygen
 from beed.cli_config import config_option
 from beed.cli_limits import peer_limit_options, peer_limits_from
+from beed.cli_relay import relay_config_from, relay_options
 from beed.dht.peers import initial_peers_callback
 from beed.logs import setup_logging
 from beed.net.swarm_key import SwarmKey, swarm_key_option
@@ -304,6 +305,7 @@ def _parse_block_indices(
     help="Push to next servers at loopback or private addresses even when this server's own "
     "announced address is public (by default only a swarm on such addresses may name them).",
 )
+@relay_options
 @peer_limit_options
 def serve(
     model: str,
@@ -360,7 +362,10 @@ def serve(
             "a private swarm (--swarm-key) needs encryption: drop --no-encryption"
         )
     _check_device(device)
+    relay, relay_config = relay_config_from(limit_options)
     config = ServerConfig(
+        relay=relay,
+        relay_config=relay_config,
         model=model,
         block_indices=block_indices,
         num_blocks=num_blocks,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from beed.cli_config import config_option
+from beed.cli_relay import relay_config_from, relay_options
 from beed.dht.peers import initial_peers_callback
 from beed.net.swarm_key import SwarmKey, SwarmKeyError, swarm_key_option
 
@@ -60,6 +62,7 @@ def keygen(path: Path) -> None:
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (TCP, on --host) [default: off].",
 )
 @swarm_key_option
+@relay_options
 def bootstrap(
     host: str,
     port: int,
@@ -67,15 +70,19 @@ def bootstrap(
     initial_peers: list[tuple[str, int]],
     metrics_port: int | None,
     swarm_key: SwarmKey | None,
+    **relay_options: Any,
 ) -> None:
     """Run a DHT-only node that others join through.
 
     Prints one line to stdout, `--initial-peers HOST:PORT`, to pass to `beed serve` and
-    `beectl`; logs go to stderr. Exits with code 0 on SIGINT or SIGTERM.
+    `beectl`; logs go to stderr. With --relay (the default) it also relays for servers behind
+    NAT on the TCP port of the same number. Exits with code 0 on SIGINT or SIGTERM.
     """
     from beed.bootstrap import run_bootstrap
     from beed.dht.config import DHTConfig
     from protocol.errors import BeeError
+
+    relay, relay_config = relay_config_from(relay_options)
 
     def on_ready(value: str) -> None:
         click.echo(f"--initial-peers {value}")
@@ -91,6 +98,7 @@ def bootstrap(
                 on_ready,
                 config=DHTConfig(swarm_key=swarm_key),
                 metrics_port=metrics_port,
+                relay=relay_config if relay else None,
             )
         )
     except BeeError as exc:

@@ -30,6 +30,7 @@ BeeError                          base of everything we raise on purpose
 │   ├── QuotaExceededError        208 the peer holds its share (connections, sessions, KV) - retryable
 │   ├── RequestTooLargeError      209 more tokens or bytes in one request than this server takes
 │   ├── UnauthorizedError         210 the peer did not prove the private swarm's key in its Hello
+│   ├── RelayRefusedError         211 a relay does not splice to that peer (not listening there, full) - retryable
 │   └── InternalServerError       299 a bug on the peer - retryable elsewhere
 └── ClientError                   300 raised by beectl for user-facing failures (3xx, never on the wire)
     ├── ModelNotFoundError        301 unknown model name or path
@@ -197,6 +198,14 @@ class UnauthorizedError(RequestError):
     """The connection did not prove the private swarm's key (docs/security.md); closed."""
 
     code = 210
+
+
+class RelayRefusedError(RequestError):
+    """A relay refused a connect or a listen: the target does not listen there, or the relay is
+    at its cap, or the preamble did not prove what it must; another relay may serve it."""
+
+    code = 211
+    retryable = True
 
 
 class InternalServerError(RequestError):

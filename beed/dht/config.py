@@ -51,6 +51,8 @@ class DHTConfig:
     rate_table_size: int = 4096  # sources whose token buckets are kept (least recent evicted)
     max_amplification: float = 3.0  # reply bytes / request bytes to an address not yet proven
     proven_address_ttl_s: float = 600.0  # an address that answered our request counts as proven
+    max_dial_backs: int = 16  # reachability dial-backs in flight (reach requests past it: None)
+    dial_back_timeout_s: float = 2.0  # a dial-back's TCP connect, before answering "closed"
     max_contact_checks: int = 64  # pings in flight checking new senders and moved node ids
     max_entry_lifetime_s: float = 86400.0  # entries expiring later than now + this are refused
     max_clock_skew_s: float = 600.0  # records issued later than now + this are refused

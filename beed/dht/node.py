@@ -193,6 +193,39 @@ class DHTNode:
     def routing_table_size(self) -> int:
         return sum(len(bucket) for bucket in self.protocol.router.buckets)
 
+    # --- reachability (servers behind NAT) ----------------------------------------------------
+
+    async def check_reachability(self, tcp_port: int, peers: int = 3) -> str:
+        """Ask up to `peers` contacts to dial our TCP port back (the `reach` RPC): "public" when
+        as many of those that answered connected as failed (at least one), "unreachable" when
+        more failed, "" when nobody answered (no contacts: we are the first node)."""
+        contacts = self.protocol.router.find_neighbors(self.node, k=peers)
+        answers = await asyncio.gather(
+            *(self.protocol.call_reach((c.ip, c.port), tcp_port) for c in contacts)
+        )
+        opened = sum(1 for a in answers if a is True)
+        closed = sum(1 for a in answers if a is False)
+        log.info(
+            "dht.reachability port=%d asked=%d opened=%d closed=%d",
+            tcp_port,
+            len(contacts),
+            opened,
+            closed,
+        )
+        if opened == closed == 0:
+            return ""
+        return "public" if opened >= closed else "unreachable"
+
+    def set_reachable(self, reachable: bool) -> None:
+        """An unreachable node keeps announcing and reading, but names no node id on the wire
+        (peers never keep it as a contact) and stores nothing for others: DHT client mode."""
+        if not self.client_mode:
+            self.protocol.set_client_mode(not reachable)
+
+    @property
+    def reachable(self) -> bool:
+        return not self.protocol.client_mode
+
     # --- writing -----------------------------------------------------------------------------
 
     async def announce(self, record: ServerRecord, ttl_s: float | None = None) -> int:

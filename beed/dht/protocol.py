@@ -83,6 +83,7 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
         self.client_mode = client_mode
         self.router = BeeRoutingTable(self, config.ksize, source_node)
         self.wire_id = b"" if client_mode else source_node.id
+        self._dialing = 0  # dial-backs in flight (reach)
         self._wait_timeout = config.rpc_timeout_s
         self._addresses: dict[bytes, Address] = {}
         self._missed: dict[bytes, int] = {}
@@ -134,6 +135,9 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
             if not (isinstance(body, list) and len(body) == 2 and isinstance(body[1], list)):
                 raise MalformedRequest("request is not [name, args]")
             name, args = body
+            if name == "reach":
+                self._reach(msg_id, addr, args)
+                return
             handler = self._handlers().get(name) if isinstance(name, str) else None
             if handler is None:
                 raise MalformedRequest(f"unknown rpc {name!r}")
@@ -165,6 +169,41 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
             "find_value": self.rpc_find_value,
         }
 
+    # --- reachability: dialling a sender's TCP port back -----------------------------------------
+
+    def _reach(self, msg_id: bytes, addr: Address, args: list[Any]) -> None:
+        """`reach [nodeid, port]`: dial the sender's own IP at `port` (never another host, so
+        nobody can point us at a third party) and answer whether a TCP connection opened."""
+        if len(args) != 2 or type(args[1]) is not int or not 0 < args[1] < 65536:
+            raise MalformedRequest("reach takes [nodeid, port]")
+        self.stats["handled"] += 1
+        if self._dialing >= self.config.max_dial_backs:
+            self.stats["reach_skipped"] += 1
+            self._send(_RESPONSE + msg_id + umsgpack.packb(None), addr)
+            return
+        self._dialing += 1
+        self.tasks.spawn(self._dial_back(msg_id, addr, args[1]), "dial-back")
+
+    async def _dial_back(self, msg_id: bytes, addr: Address, port: int) -> None:
+        try:
+            async with asyncio.timeout(self.config.dial_back_timeout_s):
+                _reader, writer = await asyncio.open_connection(addr[0], port)
+            writer.close()
+            opened = True
+        except (OSError, TimeoutError):
+            opened = False
+        finally:
+            self._dialing -= 1
+        self.stats["reach_open" if opened else "reach_closed"] += 1
+        self._send(_RESPONSE + msg_id + umsgpack.packb(opened), addr)
+
+    async def call_reach(self, address: Address, port: int) -> bool | None:
+        """Ask the node at `address` to dial our IP at `port`: True (it connected), False (it
+        could not), None (no answer, or it had no room to try)."""
+        timeout = self.config.rpc_timeout_s + self.config.dial_back_timeout_s
+        ok, reply = await self._call(address, "reach", self.wire_id, port, timeout_s=timeout)
+        return reply if ok and isinstance(reply, bool) else None
+
     def _accept_response(self, msg_id: bytes, data: Any, address: Address) -> None:
         expected = self._addresses.get(msg_id)
         if expected is None or expected != address:
@@ -185,7 +224,12 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
             entry[0].set_result((False, None))
 
     def _call(
-        self, address: Address, name: str, *args: Any, pad_to: int = 0
+        self,
+        address: Address,
+        name: str,
+        *args: Any,
+        pad_to: int = 0,
+        timeout_s: float | None = None,
     ) -> asyncio.Future[RpcResult]:
         """Send one request, padded to `pad_to` bytes; the future resolves to (True, reply) or
         (False, None) on timeout."""
@@ -200,7 +244,7 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
             return future
         msg_id = os.urandom(_MSG_ID_BYTES)
         self._send(_REQUEST + msg_id + data, address)
-        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        timer = loop.call_later(timeout_s or self._wait_timeout, self._timeout, msg_id)
         self._outstanding[msg_id] = (future, timer)
         self._addresses[msg_id] = (address[0], address[1])
         return future
@@ -213,6 +257,12 @@ class BeeProtocol(KademliaProtocol):  # type: ignore[misc]
                 future.set_result((False, None))
         self._outstanding.clear()
         self._addresses.clear()
+
+    def set_client_mode(self, client_mode: bool) -> None:
+        """Switch modes (a server found unreachable, or reachable again): a client-mode node
+        names no node id, so peers do not keep it as a contact, and stores nothing."""
+        self.client_mode = client_mode
+        self.wire_id = b"" if client_mode else self.source_node.id
 
     # --- requests we answer --------------------------------------------------------------------
 

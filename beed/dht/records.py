@@ -12,6 +12,7 @@ import msgpack
 
 from beed.dht.errors import RecordError
 from beed.dht.identity import PUBLIC_KEY_BYTES, peer_id_for
+from beed.net.relay import MAX_RELAYS, RelayAddress, parse_relays
 
 SCHEMA_VERSION = 1
 
@@ -21,6 +22,7 @@ _MAX_CODECS = 16
 _MAX_CODEC_LEN = 32
 MAX_NEXT_RTTS = 32
 MAX_RTT_MS = 60_000.0
+REACHABILITY = frozenset({"", "public", "unreachable"})
 
 
 class ServerState(enum.Enum):
@@ -58,9 +60,21 @@ class ServerRecord:
     # The TCP port speaks TLS with a certificate of public_key (beed/net/tls.py); written
     # only when true.
     tls: bool = False
+    # Whether peers could dial host:port back ("public" / "unreachable"; "" = not checked: an
+    # old server, or one without peers to ask). Written only when set.
+    reachability: str = ""
+    # Where an unreachable server listens instead: relays (beed/net/relay.py) that splice a
+    # connection to it. Written only when non-empty.
+    relays: tuple[RelayAddress, ...] = ()
+    relaying: bool = False  # this server relays for servers behind NAT (--relay)
     public_key: bytes = b""  # Ed25519 public key; filled in by DHTNode.announce
     issued_at: float = 0.0  # unix time of issue; newer replaces older (replay ordering)
     expires_at: float = 0.0  # unix time of expiry; taken from the signed DHT entry
+
+    @property
+    def dial_relays(self) -> tuple[RelayAddress, ...]:
+        """The relays to dial instead of host:port (none when the server is reachable)."""
+        return self.relays if self.reachability == "unreachable" else ()
 
     @property
     def span(self) -> tuple[int, int]:
@@ -112,6 +126,12 @@ def encode_record(record: ServerRecord) -> bytes:
         fields["nr"] = {peer: float(ms) for peer, ms in record.next_rtt_ms}
     if record.tls:
         fields["tl"] = True
+    if record.reachability:
+        fields["rc"] = record.reachability
+    if record.relays:
+        fields["rl"] = [r.as_list() for r in record.relays]
+    if record.relaying:
+        fields["ry"] = True
     return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
@@ -148,6 +168,9 @@ def decode_record(data: bytes, expires_at: float = 0.0) -> ServerRecord:
             software_version=_typed(fields, "sw", str),
             next_rtt_ms=_next_rtts(fields),
             tls=fields.get("tl", False) is True,
+            reachability=_reachability(fields),
+            relays=parse_relays(fields.get("rl", []), "record field 'rl'"),
+            relaying=fields.get("ry", False) is True,
             public_key=public_key,
             issued_at=_number(fields, "ia"),
             expires_at=expires_at,
@@ -189,6 +212,10 @@ def validate_record(record: ServerRecord) -> None:
             raise RecordError(f"{name} must be finite and non-negative")
     if record.free_kv_tokens < 0 or record.protocol_version < 0:
         raise RecordError("free_kv_tokens and protocol_version must be non-negative")
+    if record.reachability not in REACHABILITY:
+        raise RecordError(f"reachability must be one of {sorted(REACHABILITY)}")
+    if len(record.relays) > MAX_RELAYS:
+        raise RecordError(f"more than {MAX_RELAYS} relays")
     if len(record.next_rtt_ms) > MAX_NEXT_RTTS:
         raise RecordError(f"more than {MAX_NEXT_RTTS} next-hop round trips")
     for peer, ms in record.next_rtt_ms:
@@ -220,6 +247,13 @@ def _number(fields: dict[str, Any], key: str) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise RecordError(f"record field {key!r} missing or not a number")
     return float(value)
+
+
+def _reachability(fields: dict[str, Any]) -> str:
+    value = fields.get("rc", "")
+    if value not in REACHABILITY:
+        raise RecordError(f"record field 'rc' must be one of {sorted(REACHABILITY)}")
+    return str(value)
 
 
 def _codecs(fields: dict[str, Any]) -> list[str]:

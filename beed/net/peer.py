@@ -9,12 +9,14 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 
 import beed
 from beed.net.dial import DialPolicy
 from beed.net.link import LinkStats
+from beed.net.relay import RelayAddress
 from beed.net.stream import FramedStream, open_stream
 from beed.net.swarm_key import SwarmKey
 from beed.net.tasks import TaskOwner
@@ -77,8 +79,10 @@ class PeerConnection:
         compression: str = "auto",
         policy: DialPolicy | None = None,
         traffic: TensorTraffic | None = None,
+        relays: Sequence[RelayAddress] = (),
     ) -> None:
         self.host, self.port, self.peer_id, self.tls = host, port, peer_id, tls
+        self.relays = tuple(relays)  # dial these instead of host:port (a server behind NAT)
         self.swarm_key = swarm_key  # a private swarm's: proven in the Hello, both ways
         self.traffic = traffic  # where tensor bytes of this connection are counted (or None)
         self.local_peer_id = local_peer_id
@@ -119,6 +123,9 @@ class PeerConnection:
             policy=self.policy,
             limits=REPLY_LIMITS,
             tls=self.tls,
+            relays=self.relays,
+            peer_id=self.peer_id,
+            swarm_key=key,
         )
         try:
             server_key = b""

@@ -14,10 +14,13 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from beed.net.dial import DialPolicy
 from beed.net.link import PROBE_BYTES, LinkStats, policy_for
+from beed.net.relay import RelayAddress, dial_relayed
+from beed.net.swarm_key import SwarmKey
 from beed.net.tls import client_context
 from beed.net.traffic import TensorTraffic
 from protocol.codecs import CodecPolicy
@@ -26,6 +29,7 @@ from protocol.errors import (
     ConnectionClosed,
     PeerUnreachableError,
     PhaseTimeoutError,
+    RelayRefusedError,
     UnknownMessageTypeError,
 )
 from protocol.frames import (
@@ -231,11 +235,21 @@ async def open_stream(
     compression: str = "auto",
     policy: DialPolicy | None = None,
     tls: bool = False,
+    relays: Sequence[RelayAddress] = (),
+    peer_id: str = "",
+    swarm_key: SwarmKey | None = None,
 ) -> FramedStream:
     """Connect to host:port (with `tls`, a TLS 1.3 handshake too: the caller checks the server's
     identity, beed/net/tls.py); PeerUnreachableError when that fails within timeout_s, and
     AddressRefusedError when `policy` does not allow the address (a name is resolved first and
-    only its allowed addresses are tried)."""
+    only its allowed addresses are tried).
+
+    With `relays` (the server `peer_id` is not reachable itself), connect through the first of
+    them that splices to it (beed/net/relay.py); TLS runs end to end with the server."""
+    if relays:
+        return await _open_relayed(
+            relays, peer_id, timeout_s, limits, compression, policy, tls, swarm_key
+        )
     try:
         async with asyncio.timeout(timeout_s):
             target = host
@@ -253,6 +267,48 @@ async def open_stream(
             f"cannot connect to {host}:{port}: {exc or 'timed out'}"
         ) from exc
     return FramedStream(reader, writer, limits, compression)
+
+
+async def _open_relayed(
+    relays: Sequence[RelayAddress],
+    peer_id: str,
+    timeout_s: float,
+    limits: Limits | None,
+    compression: str,
+    policy: DialPolicy | None,
+    tls: bool,
+    swarm_key: SwarmKey | None,
+) -> FramedStream:
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    for relay in relays:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            sock = await dial_relayed(
+                relay, peer_id, timeout_s=left, policy=policy, swarm_key=swarm_key
+            )
+        except (PeerUnreachableError, RelayRefusedError, AddressRefusedError) as exc:
+            errors.append(str(exc))
+            continue
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                reader, writer = await asyncio.open_connection(
+                    sock=sock,
+                    limit=READ_CHUNK_BYTES,
+                    ssl=client_context() if tls else None,
+                    server_hostname="" if tls else None,
+                )
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            errors.append(f"through relay {relay.host}:{relay.port}: {exc or 'timed out'}")
+            continue
+        return FramedStream(reader, writer, limits, compression)
+    raise PeerUnreachableError(
+        f"cannot connect to {peer_id[:16]} through its relays: "
+        + ("; ".join(errors) or "timed out")
+    )
 
 
 async def _allowed_address(host: str, port: int, policy: DialPolicy) -> str:

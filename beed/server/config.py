@@ -8,6 +8,7 @@ from pathlib import Path
 
 from beed.dht.config import DHTConfig
 from beed.net.swarm_key import SwarmKey
+from beed.relay.service import RelayConfig
 from protocol.errors import BadRequestError
 
 
@@ -116,6 +117,12 @@ class ServerConfig:
     # Push to loopback/private next hops: True always, None (auto) when our own address is one.
     allow_private_addresses: bool | None = None
     push_ack_timeout_s: float = 10.0  # a next hop's Ack to one Push (it accepts before running)
+    # Servers behind NAT (beed/server/reach.py): relay for them while reachable (--relay), how
+    # many relays to listen through while unreachable, how often to check.
+    relay: bool = True
+    relay_config: RelayConfig = field(default_factory=RelayConfig)
+    relays_wanted: int = 2
+    reachability_period_s: float = 600.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: PeerLimits = field(default_factory=PeerLimits)
     dht: DHTConfig = field(default_factory=DHTConfig)

@@ -34,7 +34,9 @@ async def measure_next_rtts(
     """(peer id, round trip in ms) of every follower that answered, sorted by peer id."""
 
     async def one(server: ServerRecord) -> tuple[str, float] | None:
-        hop = NextHop(server.host, server.port, server.peer_id, "0" * 32, server.tls)
+        hop = NextHop(
+            server.host, server.port, server.peer_id, "0" * 32, server.tls, server.dial_relays
+        )
         try:
             async with asyncio.timeout(5.0):
                 conn = await pusher.connection(hop)

@@ -17,6 +17,7 @@ from typing import Any
 
 from beed.net.dial import DialPolicy
 from beed.net.peer import PeerConnection
+from beed.net.relay import RelayAddress, parse_relays
 from beed.net.swarm_key import SwarmKey
 from beed.net.traffic import TensorTraffic
 from protocol.errors import BadRequestError
@@ -37,10 +38,20 @@ class NextHop:
     peer_id: str
     token: str
     tls: bool = False  # its port speaks TLS (its record says so)
+    relays: tuple[RelayAddress, ...] = ()  # it is behind NAT: dial one of these instead
 
     def as_dict(self) -> dict[str, Any]:
-        entry = {"host": self.host, "port": self.port, "peer_id": self.peer_id, "token": self.token}
-        return {**entry, "tls": True} if self.tls else entry
+        entry: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "peer_id": self.peer_id,
+            "token": self.token,
+        }
+        if self.tls:
+            entry["tls"] = True
+        if self.relays:
+            entry["relays"] = [r.as_list() for r in self.relays]
+        return entry
 
 
 def check_token(token: str) -> str:
@@ -68,7 +79,11 @@ def parse_next_hops(raw: Sequence[dict[str, Any]]) -> list[NextHop]:
         tls = entry.get("tls", False)
         if not isinstance(tls, bool):
             raise BadRequestError(f"next_hops[{i}].tls must be true or false")
-        hops.append(NextHop(host, port, peer_id, token, tls))
+        try:
+            relays = parse_relays(entry.get("relays", []), f"next_hops[{i}].relays")
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from exc
+        hops.append(NextHop(host, port, peer_id, token, tls, relays))
     return hops
 
 
@@ -93,12 +108,12 @@ class Pusher:
         self.policy = policy  # which next-hop addresses a route may name
         self.connect_timeout_s = connect_timeout_s
         self.ack_timeout_s = ack_timeout_s
-        self._connections: dict[tuple[str, int, str, bool], PeerConnection] = {}
-        self._locks: dict[tuple[str, int, str, bool], asyncio.Lock] = {}
+        self._connections: dict[tuple[Any, ...], PeerConnection] = {}
+        self._locks: dict[tuple[Any, ...], asyncio.Lock] = {}
         self._closed = False
 
     async def connection(self, hop: NextHop) -> PeerConnection:
-        key = (hop.host, hop.port, hop.peer_id, hop.tls)
+        key = (hop.host, hop.port, hop.peer_id, hop.tls, hop.relays)
         conn = self._connections.get(key)
         if conn is not None and not conn.closed:
             return conn
@@ -118,6 +133,7 @@ class Pusher:
                 compression=self.compression,
                 policy=self.policy,
                 traffic=self.traffic,
+                relays=hop.relays,
             )
             await conn.connect(self.connect_timeout_s)
             self._connections[key] = conn

@@ -28,12 +28,13 @@ from beed.net.dial import DialPolicy
 from beed.net.stream import FramedStream
 from beed.net.tasks import TaskOwner
 from beed.net.traffic import TensorTraffic
+from beed.relay.service import RelayService
 from beed.server.admission import Admission
 from beed.server.config import ServerConfig, available_cores, default_decode_threads
 from beed.server.connection import ServerConnection
 from beed.server.info import server_info
 from beed.server.kv_budget import KVBudget
-from beed.server.listen import bind_tcp, serve_tcp, start_dht
+from beed.server.listen import TcpListener, bind_tcp, serve_tcp, start_dht
 from beed.server.loading import kv_budget_tokens, load_backend
 from beed.server.memory import request_memory, return_large_blocks, trim_heap
 from beed.server.metrics import ServerMetrics
@@ -41,6 +42,7 @@ from beed.server.neighbours import measure_next_rtts, rtts_changed
 from beed.server.placement import better_span, choose_span
 from beed.server.probe import measure_block_throughput
 from beed.server.push import Pusher
+from beed.server.reach import Reachability
 from beed.server.scheduler import Scheduler, with_threads
 from beed.server.service import ServerState as SharedState
 from beed.server.sessions import SessionRegistry
@@ -91,6 +93,8 @@ class BlockServer:
         self.scheduler: Scheduler | None = None
         self.pusher: Pusher | None = None
         self.metrics: ServerMetrics | None = None  # --metrics-port
+        self.reach: Reachability | None = None  # behind NAT or not (beed/server/reach.py)
+        self.relay: RelayService | None = None  # relaying for others (--relay)
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,7 +136,7 @@ class BlockServer:
             if cfg.identity_path
             else Identity.generate()
         )
-        tcp: asyncio.Server | None = None
+        tcp: TcpListener | None = None
         self.dht = dht = DHTNode(
             dataclasses.replace(cfg.dht, swarm_key=cfg.swarm_key), identity, on_crash=self._crashed
         )
@@ -142,10 +146,18 @@ class BlockServer:
             dht_port = await start_dht(
                 dht, cfg.host, cfg.dht_port if cfg.dht_port is not None else port
             )
+            dht.set_reachable(False)  # a contact of others only once peers could dial us back
             if cfg.initial_peers:
                 await dht.bootstrap(list(cfg.initial_peers))
-            span = await self._choose_span(dht, fingerprint, total)
             public_host = cfg.public_host or reachable_host(cfg.host)
+            policy = DialPolicy.for_swarm(
+                [public_host, *(h for h, _ in cfg.initial_peers)], cfg.allow_private_addresses
+            )
+            self.reach = Reachability(
+                cfg, dht, identity, cfg.public_port or port, fingerprint, policy, self._changed
+            )
+            await self.reach.check()
+            span = await self._choose_span(dht, fingerprint, total)
             base = ServerRecord(
                 peer_id=identity.peer_id,
                 state=ServerState.JOINING,
@@ -161,6 +173,7 @@ class BlockServer:
                 codecs=tuple(ALL_CODECS),
                 software_version=beed.__version__,
                 tls=cfg.encryption,
+                **self.reach.record_fields(),
             )
             self._record = base
             await dht.announce(base, ttl_s=cfg.record_ttl_s)
@@ -190,9 +203,7 @@ class BlockServer:
                 ack_timeout_s=cfg.push_ack_timeout_s,
                 compression=cfg.compression,
                 swarm_key=cfg.swarm_key,
-                policy=DialPolicy.for_swarm(
-                    [public_host, *(h for h, _ in cfg.initial_peers)], cfg.allow_private_addresses
-                ),
+                policy=policy,
             )
             scheduler_config = dataclasses.replace(
                 cfg.scheduler, compute_threads=threads, decode_threads=decode_threads
@@ -221,7 +232,15 @@ class BlockServer:
                 self.state.observe_step = self.metrics.observe_step
                 log.info("server.metrics host=%s port=%d", cfg.host, bound)
             tls = identity if cfg.encryption else None
-            tcp = await serve_tcp(self._on_connection, tcp_sock, tls, cfg.limits.hello_timeout_s)
+            relay = None
+            if cfg.relay:
+                relay_config = dataclasses.replace(cfg.relay_config, swarm_key=cfg.swarm_key)
+                relay = RelayService(relay_config, identity.peer_id)
+            tcp = await serve_tcp(
+                self._on_connection, tcp_sock, tls, cfg.limits.hello_timeout_s, relay
+            )
+            self.relay = relay
+            self.reach.attach(tcp)
             self._record = dataclasses.replace(
                 base, state=ServerState.ONLINE, compute_tokens_per_s=per_block_tps
             )
@@ -254,8 +273,10 @@ class BlockServer:
             if self.metrics is not None:
                 self.metrics.stop()
             await self._tasks.aclose()
+            if self.reach is not None:
+                await self.reach.aclose()
             if tcp is not None:
-                tcp.close()
+                await tcp.aclose()
             await self._connections.aclose()
             await self._request_tasks.aclose()
             if self.pusher is not None:
@@ -394,6 +415,8 @@ class BlockServer:
         if self.dht is None or self._record is None:
             return
         record = self._record
+        if self.reach is not None:
+            record = dataclasses.replace(record, **self.reach.record_fields())
         if self.state is not None:
             record = dataclasses.replace(
                 record, free_kv_tokens=self.state.sessions.budget.free_tokens
@@ -401,6 +424,16 @@ class BlockServer:
         await self.dht.announce(record, ttl_s=self.config.record_ttl_s)
         if self.metrics is not None:
             self.metrics.announced_at = time.monotonic()
+
+    def _changed(self) -> None:
+        """Reachability or the relays we listen through changed: announce it now."""
+        self._tasks.spawn(self._announce_quietly(), "announce-change")
+
+    async def _announce_quietly(self) -> None:
+        try:
+            await self._announce()
+        except Exception as exc:  # retried by the announce loop
+            log.warning("announce.failed error=%r", exc)
 
     async def _announce_loop(self) -> None:
         """Refresh the record every announce period, and sooner (at most every
