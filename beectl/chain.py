@@ -121,6 +121,11 @@ async def send_chain(
     the replies so far when a hop fails. `check(hop, reply, rows x tokens, compute seconds)`
     sees each hop's reply before it counts (its BeeError fails the hop)."""
     done: list[StepResult] = []
+    first = hops[0]
+    # Before anything can fail: a replacement of the first hop replays its history, and must
+    # replay this step too (its connection may be gone already, when an earlier hop's failure
+    # took the same relay or host down with it).
+    first.history.add(position, hidden, mask, position_ids, tree)
     # Per hop: its result, and (all but the last) a notice that its push failed after it
     # answered (the server confirms the next hop's Ack after sending its copy).
     results: list[asyncio.Future[Message]] = []
@@ -133,8 +138,6 @@ async def send_chain(
             hops = hops[:j]  # go as far as the hop before; this one fails on its own turn
             break
     notices = [h.conn.expect_step(h.stream_id, step_id, 4 * hidden.numel()) for h in hops[:-1]]
-    first = hops[0]
-    first.history.add(position, hidden, mask, position_ids, tree)
     try:
         try:
             for h in hops:

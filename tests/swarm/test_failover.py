@@ -143,6 +143,29 @@ def test_sigterm_drains_without_a_client_visible_error(reference):
         assert_no_sessions_left(swarm)
 
 
+def test_both_hops_killed_in_the_same_step(reference):
+    # The second hop's connection is found dead only after the first hop was replaced, on the
+    # same step: its replacement must replay that step too (once it did not, and the next step
+    # found the new server one token short).
+    ids, ref = reference
+    with LocalSwarm(spans=[(0, 15), (0, 15), (15, 30), (15, 30)]) as swarm:
+        killed: list[Daemon] = []
+
+        def kill(route) -> None:
+            for start in (0, 15):
+                victim = server_on_route(swarm, route, start)
+                victim.signal(signal.SIGKILL)
+                killed.append(victim)
+            for victim in killed:
+                victim.process.wait(10)
+
+        out, recoveries = generate_with(swarm, ids, Trigger(20, kill))
+        assert len(killed) == 2
+        assert recoveries == 2
+        assert_same(out, ref)
+        assert_no_sessions_left(swarm)
+
+
 @pytest.mark.slow
 def test_twenty_random_kill_points(reference):
     ids, ref = reference
