@@ -43,6 +43,7 @@ LOW_KV_PENALTY_S = 1.0  # added to a hop whose server cannot hold this session's
 # timing (honest claims are measured at start-up, often under load, and can be slower than a
 # liar's best measured step).
 OVERCLAIM_PENALTY_S = 1.0
+RELAY_LINKS = 2  # an unmeasured server behind a relay: client -> relay -> server
 MODES = ("latency", "throughput")
 THROUGHPUT_JITTER = 0.25  # ± share of a server's compute time drawn per route in throughput mode
 
@@ -81,8 +82,16 @@ def _one_way_s(prev: ServerRecord, server: ServerRecord, rtt_s: Mapping[str, flo
     announced = dict(prev.next_rtt_ms).get(server.peer_id)
     if announced is not None:
         return announced / 2000.0
-    client_rtt = rtt_s.get(prev.peer_id, DEFAULT_RTT_S) + rtt_s.get(server.peer_id, DEFAULT_RTT_S)
-    return client_rtt / 4.0
+    return (_rtt(prev, rtt_s) + _rtt(server, rtt_s)) / 4.0
+
+
+def _rtt(server: ServerRecord, rtt_s: Mapping[str, float]) -> float:
+    """The client's round trip to `server`: measured (through its relay, if it has one), or
+    assumed; a server behind NAT is reached through a relay, two links instead of one."""
+    measured = rtt_s.get(server.peer_id)
+    if measured is not None:
+        return measured
+    return DEFAULT_RTT_S * (RELAY_LINKS if server.dial_relays else 1)
 
 
 def usable(server: ServerRecord, banned: Iterable[str] = ()) -> bool:
@@ -132,7 +141,7 @@ def find_route(
     )
 
     def link_cost(prev: ServerRecord | None, server: ServerRecord, last: bool) -> float:
-        rtt = rtt_s.get(server.peer_id, DEFAULT_RTT_S)
+        rtt = _rtt(server, rtt_s)
         if not push:
             return rtt
         cost = rtt / 2 if prev is None else _one_way_s(prev, server, rtt_s)

@@ -60,6 +60,23 @@ def test_lower_rtt_wins():
     assert spans(route) == [("near", 0, 30)]
 
 
+def test_a_relay_hop_counts_until_the_round_trip_through_it_is_measured():
+    import dataclasses
+
+    from beed.net.relay import RelayAddress
+
+    relayed = dataclasses.replace(
+        rec("home", 0, 30),
+        reachability="unreachable",
+        relays=(RelayAddress("r", "127.0.0.1", 2),),
+    )
+    servers = [relayed, rec("public", 0, 30)]
+    assert spans(find_route(servers, 0, 30)) == [("public", 0, 30)]
+    # Measured (the Hello's round trip went through the relay), the measurement decides.
+    route = find_route(servers, 0, 30, rtt_s={"home": 0.001, "public": 0.02})
+    assert spans(route) == [("home", 0, 30)]
+
+
 def test_banned_and_draining_servers_are_never_used():
     servers = [
         rec("a", 0, 30),
