@@ -21,7 +21,7 @@ import click
 from beed.cli_bootstrap import bootstrap, keygen
 from beed.cli_config import config_option
 from beed.cli_limits import peer_limit_options, peer_limits_from
-from beed.cli_relay import relay_config_from, relay_options
+from beed.cli_relay import relay_config_from, relay_options, relays_option
 from beed.dht.peers import initial_peers_callback
 from beed.logs import setup_logging
 from beed.net.swarm_key import SwarmKey, swarm_key_option
@@ -306,6 +306,7 @@ def _parse_block_indices(
     "announced address is public (by default only a swarm on such addresses may name them).",
 )
 @relay_options
+@relays_option
 @peer_limit_options
 def serve(
     model: str,
@@ -366,6 +367,7 @@ def serve(
     config = ServerConfig(
         relay=relay,
         relay_config=relay_config,
+        relays=tuple(limit_options.pop("relays")),
         model=model,
         block_indices=block_indices,
         num_blocks=num_blocks,

@@ -7,9 +7,23 @@ from typing import Any
 
 import click
 
+from beed.dht.peers import initial_peers_callback
 from beed.relay.service import RelayConfig
 
 _D = RelayConfig()
+
+
+def relays_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`beed serve --relays HOST:PORT,...`: the relays to listen through when unreachable."""
+    return click.option(
+        "--relays",
+        "relays",
+        multiple=True,
+        callback=initial_peers_callback,
+        help="Relays (HOST:PORT of a relaying server or bootstrap node) this server listens "
+        "through when it finds itself unreachable, in this order [default: relaying servers "
+        "found in the DHT, then the initial peers].",
+    )(fn)
 
 
 def relay_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,6 +47,6 @@ def relay_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def relay_config_from(kwargs: dict[str, Any]) -> tuple[bool, RelayConfig]:
     """Pop the relay options out of a command's keyword arguments: (relay on, its config)."""
-    relay = kwargs.pop("relay")
+    relay = kwargs.pop("relay")  # the caller pops --relays (serve only) itself
     bandwidth = kwargs.pop("relay_bandwidth")
     return relay, RelayConfig(bandwidth_bytes_per_s=bandwidth * 1e6)

@@ -122,6 +122,7 @@ class ServerConfig:
     relay: bool = True
     relay_config: RelayConfig = field(default_factory=RelayConfig)
     relays_wanted: int = 2
+    relays: tuple[tuple[str, int], ...] = ()  # --relays: these, in order, instead of discovery
     reachability_period_s: float = 600.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: PeerLimits = field(default_factory=PeerLimits)

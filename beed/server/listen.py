@@ -19,6 +19,9 @@ from protocol.relay import MAGIC as RELAY_MAGIC
 log = logging.getLogger(__name__)
 
 READ_LIMIT_BYTES = 1 << 20
+# A connection that sends nothing this long after it was accepted is not a relay client (they
+# send their preamble with their first segment): it goes to the handler unsorted.
+SILENT_S = 1.0
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -89,8 +92,16 @@ class TcpListener:
 
     async def _sort(self, conn: socket.socket, address: str) -> None:
         try:
-            head = await peek(conn, len(RELAY_MAGIC), self.handshake_timeout_s)
-        except (OSError, TimeoutError):
+            head = await peek(conn, len(RELAY_MAGIC), SILENT_S)
+        except TimeoutError:
+            # Silent: not a relay client (those speak at once). The handler takes it as it
+            # takes any connection (it may refuse it before reading a byte, or time out the
+            # TLS handshake or the Hello).
+            head = b""
+            if self.handler is not None:
+                await self.hand_over(conn)
+                return
+        except OSError:
             conn.close()
             return
         if head == RELAY_MAGIC and self.relay is not None:

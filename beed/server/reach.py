@@ -115,7 +115,9 @@ class Reachability:
     async def _candidates(self) -> list[RelayAddress]:
         """Relays to try: reachable servers of this model that relay (in random order, so
         servers behind NAT spread over them), then the initial peers (bootstrap nodes relay on
-        their DHT port number when started with --relay)."""
+        their DHT port number when started with --relay); or exactly `--relays`."""
+        if self.config.relays:
+            return [RelayAddress("", host, port) for host, port in self.config.relays]
         servers = await self.dht.get_servers(self.fingerprint)
         relays = [
             RelayAddress(s.peer_id, s.host, s.port)

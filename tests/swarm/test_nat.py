@@ -1,8 +1,8 @@
 """A server behind a home router: found unreachable, served through relays, replaced relays.
 
-The router is a network namespace made by the test (as root; skipped where namespaces cannot be
-made): a veth pair joins it to this machine, and a policy rule drops every packet the server
-sends from its listening port, so nobody outside can open a TCP connection to it (the SYN-ACK
+The router is a network namespace made by the test (bench/netns.py; as root, skipped where
+namespaces cannot be made): a veth pair joins it to this machine, and a policy rule drops every
+packet the server sends from its listening port, so nobody outside can open a TCP connection to it (the SYN-ACK
 never leaves), while its own outbound connections work, as behind NAT. Everything else is real:
 daemons as subprocesses, the embedded model, the client in this process.
 """
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,48 +28,21 @@ from beed.models.fingerprint import model_fingerprint
 from beed.models.registry import cache_dir, resolve_model
 from beed.net.dial import DialPolicy
 from beed.net.relay import RelayAddress, dial_relayed
+from bench.netns import Router, RouterError, make_router, remove_router
 from protocol.errors import RelayRefusedError
 from tests.swarm.test_failover import Trigger, assert_same, generate_with, reference  # noqa: F401
 
 NET = 20 + os.getpid() % 200  # 10.77.NET.0/24, one per test process
 
 
-@dataclass
-class Router:
-    ns: str
-    outside: str  # this machine's address on the veth pair
-    inside: str  # the server's address behind the "router"
-    port: int  # the server's TCP port, whose inbound connections are dropped
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def router() -> Iterator[Router]:
-    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to make a network namespace")
-    ns, outer, inner = f"beednat{NET}", f"bn{NET}o", f"bn{NET}i"
-    r = Router(ns, f"10.77.{NET}.1", f"10.77.{NET}.2", 41000 + NET)
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    subprocess.run(["ip", "link", "del", outer], capture_output=True)
     try:
-        _ip("netns", "add", ns)
-        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-        _ip("link", "set", inner, "netns", ns)
-        _ip("addr", "add", f"{r.outside}/24", "dev", outer)
-        _ip("link", "set", outer, "up")
-        _ip("-n", ns, "addr", "add", f"{r.inside}/24", "dev", inner)
-        _ip("-n", ns, "link", "set", inner, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "rule", "add", "ipproto", "tcp", "sport", str(r.port), "prohibit")
-    except (subprocess.CalledProcessError, OSError) as exc:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        pytest.skip(f"cannot make a network namespace here: {exc}")
+        r = make_router(NET)
+    except RouterError as exc:
+        pytest.skip(str(exc))
     yield r
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    subprocess.run(["ip", "link", "del", outer], capture_output=True)
+    remove_router(r)
 
 
 @dataclass
@@ -100,7 +70,7 @@ class NatSwarm:
         args = ["serve", "--model", "smollm2-135m", "--host", host, "--port", port]
         args += ["--initial-peers", peers, "--block-indices", blocks, "--num-threads", "1"]
         args += ["--announce-period", "5"]
-        prefix = ["ip", "netns", "exec", self.router.ns] if behind_nat else []
+        prefix = self.router.prefix if behind_nat else []
         daemon = Daemon(name, args, self.tmp / f"{name}.log", prefix=prefix)
         daemon.start(self.env)
         self.servers.append(daemon)
