@@ -162,6 +162,10 @@ def test_a_server_behind_nat_is_found_unreachable_and_serves_through_relays(
     ids, ref = reference
     out, _ = generate_with(nat_swarm, ids, Trigger(-1, lambda route: None))
     assert_same(out, ref)
+    # The servers of blocks 0:15 push to it through its relays too (a push connection is also
+    # what measures their round trip to it).
+    pushed = f"push.connected host={home.host} port={home.port} peer={home.peer_id[:8]}"
+    assert any(pushed in s.log_path.read_text() for s in nat_swarm.servers if s.name != "home")
 
 
 def test_a_relay_refuses_to_splice_to_peers_that_did_not_ask_for_it(nat_swarm):
