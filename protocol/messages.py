@@ -306,12 +306,18 @@ class Close(Message):
 @_register
 @dataclass(frozen=True, slots=True, eq=False)
 class Forward(Message):
+    """Stateless: run `hidden` [batch, tokens, hidden] through blocks [span_start, span_end)
+    from position 0, keeping nothing. `prompts` (feature "prompts"): deep prompts
+    [span_end - span_start, batch, prefix, hidden], block i's slice added to the first `prefix`
+    positions of its input."""
+
     TYPE: ClassVar[int] = 20
     model_fingerprint: str
     span_start: int
     span_end: int
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
 
 
 @_register
@@ -324,6 +330,10 @@ class ForwardResult(Message):
 @_register
 @dataclass(frozen=True, slots=True, eq=False)
 class Backward(Message):
+    """Stateless: the gradient of the span's output (as Forward computes it from `hidden`,
+    `attention_mask` and `prompts`) with respect to `hidden` and `prompts`, given the gradient
+    `grad_output` of its output; weights never change."""
+
     TYPE: ClassVar[int] = 22
     model_fingerprint: str
     span_start: int
@@ -331,10 +341,14 @@ class Backward(Message):
     hidden: torch.Tensor
     grad_output: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
 
 
 @_register
 @dataclass(frozen=True, slots=True, eq=False)
 class BackwardResult(Message):
+    """`grad_prompts`: the gradient of the Backward's `prompts` (absent when it had none)."""
+
     TYPE: ClassVar[int] = 23
     grad_input: torch.Tensor
+    grad_prompts: torch.Tensor | None = None

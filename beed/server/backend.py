@@ -45,6 +45,14 @@ class StepRequest:
 _PENDING = BadRequestError("not run")
 
 
+def _prompted(hidden: torch.Tensor, prompts: torch.Tensor | None, n: int) -> torch.Tensor:
+    """hidden with the n-th block's deep prompt added at its first positions (a new tensor)."""
+    if prompts is None:
+        return hidden
+    prefix = prompts.shape[2]
+    return torch.cat([hidden[:, :prefix] + prompts[n], hidden[:, prefix:]], dim=1)
+
+
 def _named(prefixes: tuple[str, ...]) -> Callable[[str], bool]:
     return lambda name: name.startswith(prefixes)  # placeholder while a batch is being assembled
 
@@ -240,12 +248,40 @@ class BlockBackend:
         self._check_mask_shape(mask, batch, length)
         return None if mask is None else mask.to(self.device)
 
+    def check_prompts(
+        self, prompts: torch.Tensor | None, blocks: range, hidden: torch.Tensor
+    ) -> None:
+        """Deep prompts must be floating point [blocks, batch, prefix, hidden] with
+        1 <= prefix <= tokens (BadRequestError otherwise)."""
+        if prompts is None:
+            return
+        batch, tokens, width = hidden.shape
+        if (
+            prompts.dim() != 4
+            or not prompts.is_floating_point()
+            or prompts.shape[0] != len(blocks)
+            or prompts.shape[1] != batch
+            or not 1 <= prompts.shape[2] <= tokens
+            or prompts.shape[3] != width
+        ):
+            raise BadRequestError(
+                f"prompts must be floating point [{len(blocks)}, {batch}, prefix, {width}] "
+                f"with 1 <= prefix <= {tokens}, got {prompts.dtype} {list(prompts.shape)}"
+            )
+
     def check_backward(
-        self, hidden: torch.Tensor, grad_output: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None = None,
+        blocks: range | None = None,
     ) -> None:
         """Shape checks of a Backward (cheap): BadRequestError if it is malformed."""
         self._check_hidden_shape(hidden)
         self._check_mask_shape(attention_mask, hidden.shape[0], hidden.shape[1])
+        if prompts is not None:
+            self.check_prompts(prompts, blocks if blocks is not None else range(0), hidden)
         if grad_output.shape != hidden.shape or not grad_output.is_floating_point():
             raise BadRequestError(
                 f"grad_output must be floating point of the hidden states' shape "
@@ -436,15 +472,46 @@ class BlockBackend:
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
         return self.span(hidden, position_ids, None, attention_mask, blocks).cpu()
 
+    def forward_units(
+        self,
+        blocks: range,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None,
+    ) -> Iterator[torch.Tensor | None]:
+        """A stateless forward with deep prompts, one block per unit: yields None after each
+        block but the last, then the output (on the CPU). No cache: the same computation as
+        `backward_units` differentiates."""
+        hidden = self._check_hidden(hidden)
+        self.check_prompts(prompts, blocks, hidden)
+        batch, tokens = hidden.shape[:2]
+        attention_mask = self._check_mask(attention_mask, batch, tokens)
+        prompts = None if prompts is None else prompts.to(self.device, self.dtype)
+        position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
+        for n, index in enumerate(blocks):
+            with torch.inference_mode():
+                hidden = self.span(
+                    _prompted(hidden, prompts, n),
+                    position_ids,
+                    None,
+                    attention_mask,
+                    range(index, index + 1),
+                )
+            if index != blocks[-1]:
+                yield None
+        yield hidden.cpu()
+
     def backward(
         self,
         blocks: range,
         hidden: torch.Tensor,
         grad_output: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Gradient of the span's output with respect to its input; weights stay frozen."""
-        for out in self.backward_units(blocks, hidden, grad_output, attention_mask):
+        prompts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of the span's output with respect to its input and its deep prompts;
+        weights stay frozen."""
+        for out in self.backward_units(blocks, hidden, grad_output, attention_mask, prompts):
             if out is not None:
                 return out
         raise AssertionError("backward_units ended without a gradient")  # pragma: no cover
@@ -455,34 +522,51 @@ class BlockBackend:
         hidden: torch.Tensor,
         grad_output: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-    ) -> Iterator[torch.Tensor | None]:
+        prompts: torch.Tensor | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None] | None]:
         """`backward` one block at a time: yields None after each block's forward and each
-        block's backward (the scheduler runs other work between them), then the gradient.
+        block's backward (the scheduler runs other work between them), then the gradients
+        (input, prompts or None).
 
         Activation checkpointing: the inputs of every block are kept, and each block's forward
         is recomputed under autograd just before its backward, so the autograd graph of one
         block is held at a time, not the span's (1.2 GB more RSS for a 1024-token Backward
         through 30 blocks otherwise). The same operations run, so the gradient is the same.
         No grad mode is held across a yield (other jobs run on this thread in between).
+        Block n's prompt is added to its input, so its gradient is that of the block's input
+        at the prompt's positions.
         """
-        self.check_backward(hidden, grad_output, attention_mask)
+        self.check_backward(hidden, grad_output, attention_mask, prompts, blocks)
         hidden = self._check_hidden(hidden).detach()
         attention_mask = self._check_mask(attention_mask, hidden.shape[0], hidden.shape[1])
+        prompts = None if prompts is None else prompts.to(self.device, self.dtype)
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
         inputs = [hidden]
-        for index in blocks[:-1]:
+        for n, index in enumerate(blocks[:-1]):
             with torch.no_grad():
                 one = range(index, index + 1)
-                inputs.append(self.span(inputs[-1], position_ids, None, attention_mask, one))
+                x = _prompted(inputs[-1], prompts, n)
+                inputs.append(self.span(x, position_ids, None, attention_mask, one))
             yield None
         grad = grad_output.to(self.device, self.dtype)
-        for index, block_input in zip(reversed(blocks), reversed(inputs), strict=True):
-            x = block_input.detach().requires_grad_(True)
+        grad_prompts: list[torch.Tensor] = []
+        for n in reversed(range(len(blocks))):
+            index = blocks[n]
+            x = inputs[n].detach().requires_grad_(True)
             with torch.enable_grad():
-                out = self.span(x, position_ids, None, attention_mask, range(index, index + 1))
+                out = self.span(
+                    _prompted(x, prompts, n),
+                    position_ids,
+                    None,
+                    attention_mask,
+                    range(index, index + 1),
+                )
                 (grad,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+            if prompts is not None:
+                grad_prompts.append(grad[:, : prompts.shape[2]].cpu())
             del out, x
-            if index != blocks[0]:
+            if n:
                 yield None
-        yield grad.cpu()
+        stacked = torch.stack(grad_prompts[::-1]) if grad_prompts else None
+        yield grad.cpu(), stacked

@@ -193,7 +193,7 @@ class BlockServer:
                 protocol_version=PROTOCOL_VERSION,
                 software_version=beed.__version__,
                 peer_id=identity.peer_id,
-                features=("push", "tree"),
+                features=("push", "tree", "prompts"),
             )
             traffic = TensorTraffic()
             self.pusher = Pusher(

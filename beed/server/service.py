@@ -19,7 +19,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,6 +378,8 @@ class SessionService:
         _check_tokens(msg.hidden, st.config.limits.max_request_tokens, "Forward")
         backend = st.backend
         backend.check_step(msg.hidden, 0, msg.attention_mask, None)
+        if msg.prompts is not None:
+            return await self._forward_prompted(msg, blocks)
         rows, tokens = msg.hidden.shape[:2]
         chunk = st.config.scheduler.prefill_chunk_tokens
         # Rows per group: a group's chunk of MIN_CHUNK_POSITIONS fits a prefill chunk, and its
@@ -401,6 +403,39 @@ class SessionService:
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
         return ForwardResult(msg.stream_id, out)
 
+    async def _forward_prompted(self, msg: Forward, blocks: range) -> ForwardResult:
+        """A Forward with deep prompts: block by block without a cache (the computation a
+        Backward differentiates), in groups of rows of at most a prefill chunk's tokens, one
+        block per stateless job."""
+        backend = self.state.backend
+        backend.check_prompts(msg.prompts, blocks, msg.hidden)
+        outputs: list[torch.Tensor] = []
+        for _, hidden, mask, prompts in self._row_groups(
+            msg.hidden, msg.attention_mask, msg.prompts
+        ):
+            units = backend.forward_units(blocks, hidden, mask, prompts)
+            while (out := await self.state.scheduler.call(functools.partial(next, units))) is None:
+                pass
+            outputs.append(out)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
+        return ForwardResult(msg.stream_id, out)
+
+    def _row_groups(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """Rows of a stateless request in groups of at most a prefill chunk's rows x tokens
+        (one row at least): the autograd graph of one block of one group is held at a time."""
+        rows, tokens = hidden.shape[:2]
+        group = max(1, self.state.config.scheduler.prefill_chunk_tokens // tokens)
+        for first in range(0, rows, group):
+            part = slice(first, first + group)
+            yield (
+                part,
+                hidden[part],
+                None if mask is None else mask[part],
+                None if prompts is None else prompts[:, part],
+            )
+
     async def backward(self, msg: Backward) -> BackwardResult:
         """Gradients of the span, in groups of rows (bounding the autograd graph's memory),
         each one block's forward or backward per stateless job, so that a Backward yields the
@@ -409,20 +444,23 @@ class SessionService:
         blocks = self.check_span(msg.model_fingerprint, msg.span_start, msg.span_end)
         _check_tokens(msg.hidden, self.state.config.limits.max_backward_tokens, "Backward")
         backend = self.state.backend
-        backend.check_backward(msg.hidden, msg.grad_output, msg.attention_mask)
-        rows, tokens = msg.hidden.shape[:2]
-        group = max(1, self.state.config.scheduler.prefill_chunk_tokens // tokens)
+        backend.check_backward(msg.hidden, msg.grad_output, msg.attention_mask, msg.prompts, blocks)
         grads: list[torch.Tensor] = []
-        for first in range(0, rows, group):
-            part = slice(first, first + group)
-            hidden, grad_output = msg.hidden[part], msg.grad_output[part]
-            mask = None if msg.attention_mask is None else msg.attention_mask[part]
-            units = backend.backward_units(blocks, hidden, grad_output, mask)
-            while (grad := await self.state.scheduler.call(functools.partial(next, units))) is None:
+        prompt_grads: list[torch.Tensor] = []
+        for part, hidden, mask, prompts in self._row_groups(
+            msg.hidden, msg.attention_mask, msg.prompts
+        ):
+            units = backend.backward_units(blocks, hidden, msg.grad_output[part], mask, prompts)
+            while (out := await self.state.scheduler.call(functools.partial(next, units))) is None:
                 pass
-            grads.append(grad)
+            grads.append(out[0])
+            if out[1] is not None:
+                prompt_grads.append(out[1])
         grad = grads[0] if len(grads) == 1 else torch.cat(grads, 0)
-        return BackwardResult(msg.stream_id, grad)
+        grad_prompts = None
+        if prompt_grads:
+            grad_prompts = prompt_grads[0] if len(prompt_grads) == 1 else torch.cat(prompt_grads, 1)
+        return BackwardResult(msg.stream_id, grad, grad_prompts)
 
 
 def too_many_tokens(what: str, shape: Sequence[int], limit: int) -> RequestTooLargeError | None:

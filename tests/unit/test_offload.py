@@ -43,7 +43,9 @@ def test_an_offloaded_span_equals_the_resident_one_bit_for_bit(model, fraction):
     assert streamer.loads >= 6 * (4 if fraction == 1.0 else 2)
     x, grad = hidden(6, 7), hidden(6, 8)
     assert torch.equal(resident.forward(blocks, x), offloaded.forward(blocks, x))
-    assert torch.equal(resident.backward(blocks, x, grad), offloaded.backward(blocks, x, grad))
+    assert torch.equal(
+        resident.backward(blocks, x, grad)[0], offloaded.backward(blocks, x, grad)[0]
+    )
     # A sub-span (a session over some of the blocks) loads what it runs.
     assert torch.equal(resident.forward(range(1, 3), x), offloaded.forward(range(1, 3), x))
 

@@ -251,7 +251,38 @@ def test_backward_block_by_block_equals_autograd_through_the_span(backend: Block
     units = list(backend.backward_units(blocks, h, g))
     assert len(units) == 2 * len(blocks) - 1  # a forward and a backward per block, then done
     assert all(u is None for u in units[:-1])
-    assert torch.equal(units[-1], want.cpu())
+    grad, grad_prompts = units[-1]
+    assert torch.equal(grad, want.cpu()) and grad_prompts is None
+
+
+def test_deep_prompts_forward_and_gradients_equal_autograd(backend: BlockBackend):
+    """Deep prompts (added to each block's first positions): forward_units and
+    backward_units give what autograd through the span with the prompts added gives, and the
+    prompts' gradient is that of each block's input at their positions."""
+    blocks = range(len(backend.span.layers))
+    h, g = hidden(2, 6, 40).to(backend.device), hidden(2, 6, 41).to(backend.device)
+    prompts = torch.randn(
+        len(blocks), 2, 3, h.shape[-1], generator=torch.Generator().manual_seed(4)
+    )
+    x = h.clone().requires_grad_(True)
+    p = prompts.clone().to(backend.device).requires_grad_(True)
+    positions = torch.arange(6, device=backend.device).unsqueeze(0).expand(2, -1)
+    with torch.enable_grad():
+        out = x
+        for n in blocks:
+            out = torch.cat([out[:, :3] + p[n], out[:, 3:]], 1)
+            out = backend.span(out, positions, None, None, range(n, n + 1))
+        want_x, want_p = torch.autograd.grad(out, (x, p), g)
+    *_, forward = backend.forward_units(blocks, h, None, prompts)
+    assert torch.allclose(forward, out.detach().cpu(), atol=1e-6)
+    grad, grad_prompts = backend.backward(blocks, h, g, None, prompts)
+    assert torch.allclose(grad, want_x.cpu(), atol=1e-6)
+    assert grad_prompts is not None and torch.allclose(grad_prompts, want_p.cpu(), atol=1e-6)
+    from protocol.errors import BadRequestError
+
+    for bad in (prompts[:1], prompts[:, :, :0], torch.zeros(len(blocks), 2, 7, h.shape[-1])):
+        with pytest.raises(BadRequestError, match="prompts must be"):
+            backend.backward(blocks, h, g, None, bad)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 64), (1, 0, 64)], ids=["no-rows", "no-tokens"])
