@@ -1,5 +1,18 @@
 """beectl: the client of a beed swarm (CLI and Python API)."""
 
-from beectl.api import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+from beectl.api import (
+    AutoDistributedModel,
+    AutoDistributedModelForCausalLM,
+    AutoDistributedModelForSequenceClassification,
+    DistributedModelForCausalLM,
+)
+from beectl.distributed import DistributedModel, DistributedModelForSequenceClassification
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM"]
+__all__ = [
+    "AutoDistributedModel",
+    "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
+    "DistributedModel",
+    "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
+]

@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from beectl.config import ClientConfig
+from beectl.distributed import (
+    DistributedModel,
+    DistributedModelForSequenceClassification,
+    ignore_arguments,
+)
 from beectl.generation import GenerationOutput, SamplingConfig, generate, left_pad, until_eos
 from beectl.model import RemoteModel
 from beectl.runner import LoopThread
 from beectl.session import InferenceSession
 from beectl.speculative.adaptive import SpeculationConfig
 from beectl.speculative.drafts import DraftModel
+from beectl.training.tuned import check_generates, generate_prompted, strip_prompts
 from beectl.verify import VerifyStats
 from beed.dht.peers import parse_initial_peers
 from beed.net.swarm_key import SwarmKey
@@ -57,16 +65,37 @@ class Session:
         self._model._loop.run(self.inner.aclose())
 
 
-class DistributedModelForCausalLM:
-    """A causal LM whose blocks run in the swarm. `generate` takes the usual arguments."""
+class DistributedModelForCausalLM(DistributedModel):
+    """A causal LM whose blocks run in the swarm. `generate` takes the usual arguments;
+    `model(input_ids=..., labels=...)` returns transformers' CausalLMOutputWithPast (with
+    `.loss` when labels are given), differentiable through the servers."""
 
-    def __init__(self, remote: RemoteModel, loop: LoopThread) -> None:
-        self._remote = remote
-        self._loop = loop
-        self.tokenizer = remote.tokenizer
-        self.config = remote.head.config
+    def __init__(self, remote: RemoteModel, loop: LoopThread, **tuning: Any) -> None:
+        super().__init__(remote, loop, **tuning)
+        self.lm_head = remote.head.parts[2]
         self.generation_config = remote.generation_config
-        self.fingerprint = remote.files.fingerprint
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        ignore_arguments(kwargs)
+        items = kwargs.get("num_items_in_batch")
+        hidden = self._blocks_output(input_ids, attention_mask, inputs_embeds)
+        logits = self._remote.head.project(hidden)
+        loss = None
+        if labels is not None:
+            loss = ForCausalLMLoss(
+                logits, labels.to(logits.device), self.config.vocab_size, num_items_in_batch=items
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @property
     def verification(self) -> VerifyStats:
@@ -154,27 +183,35 @@ class DistributedModelForCausalLM:
             if streamer is not None:
                 streamer.put(ids.cpu())
 
+        prompts = self.prompts
+        if prompts is not None:
+            check_generates(prompts)
+
         async def run(inner: InferenceSession, cached: torch.Tensor | None) -> GenerationOutput:
-            return await generate(
-                self._remote.head,
-                inner,
-                input_ids,
-                sampling,
-                attention_mask=attention_mask,
-                cached_ids=cached,
-                on_tokens=on_tokens,
-                decode_text=lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)),
-                output_logits=output_logits,
-                speculation=speculation,
-                draft_model=draft,
-            )
+            options: dict[str, Any] = {
+                "attention_mask": attention_mask,
+                "cached_ids": cached,
+                "on_tokens": on_tokens,
+                "decode_text": lambda ids: str(
+                    self.tokenizer.decode(ids, skip_special_tokens=True)
+                ),
+                "output_logits": output_logits,
+                "speculation": speculation,
+                "draft_model": draft,
+            }
+            head = self._remote.head
+            if prompts is not None:
+                return await generate_prompted(head, inner, input_ids, sampling, prompts, **options)
+            return await generate(head, inner, input_ids, sampling, **options)
 
         if session is not None:
             out = self._loop.run(run(session.inner, session.cached_ids))
             # The last generated token was never fed to the servers: it is not cached.
             session.cached_ids = out.sequences[:, : session.inner.position]
+            if prompts is not None:
+                out = strip_prompts(out, prompts)
         else:
-            max_length = input_ids.shape[1] + sampling.max_new_tokens
+            max_length = self.num_prompts + input_ids.shape[1] + sampling.max_new_tokens
 
             async def fresh() -> GenerationOutput:
                 async with self._remote.inference_session(
@@ -183,6 +220,8 @@ class DistributedModelForCausalLM:
                     return await run(inner, None)
 
             out = self._loop.run(fresh())
+            if prompts is not None:
+                out = strip_prompts(out, prompts)
         if streamer is not None:
             streamer.end()
         return out if want_dict else out.sequences
@@ -215,15 +254,51 @@ class DistributedModelForCausalLM:
             for row in out[:, ids.shape[1] :].tolist()
         ]
 
-    def close(self) -> None:
-        self._loop.run(self._remote.aclose())
-        self._loop.close()
 
-    def __enter__(self) -> DistributedModelForCausalLM:
-        return self
+M = TypeVar("M", bound=DistributedModel)
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+
+def _from_pretrained(
+    cls: type[M],
+    model: str,
+    initial_peers: Sequence[str] | str,
+    dtype: torch.dtype,
+    device: str,
+    model_args: dict[str, Any],
+    config: dict[str, Any],
+) -> M:
+    peers = [initial_peers] if isinstance(initial_peers, str) else list(initial_peers)
+    key = config.get("swarm_key")
+    if key is not None and not isinstance(key, SwarmKey):
+        config["swarm_key"] = SwarmKey.load(key)
+    client_config = dataclasses.replace(
+        ClientConfig(initial_peers=tuple(parse_initial_peers(peers))), **config
+    )
+    loop = LoopThread()
+    try:
+        remote = loop.run(RemoteModel.load(model, client_config, dtype=dtype, device=device))
+        if remote.head.device.type != "cpu":
+            one_host_thread(loop)
+        try:
+            return cls(remote, loop, **model_args)
+        except BaseException:
+            loop.run(remote.aclose())
+            raise
+    except BaseException:
+        loop.close()
+        raise
+
+
+_FACTORY_DOC = """Load the tokenizer and head of `model` locally and join the swarm at `initial_peers`.
+
+        `dtype` and `device` are those of the local embeddings and LM head (e.g. "cuda").
+        `tuning_mode="ptune" | "deep_ptune"` with `num_prompts=K` adds K trainable virtual
+        tokens (deep: and a trainable prefix per block); `tuned_prompts=FILE` loads prompts
+        saved by `beectl finetune` or `save_prompts`.
+
+        Extra keyword arguments set ClientConfig fields (e.g. `step_timeout_s=30`);
+        `swarm_key` may be the path of a private swarm's key file.
+        """
 
 
 class AutoDistributedModelForCausalLM:
@@ -236,31 +311,73 @@ class AutoDistributedModelForCausalLM:
         *,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        tuning_mode: str | None = None,
+        num_prompts: int = 0,
+        tuned_prompts: Any = None,
         **config: Any,
     ) -> DistributedModelForCausalLM:
-        """Load the tokenizer and head of `model` locally and join the swarm at `initial_peers`.
-
-        `dtype` and `device` are those of the local embeddings and LM head (e.g. "cuda").
-
-        Extra keyword arguments set ClientConfig fields (e.g. `step_timeout_s=30`);
-        `swarm_key` may be the path of a private swarm's key file.
-        """
-        peers = [initial_peers] if isinstance(initial_peers, str) else list(initial_peers)
-        key = config.get("swarm_key")
-        if key is not None and not isinstance(key, SwarmKey):
-            config["swarm_key"] = SwarmKey.load(key)
-        client_config = dataclasses.replace(
-            ClientConfig(initial_peers=tuple(parse_initial_peers(peers))), **config
+        tuning = {"tuning_mode": tuning_mode, "num_prompts": num_prompts}
+        tuning["tuned_prompts"] = tuned_prompts
+        return _from_pretrained(
+            DistributedModelForCausalLM, model, initial_peers, dtype, device, tuning, config
         )
-        loop = LoopThread()
-        try:
-            remote = loop.run(RemoteModel.load(model, client_config, dtype=dtype, device=device))
-            if remote.head.device.type != "cpu":
-                one_host_thread(loop)
-        except BaseException:
-            loop.close()
-            raise
-        return DistributedModelForCausalLM(remote, loop)
+
+    from_pretrained.__doc__ = _FACTORY_DOC
+
+
+class AutoDistributedModel:
+    """Factory of the bare transformer (`last_hidden_state`, no head)."""
+
+    @staticmethod
+    def from_pretrained(
+        model: str,
+        initial_peers: Sequence[str] | str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        tuning_mode: str | None = None,
+        num_prompts: int = 0,
+        tuned_prompts: Any = None,
+        **config: Any,
+    ) -> DistributedModel:
+        tuning = {"tuning_mode": tuning_mode, "num_prompts": num_prompts}
+        tuning["tuned_prompts"] = tuned_prompts
+        return _from_pretrained(
+            DistributedModel, model, initial_peers, dtype, device, tuning, config
+        )
+
+    from_pretrained.__doc__ = _FACTORY_DOC
+
+
+class AutoDistributedModelForSequenceClassification:
+    """Factory of a sequence classifier (`num_labels=`; the head on the client)."""
+
+    @staticmethod
+    def from_pretrained(
+        model: str,
+        initial_peers: Sequence[str] | str,
+        *,
+        num_labels: int = 2,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        tuning_mode: str | None = None,
+        num_prompts: int = 0,
+        tuned_prompts: Any = None,
+        **config: Any,
+    ) -> DistributedModelForSequenceClassification:
+        args = {"tuning_mode": tuning_mode, "num_prompts": num_prompts, "num_labels": num_labels}
+        args["tuned_prompts"] = tuned_prompts
+        return _from_pretrained(
+            DistributedModelForSequenceClassification,
+            model,
+            initial_peers,
+            dtype,
+            device,
+            args,
+            config,
+        )
+
+    from_pretrained.__doc__ = _FACTORY_DOC
 
 
 def one_host_thread(loop: LoopThread) -> None:

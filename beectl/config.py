@@ -30,6 +30,9 @@ class ClientConfig:
     compression: str = "auto"  # "auto": lossless codecs where the measured link pays; "off": raw
     measure_servers: int = 8  # before routing, connect to at most this many unmeasured servers
     measure_timeout_s: float = 1.5  # and wait this long for each one's Hello round trip
+    # Training (beectl/training/remote.py): rows x tokens of one Forward/Backward request (the
+    # servers' default Backward limit); a batch is cut into chunks of at most this many.
+    train_chunk_tokens: int = 1024
     push: bool = True  # servers forward each step to the next hop (False: the client relays)
     # Spot checks (beectl/verify.py): this share of each hop's steps, and every new server's
     # first verify_first_steps, are re-run on other servers of the same blocks and compared.

@@ -54,6 +54,19 @@ class LocalHead:
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.config.vocab_size)
 
+    @property
+    def parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The embeddings, final norm and LM head modules (frozen until a caller unfreezes
+        them: training reaches them through these)."""
+        return self._embed, self._norm, self._lm_head
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Differentiable `logits`: final norm, LM head, soft cap; float32, on the head's device."""
+        logits = self._lm_head(self._norm(hidden.to(self.device, self.dtype)))
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits.float()
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [batch, tokens] -> hidden states [batch, tokens, hidden]."""
         with torch.inference_mode():

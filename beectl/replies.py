@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from protocol.errors import InvalidReplyError
-from protocol.messages import Message, SessionOpened, StepResult
+from protocol.messages import BackwardResult, ForwardResult, Message, SessionOpened, StepResult
 
 
 def checked_step_result(reply: Message, shape: torch.Size) -> StepResult:
@@ -43,4 +43,48 @@ def checked_session_opened(reply: Message, start: int, end: int, max_length: int
             f"server opened blocks {reply.span_start}:{reply.span_end} for {reply.max_length} "
             f"tokens when asked for {start}:{end} and {max_length}"
         )
+    return reply
+
+
+def _check_values(out: torch.Tensor, what: str) -> None:
+    if not out.is_floating_point():
+        raise InvalidReplyError(f"server answered a {what} with {out.dtype} values")
+    peak = out.float().abs().amax() if out.numel() else torch.zeros(())
+    if not bool(torch.isfinite(peak)):
+        raise InvalidReplyError(f"server answered a {what} with NaN or infinite values")
+
+
+def checked_forward_result(reply: Message, shape: torch.Size) -> ForwardResult:
+    """reply, if it can be the answer to a Forward of hidden states of `shape`."""
+    if not isinstance(reply, ForwardResult):
+        raise InvalidReplyError(f"server answered a Forward with {type(reply).__name__}")
+    if reply.hidden.shape != shape:
+        raise InvalidReplyError(
+            f"server answered a Forward of shape {list(shape)} with {list(reply.hidden.shape)}"
+        )
+    _check_values(reply.hidden, "Forward")
+    if reply.hidden.numel() and not bool(reply.hidden.float().abs().amax() > 0):
+        raise InvalidReplyError("server answered a Forward with all zeros")
+    return reply
+
+
+def checked_backward_result(
+    reply: Message, shape: torch.Size, prompts_shape: torch.Size | None
+) -> BackwardResult:
+    """reply, if it can be the answer to a Backward of hidden states of `shape` (and deep
+    prompts of `prompts_shape`): gradients of those shapes, finite (zeros are gradients too)."""
+    if not isinstance(reply, BackwardResult):
+        raise InvalidReplyError(f"server answered a Backward with {type(reply).__name__}")
+    if reply.grad_input.shape != shape:
+        raise InvalidReplyError(
+            f"server answered a Backward of shape {list(shape)} with {list(reply.grad_input.shape)}"
+        )
+    _check_values(reply.grad_input, "Backward")
+    got = None if reply.grad_prompts is None else reply.grad_prompts.shape
+    if got != prompts_shape:
+        raise InvalidReplyError(
+            f"server answered a Backward with prompts {prompts_shape} with gradients {got}"
+        )
+    if reply.grad_prompts is not None:
+        _check_values(reply.grad_prompts, "Backward")
     return reply
