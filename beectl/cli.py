@@ -101,6 +101,12 @@ def main(log_level: str) -> None:
     help="Use servers whose records name loopback or private addresses even though the "
     "initial peers are public (by default only a swarm on such addresses may name them).",
 )
+@click.option(
+    "--tuned-prompts",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Prompts trained by `beectl finetune` (a safetensors file): generate after them.",
+)
 @peers_option
 @swarm_key_option
 @verify_option
@@ -108,6 +114,7 @@ def main(log_level: str) -> None:
 def generate(
     prompt: str | None,
     prompts_file: Any,
+    tuned_prompts: str | None,
     kv_wait: float,
     routing: str,
     push: bool,
@@ -140,9 +147,40 @@ def generate(
         prompts = [line.rstrip("\n") for line in prompts_file if line.strip()]
         if not prompts:
             raise click.UsageError("--prompts: the file has no prompt")
-        run_cli(_generate_batch(prompts, config, **kwargs))
+        run_cli(_generate_batch(prompts, config, tuned_prompts=tuned_prompts, **kwargs))
     else:
-        run_cli(_generate(prompt or "", config, **kwargs))
+        run_cli(_generate(prompt or "", config, tuned_prompts=tuned_prompts, **kwargs))
+
+
+def _tuned(remote: Any, path: str | None) -> Any:
+    """The PromptTuning of --tuned-prompts (None without), checked against the model."""
+    if path is None:
+        return None
+    from beectl.training.prompts import load_prompts, prompts_for
+    from beectl.training.tuned import check_generates
+
+    prompts = prompts_for(
+        load_prompts(path),
+        fingerprint=remote.files.fingerprint,
+        hidden_size=remote.head.hidden_size,
+        num_blocks=remote.files.num_blocks,
+    )
+    check_generates(prompts)
+    return prompts
+
+
+async def _run_generation(
+    remote: Any, session: Any, ids: Any, sampling: Any, prompts: Any, **kw: Any
+) -> Any:
+    """generation.generate, after the tuned prompts if there are any (sequences without them)."""
+    from beectl.generation import generate as run_generation
+
+    if prompts is None:
+        return await run_generation(remote.head, session, ids, sampling, **kw)
+    from beectl.training.tuned import generate_prompted, strip_prompts
+
+    out = await generate_prompted(remote.head, session, ids, sampling, prompts, **kw)
+    return strip_prompts(out, prompts)
 
 
 def _encode(tokenizer: Any, prompt: str, raw: bool) -> list[int]:
@@ -198,27 +236,30 @@ async def _generate_batch(
     as_json: bool,
     speculate: str,
     draft_model: str | None,
+    tuned_prompts: str | None,
     **opts: Any,
 ) -> None:
-    from beectl.generation import generate as run_generation
     from beectl.generation import left_pad, until_eos
     from beectl.model import RemoteModel
 
     remote = await RemoteModel.load(model, config)
     try:
+        tuned = _tuned(remote, tuned_prompts)
+        extra = 0 if tuned is None else tuned.num_prompts
         tokenizer: Any = remote.tokenizer
         rows = [_encode(tokenizer, p, raw) for p in prompts]
         sampling = _sampling_config(remote, tokenizer, max_new_tokens, **opts)
         ids, mask = left_pad(rows, sampling.pad_token_id)
         width = ids.shape[1]
         async with remote.inference_session(
-            max_length=width + max_new_tokens, batch_size=len(rows)
+            max_length=extra + width + max_new_tokens, batch_size=len(rows)
         ) as session:
-            out = await run_generation(
-                remote.head,
+            out = await _run_generation(
+                remote,
                 session,
                 ids,
                 sampling,
+                tuned,
                 attention_mask=mask,
                 **_speculation(remote, speculate, draft_model),
             )
@@ -254,16 +295,18 @@ async def _generate(
     draft_model: str | None,
     raw: bool,
     as_json: bool,
+    tuned_prompts: str | None,
 ) -> None:
     import torch
 
-    from beectl.generation import generate as run_generation
     from beectl.generation import until_eos
     from beectl.model import RemoteModel
 
     began = time.perf_counter()
     remote = await RemoteModel.load(model, config)
     try:
+        tuned = _tuned(remote, tuned_prompts)
+        extra = 0 if tuned is None else tuned.num_prompts
         tokenizer: Any = remote.tokenizer
         ids = torch.tensor([_encode(tokenizer, prompt, raw)])
         sampling = _sampling_config(
@@ -278,15 +321,18 @@ async def _generate(
         )
         load_s = time.perf_counter() - began
         streamer = _TextStream(tokenizer, enabled=not as_json)
-        async with remote.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
+        async with remote.inference_session(
+            max_length=extra + ids.shape[1] + max_new_tokens
+        ) as session:
             route = [
                 (h.start, h.end, h.server.host, h.server.port, h.peer_id) for h in session.route
             ]
-            out = await run_generation(
-                remote.head,
+            out = await _run_generation(
+                remote,
                 session,
                 ids,
                 sampling,
+                tuned,
                 on_tokens=streamer.put,
                 **_speculation(remote, speculate, draft_model),
             )
@@ -400,10 +446,12 @@ def demo(prompt: str, servers: int, **kwargs: Any) -> None:
 
 from beectl.cli_api import api  # noqa: E402  (commands in their own modules; they import
 from beectl.cli_chat import chat  # noqa: E402  nothing of this one)
+from beectl.cli_finetune import finetune  # noqa: E402
 from beectl.cli_swarm import swarm  # noqa: E402
 
 main.add_command(api)
 main.add_command(chat)
+main.add_command(finetune)
 main.add_command(swarm)
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def load_prompts(path: Path | str) -> SavedPrompts:
             metadata: dict[str, Any] = f.metadata() or {}
             names = set(f.keys())
             tensors = {name: f.get_tensor(name) for name in names}
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors' SafetensorError derives from Exception only
         raise BadRequestError(f"{path}: not a prompts file ({exc})") from None
     if metadata.get("format") != FORMAT or "prompts" not in tensors:
         raise BadRequestError(f"{path}: not a prompts file saved by beectl finetune")

@@ -249,3 +249,94 @@ def test_malformed_backwards_get_clear_errors_and_the_server_goes_on(swarm, mode
         assert reply.grad_prompts is not None and reply.grad_prompts.shape == prompts.shape
     finally:
         peer.close()
+
+
+def test_beectl_finetune_then_generate_with_the_tuned_prompts(
+    swarm, local_model, tokenizer, tmp_path
+):
+    """The documented commands: `beectl finetune` on the shipped example file logs JSON
+    steps with a falling loss and saves prompts; `beectl generate --tuned-prompts` loads them
+    and gives what local transformers gives with those prompts before the input."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from beectl.training.prompts import load_prompts
+
+    data = Path(__file__).parents[2] / "docs" / "examples" / "sentiment.jsonl"
+    out = tmp_path / "sentiment.safetensors"
+    peers = ",".join(peers_of(swarm))
+    cli = [sys.executable, "-m", "beectl.cli"]
+    run = subprocess.run(
+        [
+            *cli,
+            "finetune",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "12",
+            "--lr",
+            "0.05",
+            "--num-prompts",
+            "4",
+            "--batch-size",
+            "4",
+            "--log-every",
+            "3",
+            "--json",
+            "--initial-peers",
+            peers,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line["step"] for line in lines] == [3, 6, 9, 12]
+    assert lines[-1]["loss"] < lines[0]["loss"], lines
+    saved = load_prompts(out)
+    assert saved.prompts.shape == (4, 576) and saved.mode == "ptune"
+    prompt = "Review: What a lovely, happy film. Sentiment:"
+    run = subprocess.run(
+        [
+            *cli,
+            "generate",
+            prompt,
+            "--raw",
+            "--tuned-prompts",
+            str(out),
+            "--max-new-tokens",
+            "3",
+            "--speculate",
+            "off",
+            "--json",
+            "--initial-peers",
+            peers,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout)["token_ids"]
+    ids = tokenizer([prompt], return_tensors="pt").input_ids
+    embeds = torch.cat([saved.prompts[None], local_model.get_input_embeddings()(ids)], 1)
+    want = local_model.generate(
+        inputs_embeds=embeds, max_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    # the CLI stops at the end-of-sequence token (the local fixture never does)
+    assert got == want[0].tolist()[: len(got)] and got[-1] == tokenizer.eos_token_id
+    assert json.loads(run.stdout)["text"].strip() == "positive"  # what it was tuned to say
+    # a file that is not prompts is refused clearly
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    run = subprocess.run(
+        [*cli, "generate", prompt, "--raw", "--tuned-prompts", str(bad), "--initial-peers", peers],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0 and "not a prompts file" in run.stderr
