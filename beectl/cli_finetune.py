@@ -146,7 +146,7 @@ def _finetune(
         began = time.perf_counter()
         tokens = 0
         shown = {"loss": float("nan")}
-        bar = click.progressbar(
+        bar: Any = click.progressbar(
             length=steps,
             label="finetune",
             file=sys.stderr,

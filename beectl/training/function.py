@@ -41,7 +41,7 @@ class BlockRunner:
 
 class _RemoteSpan(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         prompts: torch.Tensor | None,
@@ -53,7 +53,7 @@ class _RemoteSpan(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         traces, ctx.traces = ctx.traces, None  # a second backward through it is an error
         if traces is None:
             raise RuntimeError("backward through the remote blocks a second time")
