@@ -33,6 +33,7 @@ class ClientConfig:
     # Training (beectl/training/remote.py): rows x tokens of one Forward/Backward request (the
     # servers' default Backward limit); a batch is cut into chunks of at most this many.
     train_chunk_tokens: int = 1024
+    train_pipeline_chunks: int = 4  # and into at least this many (rows allowing): a pipeline
     push: bool = True  # servers forward each step to the next hop (False: the client relays)
     # Spot checks (beectl/verify.py): this share of each hop's steps, and every new server's
     # first verify_first_steps, are re-run on other servers of the same blocks and compared.

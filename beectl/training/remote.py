@@ -1,8 +1,9 @@
 """Stateless forward and backward through the swarm: the client side of training.
 
 A batch is cut into chunks of rows that fit one request (`train_chunk_tokens` rows x tokens,
-the servers' Backward limit by default); the chunks run concurrently, so while one server works
-on a chunk the next server works on the one before. Each chunk's forward remembers which hop
+the servers' Backward limit by default), and into at least `train_pipeline_chunks` chunks;
+the chunks run as a pipeline (one request per server at a time), so while one server works on a
+chunk the next server works on the one before. Each chunk's forward remembers which hop
 got which input (its trace); its backward walks the trace in reverse, sending each hop that
 input with the gradient of the hop's output. Servers keep nothing in between: a Backward
 recomputes the span's forward itself.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -63,10 +65,25 @@ class RemoteBlocks:
         self.config = config
         self.recoveries = 0  # hops replaced so far, all calls together
         self.last_route: list[Hop] = []  # the route the last forward started on
+        self._turns: dict[str, asyncio.Lock] = {}
 
     def chunks(self, rows: int, tokens: int) -> list[slice]:
-        per = max(1, self.config.train_chunk_tokens // max(1, tokens))
+        """Rows of each request: at most train_chunk_tokens rows x tokens each (one row at
+        least), and at least train_pipeline_chunks requests where there are rows enough, of
+        equal size: one chunk per server at a time makes them a pipeline."""
+        limit = max(1, self.config.train_chunk_tokens // max(1, tokens))
+        count = max(math.ceil(rows / limit), min(rows, self.config.train_pipeline_chunks))
+        per = math.ceil(rows / max(1, count))
         return [slice(first, min(rows, first + per)) for first in range(0, rows, per)]
+
+    def _turn(self, peer_id: str) -> asyncio.Lock:
+        """One request per server at a time, in the order the chunks asked: chunk i reaches
+        server k after chunk i-1 left it, so the servers work on different chunks at once
+        (a server given every chunk together interleaves them, and all finish at the end)."""
+        lock = self._turns.get(peer_id)
+        if lock is None:
+            lock = self._turns[peer_id] = asyncio.Lock()
+        return lock
 
     async def forward(
         self,
@@ -169,7 +186,8 @@ class RemoteBlocks:
                         y = await self._call_forward(h, y, rows, traces)
                 return entries
             except BeeError as again:
-                new = await self._replace(entries[-1][0], again, traces)
+                failed = len(entries) - 1  # its input is good: redo the chain from x anyway
+                new[failed : failed + 1] = await self._replace(new[failed], again, traces)
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -187,18 +205,19 @@ class RemoteBlocks:
         try:
             conn = await self.swarm.connection(hop.server)
             _check_features(conn.remote_hello, prompts)
-            reply = await conn.request(
-                Forward(
-                    conn.new_stream_id(),
-                    model_fingerprint=self.model.fingerprint,
-                    span_start=hop.start,
-                    span_end=hop.end,
-                    hidden=x.detach().to(wire).contiguous(),
-                    attention_mask=mask,
-                    prompts=None if prompts is None else prompts.detach().to(wire).contiguous(),
-                ),
-                self.config.step_timeout_s,
-            )
+            async with self._turn(hop.peer_id):
+                reply = await conn.request(
+                    Forward(
+                        conn.new_stream_id(),
+                        model_fingerprint=self.model.fingerprint,
+                        span_start=hop.start,
+                        span_end=hop.end,
+                        hidden=x.detach().to(wire).contiguous(),
+                        attention_mask=mask,
+                        prompts=None if prompts is None else prompts.detach().to(wire).contiguous(),
+                    ),
+                    self.config.step_timeout_s,
+                )
             return checked_forward_result(reply, x.shape).hidden
         except BeeError as exc:
             exc.failed_peer = hop.peer_id  # type: ignore[attr-defined]
@@ -213,19 +232,20 @@ class RemoteBlocks:
         try:
             conn = await self.swarm.connection(hop.server)
             _check_features(conn.remote_hello, prompts)
-            reply = await conn.request(
-                Backward(
-                    conn.new_stream_id(),
-                    model_fingerprint=self.model.fingerprint,
-                    span_start=hop.start,
-                    span_end=hop.end,
-                    hidden=x.detach().to(wire).contiguous(),
-                    grad_output=grad.detach().to(wire).contiguous(),
-                    attention_mask=mask,
-                    prompts=None if prompts is None else prompts.detach().to(wire).contiguous(),
-                ),
-                self.config.step_timeout_s,
-            )
+            async with self._turn(hop.peer_id):
+                reply = await conn.request(
+                    Backward(
+                        conn.new_stream_id(),
+                        model_fingerprint=self.model.fingerprint,
+                        span_start=hop.start,
+                        span_end=hop.end,
+                        hidden=x.detach().to(wire).contiguous(),
+                        grad_output=grad.detach().to(wire).contiguous(),
+                        attention_mask=mask,
+                        prompts=None if prompts is None else prompts.detach().to(wire).contiguous(),
+                    ),
+                    self.config.step_timeout_s,
+                )
             result = checked_backward_result(
                 reply, x.shape, None if prompts is None else prompts.shape
             )

@@ -378,9 +378,9 @@ class SessionService:
         _check_tokens(msg.hidden, st.config.limits.max_request_tokens, "Forward")
         backend = st.backend
         backend.check_step(msg.hidden, 0, msg.attention_mask, None)
-        if msg.prompts is not None:
-            return await self._forward_prompted(msg, blocks)
         rows, tokens = msg.hidden.shape[:2]
+        if msg.prompts is not None or tokens <= st.config.scheduler.stateless_group_tokens:
+            return await self._forward_units(msg, blocks)
         chunk = st.config.scheduler.prefill_chunk_tokens
         # Rows per group: a group's chunk of MIN_CHUNK_POSITIONS fits a prefill chunk, and its
         # throwaway cache is at most a prefill chunk's rows (long rows run one at a time).
@@ -403,12 +403,18 @@ class SessionService:
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
         return ForwardResult(msg.stream_id, out)
 
-    async def _forward_prompted(self, msg: Forward, blocks: range) -> ForwardResult:
-        """A Forward with deep prompts: block by block without a cache (the computation a
-        Backward differentiates), in groups of rows of at most a prefill chunk's tokens, one
-        block per stateless job."""
+    async def _forward_units(self, msg: Forward, blocks: range) -> ForwardResult:
+        """A Forward of rows no longer than a row group (training-shaped), or with deep
+        prompts: block by block without a cache (the computation a Backward differentiates),
+        in groups of rows, one block per stateless job. Longer rows run as prefills (above):
+        without a cache, attention over a whole long row would hold tokens^2 scores at once."""
         backend = self.state.backend
         backend.check_prompts(msg.prompts, blocks, msg.hidden)
+        limit = self.state.config.scheduler.stateless_group_tokens
+        if msg.hidden.shape[1] > limit:
+            raise BadRequestError(
+                f"a Forward with deep prompts takes rows of at most {limit} tokens"
+            )
         outputs: list[torch.Tensor] = []
         for _, hidden, mask, prompts in self._row_groups(
             msg.hidden, msg.attention_mask, msg.prompts
@@ -423,10 +429,11 @@ class SessionService:
     def _row_groups(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-        """Rows of a stateless request in groups of at most a prefill chunk's rows x tokens
-        (one row at least): the autograd graph of one block of one group is held at a time."""
+        """Rows of a stateless request in groups of at most stateless_group_tokens rows x
+        tokens (one row at least): the autograd graph of one block of one group is held at a
+        time."""
         rows, tokens = hidden.shape[:2]
-        group = max(1, self.state.config.scheduler.prefill_chunk_tokens // tokens)
+        group = max(1, self.state.config.scheduler.stateless_group_tokens // tokens)
         for first in range(0, rows, group):
             part = slice(first, first + group)
             yield (

@@ -69,26 +69,26 @@ def local_loss(local_model, embeds, mask, labels, prompts=None, deep=None):
     return ForCausalLMLoss(logits, labels, local_model.config.vocab_size), logits
 
 
-@pytest.mark.parametrize("chunk_tokens", [1024, 12], ids=["one-request", "chunked"])
-def test_gradients_through_two_servers_equal_local(swarm, local_model, batch, chunk_tokens):
+@pytest.mark.parametrize(
+    "chunking",
+    [{"train_pipeline_chunks": 1}, {"train_chunk_tokens": 12}],
+    ids=["one-request", "a-row-per-request"],
+)
+def test_gradients_through_two_servers_equal_local(swarm, local_model, batch, chunking):
     """Prompts and input embeddings get the gradients local transformers gives them, whether
     the batch goes as one request per hop or in chunks of rows."""
     ids, mask = batch
     labels = ids.masked_fill(mask == 0, -100)
     with AutoDistributedModelForCausalLM.from_pretrained(
-        MODEL,
-        peers_of(swarm),
-        tuning_mode="ptune",
-        num_prompts=3,
-        train_chunk_tokens=chunk_tokens,
+        MODEL, peers_of(swarm), tuning_mode="ptune", num_prompts=3, **chunking
     ) as model:
         assert model.prompts is not None
         prompts = model.prompts.prompt_embeddings
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         out.loss.backward()
-        if chunk_tokens < ids.numel():
-            assert len(model.remote_blocks.chunks(2, ids.shape[1] + 3)) == 2
+        want_chunks = 1 if "train_pipeline_chunks" in chunking else 2
+        assert len(model.remote_blocks.chunks(2, ids.shape[1] + 3)) == want_chunks
         ref_prompts = prompts.detach().clone().requires_grad_(True)
         ref_embeds = embeds.detach().clone().requires_grad_(True)
         loss, logits = local_loss(local_model, ref_embeds, mask, labels, ref_prompts)
@@ -340,3 +340,31 @@ def test_beectl_finetune_then_generate_with_the_tuned_prompts(
         timeout=300,
     )
     assert run.returncode != 0 and "not a prompts file" in run.stderr
+
+
+def test_transformers_trainer_trains_the_prompts(swarm, tokenizer, tmp_path):
+    """transformers.Trainer drives the distributed model like any model: its optimizer gets
+    the trainable prompts only, and they change."""
+    from transformers import Trainer, TrainingArguments
+
+    rows = [tokenizer(t).input_ids[:6] for t in TEXTS * 2]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    with AutoDistributedModelForCausalLM.from_pretrained(
+        MODEL, peers_of(swarm), tuning_mode="ptune", num_prompts=2
+    ) as model:
+        before = model.prompts.prompt_embeddings.detach().clone()
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=0.05,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
+            remove_unused_columns=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        result = trainer.train()
+        assert result.global_step == 3 and result.training_loss > 0
+        assert not torch.equal(model.prompts.prompt_embeddings.detach(), before)
