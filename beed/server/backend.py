@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,9 @@ class BlockBackend:
                 tensors |= load_tensors(model_dir, _named(mine), dtype=self.dtype, device=where)
         self.span = Span(config, start, end, self.device)
         self.batch_fallbacks = 0  # merged forwards that failed and ran session by session
+        self._graph_lock = threading.Lock()
+        self._graph_held = 0  # bytes of Backward graphs kept (backward_units)
+        self._weights: frozenset[int] | None = None
         self.span.load_blocks(tensors, family)
         del tensors
         self.streamer: WeightStreamer | None = None
@@ -523,18 +527,21 @@ class BlockBackend:
         grad_output: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
+        graph_budget_bytes: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None] | None]:
         """`backward` one block at a time: yields None after each block's forward and each
         block's backward (the scheduler runs other work between them), then the gradients
         (input, prompts or None).
 
-        Activation checkpointing: the inputs of every block are kept, and each block's forward
-        is recomputed under autograd just before its backward, so the autograd graph of one
-        block is held at a time, not the span's (1.2 GB more RSS for a 1024-token Backward
-        through 30 blocks otherwise). The same operations run, so the gradient is the same.
-        No grad mode is held across a yield (other jobs run on this thread in between).
-        Block n's prompt is added to its input, so its gradient is that of the block's input
-        at the prompt's positions.
+        The forward runs block by block; a block's autograd graph is kept for its backward
+        while the graphs this server holds (all Backwards together) stay within
+        `graph_budget_bytes`. Beyond it, activation checkpointing: only the block's input is
+        kept, and its forward is recomputed under autograd just before its backward (one
+        block's graph at a time: 1.2 GB less RSS for a 1024-token Backward through 30 blocks,
+        at the cost of a second forward). The same operations run either way, so the gradient
+        is the same. No grad mode is held across a yield (other jobs run on this thread in
+        between). Block n's prompt is added to its input, so its gradient is that of the
+        block's input at the prompt's positions.
         """
         self.check_backward(hidden, grad_output, attention_mask, prompts, blocks)
         hidden = self._check_hidden(hidden).detach()
@@ -542,31 +549,106 @@ class BlockBackend:
         prompts = None if prompts is None else prompts.to(self.device, self.dtype)
         batch, tokens = hidden.shape[:2]
         position_ids = torch.arange(tokens, device=self.device).unsqueeze(0).expand(batch, -1)
-        inputs = [hidden]
-        for n, index in enumerate(blocks[:-1]):
-            with torch.no_grad():
-                one = range(index, index + 1)
-                x = _prompted(inputs[-1], prompts, n)
-                inputs.append(self.span(x, position_ids, None, attention_mask, one))
-            yield None
-        grad = grad_output.to(self.device, self.dtype)
-        grad_prompts: list[torch.Tensor] = []
-        for n in reversed(range(len(blocks))):
+
+        def block(n: int, x: torch.Tensor) -> torch.Tensor:
             index = blocks[n]
-            x = inputs[n].detach().requires_grad_(True)
-            with torch.enable_grad():
-                out = self.span(
-                    _prompted(x, prompts, n),
-                    position_ids,
-                    None,
-                    attention_mask,
-                    range(index, index + 1),
-                )
-                (grad,) = torch.autograd.grad(out, x, grad.to(out.dtype))
-            if prompts is not None:
-                grad_prompts.append(grad[:, : prompts.shape[2]].cpu())
-            del out, x
-            if n:
+            one = range(index, index + 1)
+            return self.span(_prompted(x, prompts, n), position_ids, None, attention_mask, one)
+
+        inputs = [hidden]
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # n -> (input, output, bytes)
+        per_block: int | None = None  # saved bytes of one block's graph, as measured
+        try:
+            for n in range(len(blocks)):
+                last = n == len(blocks) - 1
+                if graph_budget_bytes and self._graph_room(per_block, graph_budget_bytes):
+                    x = inputs[-1].detach().requires_grad_(True)
+                    saved = _SavedBytes(self._weight_storages())
+                    with torch.enable_grad(), saved.hooks():
+                        out = block(n, x)
+                    per_block = saved.nbytes
+                    if self._hold_graph(saved.nbytes, graph_budget_bytes):
+                        kept[n] = (x, out, saved.nbytes)
+                    inputs.append(out.detach())
+                    del out, x
+                elif not last:
+                    with torch.no_grad():
+                        inputs.append(block(n, inputs[-1]))
+                else:
+                    break  # the last block's forward runs with its backward
                 yield None
+            grad = grad_output.to(self.device, self.dtype)
+            grad_prompts: list[torch.Tensor] = []
+            for n in reversed(range(len(blocks))):
+                if n in kept:
+                    x, out, nbytes = kept.pop(n)
+                    with torch.enable_grad():
+                        (grad,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+                    self._release_graph(nbytes)
+                else:
+                    x = inputs[n].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = block(n, x)
+                        (grad,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+                if prompts is not None:
+                    grad_prompts.append(grad[:, : prompts.shape[2]].cpu())
+                del out, x
+                if n:
+                    yield None
+        finally:
+            for _, _, nbytes in kept.values():  # closed early: an error, or the request gone
+                self._release_graph(nbytes)
+            kept.clear()
         stacked = torch.stack(grad_prompts[::-1]) if grad_prompts else None
         yield grad.cpu(), stacked
+
+    # --- the Backward graphs' budget (shared by every Backward of this server) -----------------
+
+    def _graph_room(self, per_block: int | None, budget: int) -> bool:
+        with self._graph_lock:
+            return per_block is None or self._graph_held + per_block <= budget
+
+    def _hold_graph(self, nbytes: int, budget: int) -> bool:
+        with self._graph_lock:
+            if self._graph_held + nbytes > budget:
+                return False
+            self._graph_held += nbytes
+            return True
+
+    def _release_graph(self, nbytes: int) -> None:
+        with self._graph_lock:
+            self._graph_held -= nbytes
+
+    @property
+    def graph_bytes_held(self) -> int:
+        """Bytes of Backward graphs held now (0 when no Backward runs)."""
+        return self._graph_held
+
+    def _weight_storages(self) -> frozenset[int]:
+        if self._weights is None:
+            self._weights = frozenset(
+                t.untyped_storage().data_ptr()
+                for t in (*self.span.parameters(), *self.span.buffers())
+            )
+        return self._weights
+
+
+class _SavedBytes:
+    """Bytes autograd saves for backward during a forward, the weights' own storage left out
+    (frozen weights are saved by reference, not copied)."""
+
+    def __init__(self, weights: frozenset[int]) -> None:
+        self.weights = weights
+        self.nbytes = 0
+        self._seen: set[int] = set()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.weights and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.nbytes += storage.nbytes()
+        return t
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

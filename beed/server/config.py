@@ -49,6 +49,9 @@ class SchedulerConfig:
     # autograd graph held at once, and the size of its products (1 row of 128 tokens at a time
     # made training 1.3x slower on 2 cores than groups of 1024).
     stateless_group_tokens: int = 1024
+    # Bytes of autograd graphs all Backwards of this server keep at once between a block's
+    # forward and its backward; blocks beyond it are recomputed (a second forward) instead.
+    backward_graph_bytes: int = 512 << 20
     stateless_max_wait_s: float = 2.0  # Forward/Backward older than this run before steps
     compute_threads: int = 0  # torch intra-op threads for large steps and stateless work (0: as is)
     decode_threads: int = 0  # ... for steps of at most DECODE_STEP_TOKENS rows x tokens (0: as is)

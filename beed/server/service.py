@@ -457,7 +457,14 @@ class SessionService:
         for part, hidden, mask, prompts in self._row_groups(
             msg.hidden, msg.attention_mask, msg.prompts
         ):
-            units = backend.backward_units(blocks, hidden, msg.grad_output[part], mask, prompts)
+            units = backend.backward_units(
+                blocks,
+                hidden,
+                msg.grad_output[part],
+                mask,
+                prompts,
+                graph_budget_bytes=self.state.config.scheduler.backward_graph_bytes,
+            )
             while (out := await self.state.scheduler.call(functools.partial(next, units))) is None:
                 pass
             grads.append(out[0])

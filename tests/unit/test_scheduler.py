@@ -238,9 +238,11 @@ def test_a_step_that_breaks_the_merged_forward_fails_alone(backend: BlockBackend
     assert [BlockBackend.cache_length(c, blocks) for c in caches] == [6, 7]
 
 
-def test_backward_block_by_block_equals_autograd_through_the_span(backend: BlockBackend):
-    """Backward runs one block per scheduler job (recomputing each block's forward): the
-    gradient is bit-identical to autograd through the whole span at once."""
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
+def test_backward_block_by_block_equals_autograd_through_the_span(backend: BlockBackend, kept):
+    """Backward runs one block per scheduler job, keeping blocks' autograd graphs within the
+    budget and recomputing the others' forwards: the gradient is bit-identical to autograd
+    through the whole span at once, and every graph's bytes are given back."""
     blocks = range(len(backend.span.layers))
     h, g = hidden(2, 6, 30).to(backend.device), hidden(2, 6, 31).to(backend.device)
     x = h.clone().requires_grad_(True)
@@ -248,8 +250,23 @@ def test_backward_block_by_block_equals_autograd_through_the_span(backend: Block
     with torch.enable_grad():
         out = backend.span(x, positions, None, None, blocks)
         (want,) = torch.autograd.grad(out, x, g)
-    units = list(backend.backward_units(blocks, h, g))
-    assert len(units) == 2 * len(blocks) - 1  # a forward and a backward per block, then done
+    budget = {"none": 0, "some": 1, "all": 1 << 40}[kept]
+    if kept == "some":  # room for one block's graph of this shape, as backward_units counts it
+        probe = backend.backward_units(blocks, h, g, graph_budget_bytes=1 << 40)
+        next(probe)
+        budget = backend.graph_bytes_held
+        probe.close()
+    assert backend.graph_bytes_held == 0
+    units, peak = [], 0
+    for unit in backend.backward_units(blocks, h, g, graph_budget_bytes=budget):
+        units.append(unit)
+        peak = max(peak, backend.graph_bytes_held)
+        assert backend.graph_bytes_held <= budget
+    assert backend.graph_bytes_held == 0
+    assert (peak > 0) == (kept != "none")
+    # A forward per block (the last one's runs with its backward unless its graph is kept),
+    # a backward per block, then the gradients.
+    assert len(units) == 2 * len(blocks) - (0 if kept == "all" else 1)
     assert all(u is None for u in units[:-1])
     grad, grad_prompts = units[-1]
     assert torch.equal(grad, want.cpu()) and grad_prompts is None
