@@ -199,6 +199,7 @@ class DistributedModelForCausalLM(DistributedModel):
                 "speculation": speculation,
                 "draft_model": draft,
             }
+            self._bind_head()
             head = self._remote.head
             if prompts is not None:
                 return await generate_prompted(head, inner, input_ids, sampling, prompts, **options)

@@ -80,6 +80,15 @@ class DistributedModel(nn.Module):
             raise BadRequestError("this model has no prompts (load it with tuning_mode=...)")
         self.prompts.save(path, model=self._remote.files.name, fingerprint=self.fingerprint)
 
+    def _bind_head(self) -> None:
+        """The head computes with this module's current parts (which peft may have wrapped
+        in LoRA layers since): training and generation use the same modules."""
+        head = self._remote.head
+        lm_head = getattr(self, "lm_head", None)
+        head.use_modules(
+            self.embed_tokens, self.norm, head.parts[2] if lm_head is None else lm_head
+        )
+
     def _blocks_output(
         self,
         input_ids: torch.Tensor | None,
@@ -90,6 +99,7 @@ class DistributedModel(nn.Module):
         positions cut off), before the final norm."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        self._bind_head()
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         head = self._remote.head
         hidden = hidden.to(head.device, head.dtype)

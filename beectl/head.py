@@ -60,6 +60,15 @@ class LocalHead:
         them: training reaches them through these)."""
         return self._embed, self._norm, self._lm_head
 
+    def use_modules(self, embed: nn.Module, norm: nn.Module, lm_head: nn.Module) -> None:
+        """Run with these modules from now on: a caller's model may have wrapped or replaced
+        its parts (peft's LoRA layers around the LM head or the embeddings), and generation
+        must see what training trained."""
+        if (embed, norm, lm_head) == (self._embed, self._norm, self._lm_head):
+            return
+        self._embed, self._norm, self._lm_head = embed, norm, lm_head
+        self._plain_head = isinstance(lm_head, nn.Linear) and lm_head.bias is None
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Differentiable `logits`: final norm, LM head, soft cap; float32, on the head's device."""
         logits = self._lm_head(self._norm(hidden.to(self.device, self.dtype)))

@@ -368,3 +368,43 @@ def test_transformers_trainer_trains_the_prompts(swarm, tokenizer, tmp_path):
         result = trainer.train()
         assert result.global_step == 3 and result.training_loss > 0
         assert not torch.equal(model.prompts.prompt_embeddings.detach(), before)
+
+
+def test_lora_on_the_client_head_through_peft(swarm, local_model, batch):
+    """peft's LoRA layers on the client's own LM head: their gradients through the swarm equal
+    the same adapters on local transformers, and generation uses the adapted head."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    ids, mask = batch
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def lora() -> object:  # B random, not zero: the adapter changes the logits from the start
+        return peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False
+        )
+
+    local = peft.get_peft_model(copy.deepcopy(local_model), lora())
+    with AutoDistributedModelForCausalLM.from_pretrained(MODEL, peers_of(swarm)) as model:
+        plain = model.generate(ids[:1, -6:], max_new_tokens=6, eos_token_id=None)
+        tuned = peft.get_peft_model(model, lora())
+        trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        peft.set_peft_model_state_dict(local, peft.get_peft_model_state_dict(tuned))
+        out = tuned(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        ref = local(input_ids=ids, attention_mask=mask, labels=labels)
+        ref.loss.backward()
+        assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+        assert torch.allclose(out.logits, ref.logits.float(), atol=1e-4)
+        grads = {n: p.grad for n, p in tuned.named_parameters() if p.requires_grad}
+        for name, p in local.named_parameters():
+            if p.requires_grad:
+                assert relative(grads[name], p.grad) < 1e-5, name
+        # Generation goes through the adapted head: the local adapted model's tokens.
+        got = model.generate(ids[:1, -6:], max_new_tokens=6, eos_token_id=None)
+        want = local.base_model.model.generate(
+            ids[:1, -6:], max_new_tokens=6, do_sample=False, attention_mask=torch.ones(1, 6)
+        )
+        assert got.tolist() == want.tolist()
+        assert got.tolist() != plain.tolist()
