@@ -300,6 +300,14 @@ def _parse_block_indices(
     help="Long prompts run in chunks of this many tokens while other sessions are decoding.",
 )
 @click.option(
+    "--backward-graph-mib",
+    type=click.IntRange(0),
+    default=512,
+    show_default=True,
+    help="MiB of autograd graphs all training Backwards keep at once; blocks beyond it run "
+    "their forward twice instead (0: always).",
+)
+@click.option(
     "--allow-private-addresses",
     is_flag=True,
     help="Push to next servers at loopback or private addresses even when this server's own "
@@ -342,6 +350,7 @@ def serve(
     batch_matmul: str,
     max_batch_tokens: int,
     prefill_chunk_tokens: int,
+    backward_graph_mib: int,
     batch_wait: float,
     allow_private_addresses: bool,
     **limit_options: Any,
@@ -402,6 +411,7 @@ def serve(
             batch_matmul=batch_matmul,
             max_batch_tokens=max_batch_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            backward_graph_bytes=backward_graph_mib << 20,
             batch_wait_s=batch_wait,
         ),
         limits=peer_limits_from(limit_options),
