@@ -236,7 +236,7 @@ async def _generate_batch(
     as_json: bool,
     speculate: str,
     draft_model: str | None,
-    tuned_prompts: str | None,
+    tuned_prompts: str | None = None,
     **opts: Any,
 ) -> None:
     from beectl.generation import left_pad, until_eos
@@ -295,7 +295,7 @@ async def _generate(
     draft_model: str | None,
     raw: bool,
     as_json: bool,
-    tuned_prompts: str | None,
+    tuned_prompts: str | None = None,
 ) -> None:
     import torch
 
