@@ -54,6 +54,11 @@ class Family:
     embed_path: str = "model.embed_tokens"
     norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
+    # One block's tensors as checkpoints store them (names after the block's prefix) -> as the
+    # block's modules hold them (e.g. MoE experts stacked into one 3D tensor); None: as stored.
+    convert_block: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # Config attributes that name global block indices, rewritten for a span's local ones.
+    slice_config: Callable[[PretrainedConfig, PretrainedConfig, int, int], None] | None = None
 
     def layers(self, base: nn.Module) -> nn.ModuleList:
         return _attr(base, self.layers_attr)
@@ -80,9 +85,79 @@ def _attr(module: Any, path: str) -> Any:
 
 
 LLAMA = Family(
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "phi3"),
     block_prefix="model.layers.{i}.",
     head_prefixes=("model.embed_tokens.", "model.norm.", "lm_head."),
+)
+
+
+def _stack_experts(
+    tensors: dict[str, torch.Tensor], prefix: str, gate: str, up: str, down: str
+) -> dict[str, torch.Tensor]:
+    """Per-expert Linear weights `{prefix}experts.{e}.{gate|up|down}.weight` (how checkpoints
+    store MoE layers) -> the 3D tensors of transformers' experts module: gate_up_proj
+    [experts, 2 x inner, hidden] (gate rows first), down_proj [experts, hidden, inner]."""
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {gate: {}, up: {}, down: {}}
+    head = f"{prefix}experts."
+    for name, tensor in tensors.items():
+        if name.startswith(head):
+            index, _, rest = name[len(head) :].partition(".")
+            proj = rest.removesuffix(".weight")
+            if index.isdigit() and proj in parts and rest.endswith(".weight"):
+                parts[proj][int(index)] = tensor
+                continue
+        out[name] = tensor
+    if not parts[gate]:
+        return out  # already stacked (a checkpoint saved in transformers' own layout)
+    count = len(parts[gate])
+    for proj in (gate, up, down):
+        if sorted(parts[proj]) != list(range(count)):
+            raise ValueError(f"MoE weights incomplete: {head}*.{proj} has {sorted(parts[proj])}")
+    out[f"{head}gate_up_proj"] = torch.stack(
+        [torch.cat([parts[gate][e], parts[up][e]], 0) for e in range(count)]
+    )
+    out[f"{head}down_proj"] = torch.stack([parts[down][e] for e in range(count)])
+    return out
+
+
+def _qwen_moe_block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _stack_experts(tensors, "mlp.", "gate_proj", "up_proj", "down_proj")
+
+
+def _mixtral_block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {n.replace("block_sparse_moe.", "mlp.", 1): t for n, t in tensors.items()}
+    return _stack_experts(renamed, "mlp.", "w1", "w3", "w2")
+
+
+def _slice_sparse_layers(
+    config: PretrainedConfig, sliced: PretrainedConfig, start: int, end: int
+) -> None:
+    """Qwen-MoE picks a block's MLP (sparse or dense) from its global index
+    (`mlp_only_layers`, `decoder_sparse_step`): name the span's dense blocks by local index."""
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    experts = int(getattr(config, "num_experts", 0) or 0)
+    sliced.mlp_only_layers = [
+        i - start
+        for i in range(start, end)
+        if i in dense or not (experts > 0 and (i + 1) % step == 0)
+    ]
+    sliced.decoder_sparse_step = 1
+
+
+QWEN_MOE = Family(
+    model_types=("qwen3_moe",),
+    block_prefix="model.layers.{i}.",
+    head_prefixes=("model.embed_tokens.", "model.norm.", "lm_head."),
+    convert_block=_qwen_moe_block,
+    slice_config=_slice_sparse_layers,
+)
+MIXTRAL = Family(
+    model_types=("mixtral",),
+    block_prefix="model.layers.{i}.",
+    head_prefixes=("model.embed_tokens.", "model.norm.", "lm_head."),
+    convert_block=_mixtral_block,
 )
 GEMMA3 = Family(
     model_types=("gemma3_text", "gemma2"),
@@ -90,7 +165,7 @@ GEMMA3 = Family(
     head_prefixes=("model.embed_tokens.", "model.norm.", "lm_head."),
     logit_softcap_attr="final_logit_softcapping",
 )
-FAMILIES = {t: f for f in (LLAMA, GEMMA3) for t in f.model_types}
+FAMILIES = {t: f for f in (LLAMA, QWEN_MOE, MIXTRAL, GEMMA3) for t in f.model_types}
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
@@ -119,6 +194,9 @@ def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCon
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         sliced.layer_types = list(layer_types[start:end])
+    family = FAMILIES.get(config.model_type)
+    if family is not None and family.slice_config is not None:
+        family.slice_config(config, sliced, start, end)
     return sliced
 
 
@@ -173,9 +251,10 @@ class Span(nn.Module):
         local: dict[str, torch.Tensor] = {}
         for i in range(self.start, self.end):
             prefix = family.block_prefix.format(i=i)
-            for name, tensor in tensors.items():
-                if name.startswith(prefix):
-                    local[f"layers.{i - self.start}.{name[len(prefix) :]}"] = tensor
+            block = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+            if family.convert_block is not None:
+                block = family.convert_block(block)
+            local |= {f"layers.{i - self.start}.{n}": t for n, t in block.items()}
         missing, unexpected = self.load_state_dict(local, strict=False, assign=True)
         missing = [m for m in missing if not m.startswith("rotary_emb.")]
         missing += [n for n, p in self.named_parameters() if p.is_meta and n not in missing]
