@@ -18,7 +18,7 @@ CONVERTED_MARKER = "beed-converted.json"
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on `path` (two daemons converting at once wait for each other)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
@@ -37,7 +37,7 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, *, source_id: str
     """
     if (target / CONVERTED_MARKER).exists():
         return target
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
         if (target / CONVERTED_MARKER).exists():
             return target
         for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion
