@@ -21,6 +21,7 @@ import click
 from beectl.cli_options import (
     generation_options,
     peers_option,
+    quant_option,
     require_peers,
     run_cli,
     verify_option,
@@ -110,6 +111,7 @@ def main(log_level: str) -> None:
 @peers_option
 @swarm_key_option
 @verify_option
+@quant_option
 @generation_options
 def generate(
     prompt: str | None,
@@ -123,6 +125,7 @@ def generate(
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
     verify_rate: float,
+    allow_quant: bool,
     **kwargs: Any,
 ) -> None:
     """Generate text after PROMPT through the swarm; text streams to stdout as it is produced.
@@ -137,6 +140,7 @@ def generate(
         initial_peers=tuple(initial_peers),
         swarm_key=swarm_key,
         verify_rate=verify_rate,
+        allow_quant=allow_quant,
         kv_wait_s=kv_wait,
         routing=routing,
         push=push,

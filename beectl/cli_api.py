@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from beectl.cli_options import DEFAULT_MODEL, peers_option, verify_option
+from beectl.cli_options import DEFAULT_MODEL, peers_option, quant_option, verify_option
 from beectl.config import ClientConfig
 from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
@@ -49,6 +49,7 @@ from protocol.errors import BeeError
 @peers_option
 @swarm_key_option
 @verify_option
+@quant_option
 def api(
     host: str,
     port: int,
@@ -61,6 +62,7 @@ def api(
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
     verify_rate: float,
+    allow_quant: bool,
 ) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) over the swarm.
 
@@ -83,6 +85,7 @@ def api(
         initial_peers=tuple(initial_peers),
         swarm_key=swarm_key,
         verify_rate=verify_rate,
+        allow_quant=allow_quant,
         kv_wait_s=kv_wait,
     )
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from beectl.cli_options import DEFAULT_MODEL, peers_option, verify_option
+from beectl.cli_options import DEFAULT_MODEL, peers_option, quant_option, verify_option
 from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
 
@@ -129,6 +129,7 @@ class _Printer:
 @peers_option
 @swarm_key_option
 @verify_option
+@quant_option
 def chat(
     model: str,
     system: str | None,
@@ -141,6 +142,7 @@ def chat(
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
     verify_rate: float,
+    allow_quant: bool,
 ) -> None:
     """Chat with the model in this terminal: each turn streams, the past stays cached."""
     if not initial_peers:
@@ -158,6 +160,7 @@ def chat(
             initial_peers=[f"{h}:{p}" for h, p in initial_peers],
             swarm_key=swarm_key,
             verify_rate=verify_rate,
+            allow_quant=allow_quant,
         )
     except BeeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from beectl.cli_options import DEFAULT_MODEL, peers_option, require_peers
+from beectl.cli_options import DEFAULT_MODEL, peers_option, quant_option, require_peers
 from beed.net.swarm_key import SwarmKey, swarm_key_option
 from protocol.errors import BeeError
 
@@ -67,6 +67,7 @@ from protocol.errors import BeeError
     is_flag=True,
     help="Use servers whose records name loopback or private addresses.",
 )
+@quant_option
 @peers_option
 @swarm_key_option
 def finetune(
@@ -83,6 +84,7 @@ def finetune(
     seed: int,
     as_json: bool,
     allow_private_addresses: bool,
+    allow_quant: bool,
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
 ) -> None:
@@ -121,6 +123,7 @@ def _finetune(
     seed: int,
     as_json: bool,
     allow_private_addresses: bool,
+    allow_quant: bool,
     initial_peers: list[tuple[str, int]],
     swarm_key: SwarmKey | None,
 ) -> None:
@@ -137,6 +140,7 @@ def _finetune(
         num_prompts=num_prompts,
         swarm_key=swarm_key,
         allow_private_addresses=allow_private_addresses or None,
+        allow_quant=allow_quant,
     ) as lm:
         tokenizer: Any = lm.tokenizer
         examples = load_examples(data, tokenizer, max_tokens=max_tokens)

@@ -86,6 +86,15 @@ def verify_option(f: Any) -> Any:
     )(f)
 
 
+def quant_option(f: Any) -> Any:
+    return click.option(
+        "--allow-quant",
+        is_flag=True,
+        help="Chain servers of different weight quantizations (beed serve --quant) in one "
+        "route; by default a route is of one quantization (unquantized first).",
+    )(f)
+
+
 def peers_option(f: Any) -> Any:
     return click.option(
         "--initial-peers",

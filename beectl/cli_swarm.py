@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -78,7 +79,7 @@ async def _swarm(config: ClientConfig, model_name: str | None, as_json: bool) ->
             address = f"{s['host']}:{s['port']}"
             click.echo(
                 f"  {start:>4}:{end:<4}  {s['state']:<8} {address:<22} "
-                f"{s['dtype']:<9} {s['compute_tokens_per_s']:>9.0f} {s['free_kv_tokens']:>9}  {s['peer_id']}"
+                f"{_dtype(s):<9} {s['compute_tokens_per_s']:>9.0f} {s['free_kv_tokens']:>9}  {s['peer_id']}"
             )
 
 
@@ -93,3 +94,9 @@ def _ranges(blocks: list[int]) -> str:
         if b is not None:
             start = prev = b
     return ", ".join(out)
+
+
+def _dtype(server: dict[str, Any]) -> str:
+    """The dtype column: the compute dtype, or the weights' quantization when there is one."""
+    quant = server.get("quant", "none")
+    return str(server["dtype"]) if quant == "none" else str(quant)

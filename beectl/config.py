@@ -42,6 +42,9 @@ class ClientConfig:
     # Loopback/private addresses named by records: True dials them, False never, None (auto)
     # only when the initial peers are such addresses themselves (a LAN or test swarm).
     allow_private_addresses: bool | None = None
+    # Routes may chain servers of different weight quantizations (beed serve --quant); by
+    # default every hop of a route (and its replacements) is of one quantization.
+    allow_quant: bool = False
     # Reads wait for each queried node up to rpc_timeout_s, and a lookup round waits for its
     # slowest node: right after a server dies its DHT node is still in routing tables, so the
     # client uses a shorter RPC timeout than servers (1 s is still ~3x a long WAN round trip).

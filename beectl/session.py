@@ -89,6 +89,7 @@ class InferenceSession:
         self._step_id = 0
         self._closed = False
         self.recoveries = 0  # hops replaced after a failure or a drain notice
+        self.quant: str | None = None  # the route's one quantization (set by open)
 
     @property
     def route(self) -> list[Hop]:
@@ -104,6 +105,9 @@ class InferenceSession:
     async def open(self) -> None:
         try:
             self._hops, _ = await self._open_span(0, self.model.num_blocks, replay=None, wait=False)
+            quants = {h.hop.server.quant for h in self._hops}
+            # Replacements keep the route's quantization (a mixed route: any, --allow-quant).
+            self.quant = quants.pop() if len(quants) == 1 else None
         except BaseException:
             await self.aclose()
             raise
@@ -121,6 +125,7 @@ class InferenceSession:
         replay: History | None,
         wait: bool,
         exclude: frozenset[str] = frozenset(),
+        quant: str | None = None,
     ) -> tuple[list[OpenHop], torch.Tensor | None]:
         """Open sessions covering [start, end), moving on to other servers while some fail.
 
@@ -147,6 +152,7 @@ class InferenceSession:
                     needed_kv_tokens=self.max_length * self.batch_size,
                     max_age_s=max_age_s,
                     exclude=exclude,
+                    quant=quant,
                 )
                 # Counted as this client's load from now, not once open: sessions opening at
                 # the same time route around each other (throughput routing).
@@ -195,7 +201,7 @@ class InferenceSession:
             reply = await conn.request(
                 OpenSession(
                     stream_id,
-                    model_fingerprint=self.model.fingerprint,
+                    model_fingerprint=hop.server.model_fingerprint,
                     span_start=hop.start,
                     span_end=hop.end,
                     max_length=self.max_length,
@@ -255,7 +261,7 @@ class InferenceSession:
         Returns how many hops took its place and the replay's output."""
         old = self._hops[index]
         new, output = await self._open_span(
-            old.hop.start, old.hop.end, replay=old.history, wait=wait
+            old.hop.start, old.hop.end, replay=old.history, wait=wait, quant=self.quant
         )
         self._hops[index : index + 1] = new
         self.recoveries += 1
@@ -372,8 +378,13 @@ class InferenceSession:
         """Hop h's output for its history's last step, from other servers of its blocks (its
         whole history replayed there, then closed); None when there are none."""
         try:
-            hops, output = await self._open_span(
-                h.hop.start, h.hop.end, replay=h.history, wait=False, exclude=exclude
+            hops, output = await self._open_span(  # servers of its quantization only
+                h.hop.start,
+                h.hop.end,
+                replay=h.history,
+                wait=False,
+                exclude=exclude,
+                quant=h.hop.server.quant,
             )
         except BeeError as exc:
             log.info("verify.unavailable span=%d:%d error=%s", h.hop.start, h.hop.end, exc)

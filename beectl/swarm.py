@@ -14,7 +14,8 @@ from beectl.routing import Hop, find_route
 from beectl.speeds import SpeedCheck
 from beectl.verify import Verifier
 from beed.dht.node import DHTNode
-from beed.dht.records import ModelEntry, ServerRecord, ServerState
+from beed.dht.records import QUANTS, ModelEntry, ServerRecord, ServerState
+from beed.models.fingerprint import fingerprint_quant, served_fingerprints
 from beed.net.dial import DialPolicy
 from beed.net.peer import PeerConnection
 from protocol.errors import (
@@ -78,7 +79,27 @@ class Swarm:
     async def servers(
         self, fingerprint: str, num_blocks: int, *, max_age_s: float = 0.0
     ) -> list[ServerRecord]:
-        """The servers of a model from the DHT, or from the last read if it is fresh enough.
+        """The servers of the model files `fingerprint`, in every quantization (each announces
+        its own fingerprint: served_fingerprint), read in parallel. A record whose quant field
+        and fingerprint disagree is left out."""
+        reads = await asyncio.gather(
+            *(
+                self.servers_announcing(f, num_blocks, max_age_s=max_age_s)
+                for f in served_fingerprints(fingerprint)
+            )
+        )
+        return [
+            r
+            for found in reads
+            for r in found
+            if fingerprint_quant(fingerprint, r.model_fingerprint) == r.quant
+        ]
+
+    async def servers_announcing(
+        self, fingerprint: str, num_blocks: int, *, max_age_s: float = 0.0
+    ) -> list[ServerRecord]:
+        """The servers announcing `fingerprint`, from the DHT, or from the last read if it is
+        fresh enough.
 
         Failover reads the cache first: a DHT lookup right after a server died waits for that
         node's RPC timeout, while the replica is usually in the list already."""
@@ -143,13 +164,57 @@ class Swarm:
         needed_kv_tokens: int = 0,
         max_age_s: float = 0.0,
         exclude: frozenset[str] = frozenset(),
+        quant: str | None = None,
     ) -> list[Hop]:
         """The cheapest chain of online, unbanned servers for blocks [start, end), from a DHT
-        read at most `max_age_s` old, leaving the servers in `exclude` out."""
+        read at most `max_age_s` old, leaving the servers in `exclude` out.
+
+        Servers of one quantization only (`quant`, else the first of none, int8, nf4 that has
+        a route), unless the config allows mixing (allow_quant) and no `quant` is asked."""
         servers = await self.servers(fingerprint, num_blocks, max_age_s=max_age_s)
         if not servers:
             await self._explain_missing(fingerprint, model_name)
-        await self.measure(servers, start, num_blocks if end is None else end)
+        end = num_blocks if end is None else end
+        if quant is None and self.config.allow_quant:
+            return await self._route_among(
+                servers, model_name, start, end, needed_kv_tokens, exclude
+            )
+        present = {s.quant for s in servers}
+        tries = [quant] if quant is not None else [q for q in QUANTS if q in present]
+        failure: NoRouteError | None = None
+        for q in tries:
+            group = [s for s in servers if s.quant == q]
+            try:
+                return await self._route_among(
+                    group, model_name, start, end, needed_kv_tokens, exclude
+                )
+            except NoRouteError as exc:
+                failure = failure or exc
+        if quant is None and len(present) > 1:
+            by_quant = ", ".join(
+                f"{q}: {_spans([s for s in servers if s.quant == q])}"
+                for q in QUANTS
+                if q in present
+            )
+            raise NoRouteError(
+                f"no route of one quantization covers blocks {start}:{end} (servers by "
+                f"quantization: {by_quant}); pass --allow-quant (allow_quant=True) to chain "
+                "servers of different quantizations"
+            )
+        if failure is None:  # no server of the asked quantization at all
+            raise NoRouteError(f"no {quant} server of {model_name!r} for blocks {start}:{end}")
+        raise failure
+
+    async def _route_among(
+        self,
+        servers: list[ServerRecord],
+        model_name: str,
+        start: int,
+        end: int,
+        needed_kv_tokens: int,
+        exclude: frozenset[str],
+    ) -> list[Hop]:
+        await self.measure(servers, start, end)
         measured = self.speeds.overrides(servers)
         for peer_id, seconds in measured.items():
             if peer_id not in self._overclaim_logged:
@@ -164,7 +229,7 @@ class Swarm:
             return find_route(
                 servers,
                 start,
-                num_blocks if end is None else end,
+                end,
                 rtt_s=self.rtt_s,
                 banned=self.bans.banned() | exclude,
                 measured_block_s=measured,
@@ -255,3 +320,8 @@ class Swarm:
         conns, self._connections = list(self._connections.values()), {}
         await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
         await self.dht.aclose()
+
+
+def _spans(servers: list[ServerRecord]) -> str:
+    spans = sorted({s.span for s in servers})
+    return " ".join(f"{a}:{b}" for a, b in spans) or "none"

@@ -50,7 +50,7 @@ async function refresh() {
       `title="block ${i}: ${n} replica(s)"></div>`).join("");
     const rows = m.servers.map((s) =>
       `<tr class="server" data-peer="${esc(s.peer_id)}"><td>${s.blocks[0]}:${s.blocks[1]}</td>` +
-      `<td>${esc(s.state)}</td><td>${esc(s.host)}:${s.port}</td><td>${esc(s.dtype)}</td>` +
+      `<td>${esc(s.state)}</td><td>${esc(s.host)}:${s.port}</td><td>${esc(s.quant && s.quant !== "none" ? s.quant : s.dtype)}</td>` +
       `<td>${Math.round(s.compute_tokens_per_s)}</td><td>${s.free_kv_tokens}</td>` +
       `<td>${esc(s.software_version)}</td><td class="muted">${esc(s.peer_id)}</td></tr>`).join("");
     const gaps = m.uncovered_blocks.length ? `${m.uncovered_blocks.length} blocks uncovered` : "all blocks covered";

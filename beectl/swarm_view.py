@@ -16,7 +16,7 @@ async def swarm_snapshot(swarm: Swarm, model_name: str | None = None) -> list[di
     for m in await swarm.models():
         if model_name not in (None, m.model_name):
             continue
-        servers = await swarm.servers(m.fingerprint, m.num_blocks)
+        servers = await swarm.servers_announcing(m.fingerprint, m.num_blocks)
         replicas = [0] * m.num_blocks
         for s in servers:
             if s.state == ServerState.ONLINE:
@@ -37,6 +37,7 @@ async def swarm_snapshot(swarm: Swarm, model_name: str | None = None) -> list[di
                         "blocks": [s.span_start, s.span_end],
                         "state": s.state.value,
                         "dtype": s.dtype,
+                        "quant": s.quant,
                         "compute_tokens_per_s": s.compute_tokens_per_s,
                         "free_kv_tokens": s.free_kv_tokens,
                         "software_version": s.software_version,

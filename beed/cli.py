@@ -165,6 +165,15 @@ def _parse_block_indices(
     help="dtype the blocks run in.",
 )
 @click.option(
+    "--quant",
+    type=click.Choice(["none", "int8", "nf4"]),
+    default="none",
+    show_default=True,
+    help="Quantize the blocks' linear weights: int8 (per row) or nf4 (4-bit, blocks of 64); "
+    "announced with the fingerprint, so clients chain such servers only with --allow-quant "
+    "or on a route of one quantization.",
+)
+@click.option(
     "--num-threads",
     type=click.IntRange(1),
     default=None,
@@ -332,6 +341,7 @@ def serve(
     identity_path: Path | None,
     device: str,
     dtype: str,
+    quant: str,
     num_threads: int | None,
     decode_threads: int | None,
     kv_cache: str,
@@ -392,6 +402,7 @@ def serve(
         identity_path=identity_path,
         device=device,
         dtype=dtype,
+        quant=quant,
         num_threads=num_threads,
         decode_threads=decode_threads,
         kv_cache=kv_cache,

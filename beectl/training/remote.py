@@ -209,7 +209,7 @@ class RemoteBlocks:
                 reply = await conn.request(
                     Forward(
                         conn.new_stream_id(),
-                        model_fingerprint=self.model.fingerprint,
+                        model_fingerprint=hop.server.model_fingerprint,
                         span_start=hop.start,
                         span_end=hop.end,
                         hidden=x.detach().to(wire).contiguous(),
@@ -236,7 +236,7 @@ class RemoteBlocks:
                 reply = await conn.request(
                     Backward(
                         conn.new_stream_id(),
-                        model_fingerprint=self.model.fingerprint,
+                        model_fingerprint=hop.server.model_fingerprint,
                         span_start=hop.start,
                         span_end=hop.end,
                         hidden=x.detach().to(wire).contiguous(),
@@ -271,9 +271,14 @@ class RemoteBlocks:
         self.swarm.bans.ban(hop.peer_id)
         self.recoveries += 1
         traces.recoveries += 1
-        return await self._route(hop.start, hop.end, wait=True)
+        # The replacement computes what the failed hop did: of its quantization (any, when
+        # the client mixes them).
+        quant = None if self.config.allow_quant else hop.server.quant
+        return await self._route(hop.start, hop.end, wait=True, quant=quant)
 
-    async def _route(self, start: int, end: int, *, wait: bool = False) -> list[Hop]:
+    async def _route(
+        self, start: int, end: int, *, wait: bool = False, quant: str | None = None
+    ) -> list[Hop]:
         deadline = time.monotonic() + self.config.failover_timeout_s
         delay = self.config.retry_delay_s
         max_age_s = self.config.route_cache_s
@@ -286,6 +291,7 @@ class RemoteBlocks:
                     start=start,
                     end=end,
                     max_age_s=max_age_s,
+                    quant=quant,
                 )
             except NoRouteError:
                 if max_age_s > 0:

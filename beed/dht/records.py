@@ -23,6 +23,7 @@ _MAX_CODEC_LEN = 32
 MAX_NEXT_RTTS = 32
 MAX_RTT_MS = 60_000.0
 REACHABILITY = frozenset({"", "public", "unreachable"})
+QUANTS = ("none", "int8", "nf4")  # as beed/models/quant.py (the DHT package knows no models)
 
 
 class ServerState(enum.Enum):
@@ -47,7 +48,10 @@ class ServerRecord:
     model_fingerprint: str  # hash of config + weights; the DHT key namespace
     model_name: str  # human name, e.g. "smollm2-135m"
     num_blocks: int  # number of blocks of the whole model
-    dtype: str = "float32"  # dtype/quantization of the served weights
+    dtype: str = "float32"  # dtype the served blocks compute in
+    # Weight quantization of the blocks ("none", "int8", "nf4"); the fingerprint then ends in
+    # "-<quant>" (beed/models/fingerprint.py served_fingerprint). Written only when not none.
+    quant: str = "none"
     compute_tokens_per_s: float = 0.0  # measured per-block throughput
     network_bytes_per_s: float = 0.0  # measured network throughput
     free_kv_tokens: int = 0  # KV cache tokens still free
@@ -132,6 +136,8 @@ def encode_record(record: ServerRecord) -> bytes:
         fields["rl"] = [r.as_list() for r in record.relays]
     if record.relaying:
         fields["ry"] = True
+    if record.quant != "none":
+        fields["q"] = record.quant
     return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
@@ -160,6 +166,7 @@ def decode_record(data: bytes, expires_at: float = 0.0) -> ServerRecord:
             model_name=_typed(fields, "mn", str),
             num_blocks=_typed(fields, "nb", int),
             dtype=_typed(fields, "dt", str),
+            quant=fields.get("q", "none"),
             compute_tokens_per_s=_number(fields, "ct"),
             network_bytes_per_s=_number(fields, "nw"),
             free_kv_tokens=_typed(fields, "kv", int),
@@ -212,6 +219,10 @@ def validate_record(record: ServerRecord) -> None:
             raise RecordError(f"{name} must be finite and non-negative")
     if record.free_kv_tokens < 0 or record.protocol_version < 0:
         raise RecordError("free_kv_tokens and protocol_version must be non-negative")
+    if record.quant not in QUANTS:
+        raise RecordError(f"quant must be one of {', '.join(QUANTS)}")
+    if record.quant != "none" and not record.model_fingerprint.endswith(f"-{record.quant}"):
+        raise RecordError(f"a {record.quant} record's fingerprint must end in -{record.quant}")
     if record.reachability not in REACHABILITY:
         raise RecordError(f"reachability must be one of {sorted(REACHABILITY)}")
     if len(record.relays) > MAX_RELAYS:

@@ -82,3 +82,28 @@ def model_fingerprint(model_dir: Path, cache_file: Path | None = None) -> str:
     for path in weight_files:
         sha.update(b"\0" + path.name.encode() + b"\0" + file_digest(path, cache_file).encode())
     return sha.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def served_fingerprint(base: str, quant: str) -> str:
+    """The fingerprint a server announces: the files' fingerprint, suffixed with the weights'
+    quantization when there is one (`<base>-int8`): servers of one files but different
+    quantization hold different weights, and only a client that allows it chains them."""
+    return base if quant == "none" else f"{base}-{quant}"
+
+
+def fingerprint_quant(base: str, fingerprint: str) -> str | None:
+    """The quantization a served fingerprint names for the files `base` ("none" for base
+    itself), or None if it is not one of base's."""
+    from beed.models.quant import QUANTS
+
+    if fingerprint == base:
+        return "none"
+    quant = fingerprint.removeprefix(f"{base}-")
+    return quant if fingerprint.startswith(f"{base}-") and quant in QUANTS[1:] else None
+
+
+def served_fingerprints(base: str) -> list[str]:
+    """Every fingerprint servers of the files `base` may announce (one per quantization)."""
+    from beed.models.quant import QUANTS
+
+    return [served_fingerprint(base, q) for q in QUANTS]

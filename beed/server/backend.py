@@ -15,6 +15,7 @@ from beed.models.decode_graphs import MAX_ROWS, DecodeGraphs
 from beed.models.kv_cache import DynamicSpanCache, SpanCache, kv_bytes_per_token
 from beed.models.offload import WeightStreamer, plan_offload
 from beed.models.paged_cache import PAGE_TOKENS, KVArena, PagedSpanCache
+from beed.models.quant import check_quant, quantize_linears, quantized_bytes, resident_bytes
 from beed.models.tree_mask import Tree
 from beed.models.weights import load_tensors, tensor_bytes
 from protocol.errors import BadRequestError, BeeError, InternalServerError
@@ -68,6 +69,8 @@ class SpanInfo:
     hidden_size: int
     dtype: str
     kv_bytes_per_token: int  # keys and values of all blocks in the span, one sequence
+    quant: str = "none"  # weight quantization of the blocks' linear layers (quant.py)
+    weight_bytes: int = 0  # bytes the span's weights hold in memory (after quantization)
 
 
 class BlockBackend:
@@ -86,8 +89,12 @@ class BlockBackend:
         decode_graphs: bool | None = None,
         offload_weights: float | str | None = None,
         compile_step: bool = False,
+        quant: str = "none",
     ) -> None:
         config = load_config(model_dir)
+        check_quant(quant)
+        if quant != "none" and offload_weights:
+            raise BadRequestError("--quant and --offload-weights cannot be combined yet")
         total = num_blocks(config)
         if not 0 <= start < end <= total:
             raise BadRequestError(f"span {start}:{end} is outside the model's blocks 0:{total}")
@@ -122,9 +129,13 @@ class BlockBackend:
         self._compile_step = compile_step
         prefixes = [family.block_prefix.format(i=i) for i in range(start, end)]
         block_bytes = tensor_bytes(model_dir, prefixes, dtype=self.dtype)  # headers, one pass
+        block_bytes = [quantized_bytes(b, self.dtype, quant) for b in block_bytes]
         offloaded = set(plan_offload(block_bytes, offload_weights, self.device))
         tensors: dict[str, torch.Tensor] = {}
-        for where, chosen in ((self.device, False), (torch.device("cpu"), True)):
+        # Quantized spans load on the host and are quantized there, then moved: the device
+        # never holds the full-precision weights.
+        resident = torch.device("cpu") if quant != "none" else self.device
+        for where, chosen in ((resident, False), (torch.device("cpu"), True)):
             mine = tuple(p for i, p in enumerate(prefixes) if (i in offloaded) == chosen)
             if mine:
                 tensors |= load_tensors(model_dir, _named(mine), dtype=self.dtype, device=where)
@@ -135,6 +146,9 @@ class BlockBackend:
         self._weights: frozenset[int] | None = None
         self.span.load_blocks(tensors, family)
         del tensors
+        self.quant = quant
+        if quantize_linears(self.span.layers, quant):
+            log.info("backend.quantized quant=%s", quant)
         self.streamer: WeightStreamer | None = None
         if offloaded:
             self.streamer = WeightStreamer(self.span.layers, sorted(offloaded), self.device)
@@ -148,6 +162,8 @@ class BlockBackend:
             hidden_size=int(config.hidden_size),
             dtype=dtype,
             kv_bytes_per_token=kv_bytes_per_token(config, self.dtype, end - start),
+            quant=quant,
+            weight_bytes=resident_bytes(self.span.layers),
         )
         log.info("backend.loaded span=%d:%d dtype=%s device=%s", start, end, dtype, device)
 

@@ -96,6 +96,7 @@ class ServerConfig:
     identity_path: Path | None = None  # Ed25519 key file; None: a fresh identity per start
     device: str = "cpu"  # torch device of the blocks
     dtype: str = "float32"  # float32, bfloat16 or float16
+    quant: str = "none"  # weight quantization of the blocks' linear layers: none, int8, nf4
     kv_cache: str = (
         "auto"  # sessions' caches: "dynamic", "paged" (preallocated), "auto" (paged on CUDA)
     )

@@ -21,6 +21,8 @@ def server_info(state: ServerState, rec: ServerRecord) -> dict[str, Any]:
         "span_end": rec.span_end,
         "num_blocks": rec.num_blocks,
         "dtype": rec.dtype,
+        "quant": rec.quant,
+        "weight_bytes": state.backend.info.weight_bytes,
         "state": "draining" if state.draining else rec.state.value,
         "free_kv_tokens": state.sessions.budget.free_tokens,
         "used_kv_bytes": state.sessions.budget.used_bytes,

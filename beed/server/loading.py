@@ -25,6 +25,7 @@ def load_backend(cfg: ServerConfig, model_dir: Path, span: tuple[int, int]) -> B
         decode_graphs=None if cfg.cuda_graphs else False,
         offload_weights=cfg.offload_weights,
         compile_step=cfg.torch_compile,
+        quant=cfg.quant,
     )
 
 

@@ -22,7 +22,7 @@ from beed.dht.node import DHTNode
 from beed.dht.peers import reachable_host
 from beed.dht.records import ServerRecord, ServerState
 from beed.models.adapters import load_config, num_blocks
-from beed.models.fingerprint import model_fingerprint
+from beed.models.fingerprint import model_fingerprint, served_fingerprint
 from beed.models.registry import cache_dir, resolve_model
 from beed.net.dial import DialPolicy
 from beed.net.stream import FramedStream
@@ -127,8 +127,11 @@ class BlockServer:
             return loop.run_in_executor(executor, fn)
 
         source = await run_compute(lambda: resolve_model(cfg.model))
-        fingerprint = await asyncio.to_thread(
-            model_fingerprint, source.path, cache_dir() / "fingerprints.json"
+        fingerprint = served_fingerprint(
+            await asyncio.to_thread(
+                model_fingerprint, source.path, cache_dir() / "fingerprints.json"
+            ),
+            cfg.quant,
         )
         total = num_blocks(await asyncio.to_thread(load_config, source.path))
         identity = (
@@ -169,6 +172,7 @@ class BlockServer:
                 model_name=source.name,
                 num_blocks=total,
                 dtype=cfg.dtype,
+                quant=cfg.quant,
                 protocol_version=PROTOCOL_VERSION,
                 codecs=tuple(ALL_CODECS),
                 software_version=beed.__version__,
