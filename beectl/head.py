@@ -31,13 +31,15 @@ class LocalHead:
             lambda n: n.startswith(self.family.head_prefixes),
             dtype=dtype,
             device=self.device,
+            rename=self.family.canonical_name,
         )
         model: Any = build_head_model(self.config)  # transformers modules: attributes untyped
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
         embed, norm, lm_head = self.family.head_modules(model)
         tied = f"{self.family.lm_head_path}.weight"
         if tied in missing and getattr(self.config, "tie_word_embeddings", False):
-            lm_head.weight = embed.weight
+            tokens = embed[0] if isinstance(embed, nn.Sequential) else embed  # BLOOM: + a norm
+            lm_head.weight = tokens.weight
             missing = [m for m in missing if m != tied]
         missing = [m for m in missing if "rotary_emb" not in m]
         if missing or unexpected:

@@ -86,7 +86,24 @@ def _family_configs(vocab: int) -> dict[str, object]:
     }
 
 
-FAMILIES = list(_family_configs(8).keys())
+def _all_configs(vocab: int) -> dict[str, object]:
+    return _family_configs(vocab) | _alibi_configs(vocab)
+
+
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "bloom",
+    "falcon",
+    "falcon_alibi",
+]
 
 
 def make_tiny(
@@ -97,10 +114,38 @@ def make_tiny(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     vocab = 49152 if tokenizer_from is not None else 1000
-    config = _family_configs(vocab)[family]
+    config = _all_configs(vocab)[family]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer_from is not None:
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
     return path
+
+
+def _alibi_configs(vocab: int) -> dict[str, object]:
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return {
+        "bloom": tf.BloomConfig(**ids, hidden_size=64, n_layer=4, n_head=4),
+        # Falcon-40B style (rotary, grouped keys, two norms) and Falcon-RW style (ALiBi,
+        # multi-query, parallel attention).
+        "falcon": tf.FalconConfig(
+            **ids,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+        ),
+        "falcon_alibi": tf.FalconConfig(
+            **ids,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            alibi=True,
+            multi_query=True,
+            parallel_attn=True,
+        ),
+    }

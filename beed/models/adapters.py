@@ -10,7 +10,9 @@ distributed result equals the local one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from beed.models.segments import (
     use_segmented_attention,
 )
 from beed.models.tree_mask import Tree, as_attention_mask, tree_mask
-from protocol.errors import ModelNotFoundError
+from protocol.errors import BadRequestError, ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,28 @@ class Family:
     convert_block: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     # Config attributes that name global block indices, rewritten for a span's local ones.
     slice_config: Callable[[PretrainedConfig, PretrainedConfig, int, int], None] | None = None
+    # What the decoder layers take and give: the cache argument's name; whether they have a
+    # rotary embedding (rotary_attr on the base model) or ALiBi, and how ALiBi reaches them
+    # ("mask": folded into the attention mask, Falcon; "argument": an `alibi` argument, BLOOM).
+    cache_argument: str = "past_key_values"
+    has_rotary: bool = True
+    alibi: str | None = None
+    # Attention through transformers' attention interface, so merged batches split it per
+    # session (segments.py); otherwise a batch of sessions runs one session at a time.
+    merged_batches: bool = True
+    # A norm the model applies right after the token embeddings (BLOOM): part of the client's
+    # embedding step.
+    embed_norm_path: str | None = None
+    # Checkpoints saved from the base model name tensors without its prefix (BLOOM's own:
+    # "h.0.", "word_embeddings."): stored names are read as if they had it.
+    base_prefix: str | None = None
+
+    def canonical_name(self, stored: str) -> str:
+        """A stored tensor name as block_prefix and head_prefixes spell it."""
+        prefix = self.base_prefix
+        if prefix is None or stored.startswith((prefix, self.lm_head_path + ".")):
+            return stored
+        return prefix + stored
 
     def layers(self, base: nn.Module) -> nn.ModuleList:
         return _attr(base, self.layers_attr)
@@ -70,12 +94,18 @@ class Family:
         return _attr(layer, self.attention_attr)
 
     def head_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-        """The embeddings, final norm and LM head of a causal-LM model."""
-        return (
-            _attr(model, self.embed_path),
-            _attr(model, self.norm_path),
-            _attr(model, self.lm_head_path),
-        )
+        """The embeddings (with the norm after them, where the model has one), final norm
+        and LM head of a causal-LM model."""
+        embed = _attr(model, self.embed_path)
+        if self.embed_norm_path is not None:
+            embed = nn.Sequential(embed, _attr(model, self.embed_norm_path))
+        return embed, _attr(model, self.norm_path), _attr(model, self.lm_head_path)
+
+    @property
+    def takes_trees(self) -> bool:
+        """Tree steps give tokens positions by depth; ALiBi biases by key order, which a tree
+        does not have: such families refuse tree steps."""
+        return self.alibi is None
 
 
 def _attr(module: Any, path: str) -> Any:
@@ -165,7 +195,38 @@ GEMMA3 = Family(
     head_prefixes=("model.embed_tokens.", "model.norm.", "lm_head."),
     logit_softcap_attr="final_logit_softcapping",
 )
-FAMILIES = {t: f for f in (LLAMA, QWEN_MOE, MIXTRAL, GEMMA3) for t in f.model_types}
+FALCON = Family(
+    model_types=("falcon",),
+    block_prefix="transformer.h.{i}.",
+    head_prefixes=("transformer.word_embeddings.", "transformer.ln_f.", "lm_head."),
+    layers_attr="h",
+    attention_attr="self_attention",
+    embed_path="transformer.word_embeddings",
+    norm_path="transformer.ln_f",
+    cache_argument="layer_past",
+    alibi="mask",  # only where config.alibi (Span checks): Falcon-RW; rotary otherwise
+)
+BLOOM = Family(
+    model_types=("bloom",),
+    block_prefix="transformer.h.{i}.",
+    head_prefixes=(
+        "transformer.word_embeddings.",
+        "transformer.word_embeddings_layernorm.",
+        "transformer.ln_f.",
+        "lm_head.",
+    ),
+    layers_attr="h",
+    attention_attr="self_attention",
+    embed_path="transformer.word_embeddings",
+    embed_norm_path="transformer.word_embeddings_layernorm",
+    norm_path="transformer.ln_f",
+    cache_argument="layer_past",
+    base_prefix="transformer.",
+    has_rotary=False,
+    alibi="argument",
+    merged_batches=False,  # its attention is its own code, not the attention interface
+)
+FAMILIES = {t: f for f in (LLAMA, QWEN_MOE, MIXTRAL, GEMMA3, FALCON, BLOOM) for t in f.model_types}
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
@@ -180,6 +241,8 @@ def family_of(config: PretrainedConfig) -> Family:
         raise ModelNotFoundError(
             f"architecture {config.model_type!r} is not supported yet (supported: {supported})"
         )
+    if family is FALCON and not getattr(config, "alibi", False):
+        return dataclasses.replace(FALCON, alibi=None)  # rotary Falcon (7B, 40B, 180B)
     return family
 
 
@@ -230,14 +293,17 @@ class Span(nn.Module):
         with init_empty_weights(include_buffers=False):
             base = AutoModel.from_config(self.config)
         self.layers: nn.ModuleList = self.family.layers(base)
-        self.rotary_emb = self.family.rotary(base).to(device)
-        self._typed_rotary = _rotary_takes_layer_type(self.rotary_emb)
+        self.rotary_emb = self.family.rotary(base).to(device) if self.family.has_rotary else None
+        self._typed_rotary = self.rotary_emb is not None and _rotary_takes_layer_type(
+            self.rotary_emb
+        )
         self.layer_types: list[str] | None = getattr(self.config, "layer_types", None)
         # Masks are built for the model's real attention; the attention modules go through
         # segmented_attention, which is that same attention for one session at a time.
         self.config._attn_implementation = base.config._attn_implementation
-        attention = [self.family.attention(layer) for layer in self.layers]
-        use_segmented_attention(attention, self.config)
+        if self.family.merged_batches:
+            attention = [self.family.attention(layer) for layer in self.layers]
+            use_segmented_attention(attention, self.config)
         self._linears = SegmentedLinears()
         self._linears.install(list(self.layers))
 
@@ -297,12 +363,12 @@ class Span(nn.Module):
         over all rows (equal up to the rounding of the batched products; faster where weights
         are read from memory for every product).
         """
-        if len(items) == 1:
-            item = items[0]
+        if len(items) == 1 or not self.family.merged_batches:
             return [
                 self.forward(
                     item.hidden, item.position_ids, item.cache, item.mask, blocks, item.tree
                 )
+                for item in items
             ]
         kinds = self.kinds
         segments: list[Segment] = []
@@ -326,7 +392,9 @@ class Span(nn.Module):
                     for item in items
                 ],
             )
-            parts = [self.rotary(kind, item.hidden, item.position_ids) for item in items]
+            if self.rotary_emb is None:
+                continue
+            parts = [self.rotary_of(kind, item.hidden, item.position_ids) for item in items]
             rotaries[kind] = (
                 torch.cat([cos.reshape(1, -1, cos.shape[-1]) for cos, _ in parts], dim=1),
                 torch.cat([sin.reshape(1, -1, sin.shape[-1]) for _, sin in parts], dim=1),
@@ -352,16 +420,22 @@ class Span(nn.Module):
         cache: Any,
     ) -> torch.Tensor:
         """transformers' own decoder layers `blocks`, in order, as the model's forward calls
-        them (each with the mask and rotary embedding of its attention kind)."""
+        them (each with the mask and rotary embedding of its attention kind; BLOOM's with its
+        ALiBi tensor, which `masks` holds beside the mask)."""
+        cache_argument = self.family.cache_argument
         for i in blocks:
-            hidden = self.layers[i](
-                hidden,
-                attention_mask=masks[kinds[i]],
-                position_embeddings=rotaries[kinds[i]],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            )
+            kwargs: dict[str, Any] = {
+                "position_ids": position_ids,
+                cache_argument: cache,
+                "use_cache": cache is not None,
+            }
+            mask = masks[kinds[i]]
+            if self.family.alibi == "argument":
+                kwargs["alibi"], mask = mask
+            if self.rotary_emb is not None:
+                kwargs["position_embeddings"] = rotaries[kinds[i]]
+            out = self.layers[i](hidden, attention_mask=mask, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out  # Falcon and BLOOM: (out, attn)
         return hidden
 
     def _mask(
@@ -374,7 +448,15 @@ class Span(nn.Module):
         position_ids: torch.Tensor,
         tree: Tree | None = None,
     ) -> Any:
-        """The attention mask of one kind, as the model's own forward builds it."""
+        """The attention mask of one kind, as the model's own forward builds it (for ALiBi
+        families with the bias: folded in, or as (alibi, mask) for BLOOM)."""
+        if tree is not None and not self.family.takes_trees:
+            raise BadRequestError(
+                f"{self.config.model_type} (ALiBi) blocks cannot run tree steps; send drafts "
+                "as one branch"
+            )
+        if self.family.alibi is not None:
+            return self._alibi_mask(layer_idx, hidden, attention_mask, cache, position_ids)
         if tree is not None:
             allowed = tree_mask(
                 tree, hidden.shape[1], attention_mask, self.window(kind), hidden.device
@@ -392,9 +474,59 @@ class Span(nn.Module):
             layer_idx=layer_idx if cache is not None else None,
         )
 
+    def _alibi_mask(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Any,
+        position_ids: torch.Tensor,
+    ) -> Any:
+        """Falcon's and BLOOM's mask and ALiBi bias, as their own forwards build them: the
+        bias grows with each key's position among the row's real tokens (the 2D mask's
+        cumulative sum), so left padding does not shift it. Sized against the cache of the
+        first block this run fills (a route may use a server's later blocks only)."""
+        batch, tokens = hidden.shape[:2]
+        past = cache.get_seq_length(layer_idx) if cache is not None else 0
+        keys = attention_mask
+        if keys is None:
+            keys = torch.ones(batch, past + tokens, dtype=torch.long, device=hidden.device)
+        heads = int(self.config.num_attention_heads)
+        causal = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx if cache is not None else None,
+            allow_is_causal_skip=False,
+        )
+        if self.family.alibi == "argument":  # BLOOM: the bias beside an additive mask
+            from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+            return build_alibi_tensor(keys, heads, dtype=hidden.dtype), causal
+        from transformers.models.falcon.modeling_falcon import (
+            build_alibi_tensor as falcon_alibi,
+        )
+
+        smallest = torch.finfo(hidden.dtype).min
+        if causal.dtype == torch.bool:
+            zero = torch.full((), 0.0, device=causal.device, dtype=hidden.dtype)
+            causal = torch.where(causal, zero, smallest)
+        alibi = falcon_alibi(keys, heads, dtype=hidden.dtype).reshape(batch, heads, 1, -1)
+        head_dim = int(self.config.hidden_size) // heads
+        return torch.masked_fill(alibi / math.sqrt(head_dim), causal < -1, smallest)
+
     def rotary(
         self, kind: str, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin of the positions (None: the family has no rotary embedding)."""
+        return None if self.rotary_emb is None else self.rotary_of(kind, hidden, position_ids)
+
+    def rotary_of(
+        self, kind: str, hidden: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.rotary_emb is not None
         if self._typed_rotary:
             return self.rotary_emb(hidden, position_ids, kind)
         return self.rotary_emb(hidden, position_ids)

@@ -211,7 +211,7 @@ class DecodeGraphs:
                 allowed = allowed & (graph.positions[None, :] > lengths - window)
             allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
             masks[kind] = allowed[:, None, None, :]
-            rotaries[kind] = self.span.rotary(kind, graph.hidden, position_ids)
+            rotaries[kind] = self.span.rotary_of(kind, graph.hidden, position_ids)
         cache = _GraphCache(self.arena, ints[:, 1], ints[:, 3 : 3 + length])
         out = self.span.run_layers(
             graph.hidden, graph.blocks, kinds, masks, rotaries, position_ids, cache

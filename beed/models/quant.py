@@ -138,7 +138,7 @@ def quantize_linears(module: nn.Module, quant: str) -> int:
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if isinstance(child, nn.Linear):  # subclasses too (Falcon's FalconLinear)
                 setattr(parent, name, layer(child))
                 count += 1
     return count

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -161,15 +160,17 @@ class SegmentedLinears:
     def install(self, modules: Sequence[nn.Module]) -> None:
         for root in modules:
             for module in root.modules():
-                if type(module) is nn.Linear:
+                if isinstance(module, nn.Linear):  # subclasses too (Falcon's FalconLinear)
                     module.forward = self._forward_of(module)  # type: ignore[method-assign,assignment]
 
     def _forward_of(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        product = module.forward  # the module's own (nn.Linear's is F.linear)
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             segments = self.segments
             if segments is None or x.dim() != 3 or x.shape[1] != segments[-1].stop:
-                return F.linear(x, module.weight, module.bias)
-            parts = [F.linear(x[:, s.start : s.stop], module.weight, module.bias) for s in segments]
+                return product(x)
+            parts = [product(x[:, s.start : s.stop]) for s in segments]
             return torch.cat(parts, dim=1)
 
         return forward

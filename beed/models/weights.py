@@ -31,21 +31,24 @@ def load_tensors(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    rename: Callable[[str], str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors whose names satisfy `want`, file by file, converting dtype on the way.
 
     safetensors memory-maps each file and copies out only the requested tensors, so a server holding
-    blocks 15..30 never materialises the others.
+    blocks 15..30 never materialises the others. `rename` maps a stored name to the one `want`
+    and the result use (checkpoints saved from the base model lack its prefix).
     """
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map(model_dir).items():
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for stored, file in weight_map(model_dir).items():
+        name = rename(stored) if rename is not None else stored
         if want(name):
-            by_file.setdefault(file, []).append(name)
+            by_file.setdefault(file, []).append((stored, name))
     out: dict[str, torch.Tensor] = {}
     for file, names in sorted(by_file.items()):
         with safe_open(model_dir / file, framework="pt", device="cpu") as fh:
-            for name in names:
-                tensor = fh.get_tensor(name)
+            for stored, name in names:
+                tensor = fh.get_tensor(stored)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 out[name] = tensor.to(device)
@@ -53,14 +56,19 @@ def load_tensors(
 
 
 def tensor_bytes(
-    model_dir: Path, prefixes: Sequence[str], *, dtype: torch.dtype | None = None
+    model_dir: Path,
+    prefixes: Sequence[str],
+    *,
+    dtype: torch.dtype | None = None,
+    rename: Callable[[str], str] | None = None,
 ) -> list[int]:
     """Bytes the tensors under each name prefix take once loaded (floating-point ones in
     `dtype`), read from the files' headers in one pass: nothing is loaded."""
     by_file: dict[str, list[tuple[str, int]]] = {}
     for name, file in weight_map(model_dir).items():
+        canonical = rename(name) if rename is not None else name
         for i, prefix in enumerate(prefixes):
-            if name.startswith(prefix):
+            if canonical.startswith(prefix):
                 by_file.setdefault(file, []).append((name, i))
                 break
     totals = [0] * len(prefixes)

@@ -113,7 +113,12 @@ class BlockBackend:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         if kv_cache == "auto":
-            kv_cache = "paged" if self.device.type == "cuda" else "dynamic"
+            kv_cache = "paged" if self.device.type == "cuda" and not family.alibi else "dynamic"
+        if kv_cache == "paged" and family.alibi:
+            raise BadRequestError(
+                f"{config.model_type} (ALiBi) blocks need --kv-cache dynamic: the paged cache's "
+                "masks carry no ALiBi bias"
+            )
         self.kv_cache = kv_cache
         self.arena: KVArena | None = None  # allocate_kv() makes it (paged caches)
         # One-token steps through CUDA graphs (decode_graphs.py): on by default on CUDA with
@@ -128,7 +133,8 @@ class BlockBackend:
         self.graphs: DecodeGraphs | None = None
         self._compile_step = compile_step
         prefixes = [family.block_prefix.format(i=i) for i in range(start, end)]
-        block_bytes = tensor_bytes(model_dir, prefixes, dtype=self.dtype)  # headers, one pass
+        rename = family.canonical_name
+        block_bytes = tensor_bytes(model_dir, prefixes, dtype=self.dtype, rename=rename)
         block_bytes = [quantized_bytes(b, self.dtype, quant) for b in block_bytes]
         offloaded = set(plan_offload(block_bytes, offload_weights, self.device))
         tensors: dict[str, torch.Tensor] = {}
@@ -138,7 +144,9 @@ class BlockBackend:
         for where, chosen in ((resident, False), (torch.device("cpu"), True)):
             mine = tuple(p for i, p in enumerate(prefixes) if (i in offloaded) == chosen)
             if mine:
-                tensors |= load_tensors(model_dir, _named(mine), dtype=self.dtype, device=where)
+                tensors |= load_tensors(
+                    model_dir, _named(mine), dtype=self.dtype, device=where, rename=rename
+                )
         self.span = Span(config, start, end, self.device)
         self.batch_fallbacks = 0  # merged forwards that failed and ran session by session
         self._graph_lock = threading.Lock()

@@ -197,7 +197,9 @@ class BlockServer:
                 protocol_version=PROTOCOL_VERSION,
                 software_version=beed.__version__,
                 peer_id=identity.peer_id,
-                features=("push", "tree", "prompts"),
+                features=("push", "tree", "prompts")
+                if backend.span.family.takes_trees
+                else ("push", "prompts"),
             )
             traffic = TensorTraffic()
             self.pusher = Pusher(

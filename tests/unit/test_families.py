@@ -130,3 +130,25 @@ def test_an_unsupported_architecture_names_the_supported_ones(tmp_path: Path):
         ModelNotFoundError, match=r"'gpt2' is not supported yet \(supported: .*llama.*mixtral"
     ):
         BlockBackend(tmp_path / "gpt2", 0, 2)
+
+
+def test_a_checkpoint_saved_from_the_base_model_loads(tmp_path: Path):
+    """BLOOM's own checkpoints were saved from BloomModel: tensors named "h.0.", not
+    "transformer.h.0."; servers and the head read them under the full names."""
+    from transformers import AutoModelForCausalLM
+
+    full = make_tiny("bloom", tmp_path / "full")
+    model = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).eval()
+    bare = tmp_path / "bare"
+    model.transformer.save_pretrained(bare)  # the base model: no prefix, no lm_head
+    from safetensors import safe_open
+
+    with safe_open(bare / "model.safetensors", framework="pt") as fh:
+        assert "h.0.input_layernorm.weight" in set(fh.keys())
+    head = LocalHead(bare)
+    a, b = BlockBackend(bare, 0, 2), BlockBackend(bare, 2, 4)
+    ids = torch.randint(3, 900, (1, 9), generator=torch.Generator().manual_seed(4))
+    hidden = b.step(b.new_cache(), range(2), a.step(a.new_cache(), range(2), head.embed(ids), 0), 0)
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (head.logits(hidden) - want).abs().max().item() < 1e-5
