@@ -105,3 +105,25 @@ def test_records_carry_the_quantization():
         encode_record(dataclasses.replace(quantized, quant="int4"))
     with pytest.raises(RecordError, match="must end in -int8"):
         encode_record(dataclasses.replace(plain, quant="int8"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_spans_on_cuda_equal_the_cpu_ones_and_replay_graphs(tmp_path: Path, quant):
+    """On a GPU: quantized on the host, moved to the device (paged cache, decode graphs); a
+    prefill and graph-replayed decode steps equal the CPU span's up to float32 rounding."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = make_tiny("llama", tmp_path / "llama")
+    cpu = BlockBackend(path, 0, 4, quant=quant)
+    gpu = BlockBackend(path, 0, 4, quant=quant, device="cuda")
+    assert gpu.kv_cache == "paged" and gpu.info.weight_bytes == cpu.info.weight_bytes
+    gpu.allocate_kv(256)
+    gen = torch.Generator().manual_seed(5)
+    caches = [cpu.new_cache(), gpu.new_cache()]
+    position = 0
+    for tokens in (7, 1, 1, 1):
+        hidden = torch.randn(1, tokens, 64, generator=gen)
+        want = cpu.step(caches[0], range(4), hidden, position)
+        got = gpu.step(caches[1], range(4), hidden, position)
+        assert (got.cpu() - want).abs().max().item() < 1e-4
+        position += tokens
