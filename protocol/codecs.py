@@ -27,6 +27,7 @@ class Codec(IntEnum):
     SHUFFLE_LZ4 = 3
     SHUFFLE_ZSTD = 4
     PLANES_ZSTD = 5
+    Q8 = 6  # lossy: blocks of 32 values as int8 with a float16 scale (only with consent)
 
     @property
     def wire_name(self) -> str:
@@ -47,10 +48,14 @@ _NAMES: dict[Codec, str] = {
     Codec.SHUFFLE_LZ4: "shuffle-lz4",
     Codec.SHUFFLE_ZSTD: "shuffle-zstd",
     Codec.PLANES_ZSTD: "planes-zstd",
+    Codec.Q8: "q8",
 }
 _BY_NAME: dict[str, Codec] = {name: codec for codec, name in _NAMES.items()}
 _BY_ID: dict[int, Codec] = {int(c): c for c in Codec}
-ALL_CODECS: tuple[str, ...] = tuple(_NAMES[c] for c in Codec)
+LOSSY_CODECS: frozenset[Codec] = frozenset({Codec.Q8})
+# The lossless codecs: what Hellos and records offer and the cost model chooses among.
+ALL_CODECS: tuple[str, ...] = tuple(_NAMES[c] for c in Codec if c not in LOSSY_CODECS)
+Q8_BLOCK = 32
 
 # An lz4 block cannot expand data more than ~255x; a larger claim is a lie (docs/protocol.md).
 _LZ4_MAX_RATIO = 255
@@ -240,6 +245,71 @@ def encode_payload(
     if codec is Codec.PLANES_ZSTD:
         return _encode_planes(planes, itemsize, zstd_level, float_planes)
     raise UnknownCodecError(f"codec {codec!r} has no encoder")  # pragma: no cover
+
+
+# --- q8 (lossy) -----------------------------------------------------------------------------------
+# distributed-llama's Q80 layout: the values in blocks of Q8_BLOCK, each block one float16 scale
+# (its largest magnitude / 127, rounded up so no value passes 127) and one int8 per value. The
+# payload is all scales (little-endian float16), then all int8 values: 2 * ceil(n / 32) + n bytes.
+# Each value comes back within scale / 2 of what was sent, before rounding to its dtype; the
+# scale exceeds largest / 127 by at most 2^-10 of it, or by 2^-24 where float16 is subnormal.
+
+
+def q8_encoded_len(numel: int) -> int:
+    return 2 * -(-numel // Q8_BLOCK) + numel
+
+
+def _as_float32(raw: memoryview | bytes | bytearray, dtype_name: str) -> np.ndarray:
+    if dtype_name == "float32":
+        return np.frombuffer(raw, dtype="<f4")
+    if dtype_name == "float16":
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    if dtype_name == "bfloat16":
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    raise UnknownCodecError(f"q8 encodes float tensors only, not {dtype_name}")
+
+
+def _from_float32(values: np.ndarray, dtype_name: str) -> bytes:
+    if dtype_name == "float32":
+        return values.astype("<f4").tobytes()
+    if dtype_name == "float16":
+        return values.astype("<f2").tobytes()
+    bits = values.astype(np.float32).view(np.uint32)  # bfloat16: round to nearest even
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2").tobytes()
+
+
+def encode_q8(raw: memoryview | bytes, dtype_name: str) -> bytes:
+    values = _as_float32(raw, dtype_name)
+    if not np.isfinite(values).all():
+        raise UnknownCodecError("q8 cannot encode inf or nan")
+    n = values.size
+    flat = np.zeros(-(-n // Q8_BLOCK) * Q8_BLOCK, dtype=np.float32)
+    flat[:n] = values
+    blocks = flat.reshape(-1, Q8_BLOCK)
+    wanted = np.abs(blocks).max(axis=1) / 127.0
+    scales = wanted.astype(np.float16)
+    low = scales.astype(np.float32) < wanted
+    scales[low] = np.nextafter(scales[low], np.float16(np.inf))
+    safe = np.where(scales > 0, scales.astype(np.float32), 1.0)
+    codes = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8)
+    return bytes(scales.astype("<f2").tobytes() + codes.reshape(-1)[:n].tobytes())
+
+
+def decode_q8(buf: memoryview, raw_len: int, itemsize: int, dtype_name: str) -> bytearray:
+    n = raw_len // itemsize
+    count = -(-n // Q8_BLOCK)
+    if len(buf) != q8_encoded_len(n):
+        raise DecompressionError(
+            f"q8 payload is {len(buf)} bytes, {n} values need {q8_encoded_len(n)}"
+        )
+    scales = np.frombuffer(buf[: 2 * count], dtype="<f2").astype(np.float32)
+    if not np.isfinite(scales).all():
+        raise DecompressionError("q8 scales must be finite")
+    codes = np.zeros(count * Q8_BLOCK, dtype=np.float32)
+    codes[:n] = np.frombuffer(buf[2 * count :], dtype=np.int8)
+    values = (codes.reshape(count, Q8_BLOCK) * scales[:, None]).reshape(-1)[:n]
+    return bytearray(_from_float32(values, dtype_name))
 
 
 def _encode_planes(planes: np.ndarray, itemsize: int, level: int, top_only: bool) -> bytes:

@@ -30,6 +30,9 @@ class Limits:
     max_compression_ratio: int = 0
     # Streams open at once on one connection (enforced by StreamTable in the connection layer).
     max_streams_per_connection: int = 256
+    # Lossy codecs (q8) are refused unless the receiver consented (0: refused; the default keeps
+    # every activation bit-exact).
+    accept_lossy: int = 0
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

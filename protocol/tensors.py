@@ -6,7 +6,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from protocol.codecs import Codec, CodecPolicy, choose_codec, codec_for_id, decode_payload
+from protocol.codecs import (
+    LOSSY_CODECS,
+    Codec,
+    CodecPolicy,
+    choose_codec,
+    codec_for_id,
+    decode_payload,
+    decode_q8,
+    encode_q8,
+    q8_encoded_len,
+)
 from protocol.codecs import encode_payload as _encode_payload
 from protocol.dtypes import FLOAT_DTYPES, ITEMSIZE, NUMPY, torch_dtype, wire_name
 from protocol.errors import BadTensorError, DecompressionError, TensorTooLargeError
@@ -77,6 +87,11 @@ def _encode_with(
     t: torch.Tensor, name: str, raw: memoryview, codec: Codec, zstd_level: int
 ) -> tuple[list[Any], bytes | memoryview]:
     payload: bytes | memoryview = raw
+    if codec is Codec.Q8:  # lossy: sent as asked (the sender has the receiver's consent)
+        if name not in FLOAT_DTYPES:
+            raise BadTensorError(f"q8 encodes float tensors only, not {name}")
+        payload = encode_q8(raw, name)
+        return [name, list(t.shape), int(codec), len(raw), len(payload)], payload
     if codec is not Codec.NONE:
         payload = _encode_payload(codec, raw, ITEMSIZE[name], zstd_level, name in FLOAT_DTYPES)
         if len(payload) >= len(raw):
@@ -122,6 +137,16 @@ def parse_descriptor(desc: object, limits: Limits) -> SegmentInfo:
         )
     if codec is Codec.NONE and enc_len != raw_len:
         raise BadTensorError(f"uncompressed tensor has encoded length {enc_len} != raw {raw_len}")
+    if codec in LOSSY_CODECS:
+        if not limits.accept_lossy:
+            raise BadTensorError(
+                f"lossy codec {codec.wire_name} refused: this link did not consent to it"
+            )
+        if name not in FLOAT_DTYPES or enc_len != q8_encoded_len(numel):
+            raise BadTensorError(
+                f"a q8 tensor is a float tensor of {q8_encoded_len(numel)} encoded bytes for "
+                f"{numel} values, got {name} with {enc_len}"
+            )
     ratio = limits.max_compression_ratio
     if ratio and raw_len > RATIO_CHECK_BYTES and raw_len > ratio * enc_len:
         raise DecompressionError(
@@ -135,11 +160,17 @@ def decode_tensor(info: SegmentInfo, payload: memoryview) -> torch.Tensor:
     """A new writable contiguous tensor from one segment payload (len(payload) == enc_len)."""
     name = info.dtype_name
     if info.raw_len == 0:
-        decode_payload(info.codec, payload, 0, info.itemsize)
+        if info.codec is Codec.Q8:
+            decode_q8(payload, 0, info.itemsize, name)
+        else:
+            decode_payload(info.codec, payload, 0, info.itemsize)
         import torch
 
         return torch.empty(info.shape, dtype=torch_dtype(name))
-    buf = decode_payload(info.codec, payload, info.raw_len, info.itemsize)
+    if info.codec is Codec.Q8:
+        buf = decode_q8(payload, info.raw_len, info.itemsize, name)
+    else:
+        buf = decode_payload(info.codec, payload, info.raw_len, info.itemsize)
     if name == "bool" and np.frombuffer(buf, dtype=np.uint8).max() > 1:
         raise BadTensorError("bool tensor holds bytes other than 0x00 and 0x01")
     import torch

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from protocol import (
     ALL_CODECS,
+    BadTensorError,
     Codec,
     CodecPolicy,
     DecompressionError,
@@ -23,7 +24,13 @@ from protocol import (
     codec_for_id,
     encode_message_bytes,
 )
-from protocol.codecs import decode_payload, encode_payload, shuffle, unshuffle_into
+from protocol.codecs import (
+    LOSSY_CODECS,
+    decode_payload,
+    encode_payload,
+    shuffle,
+    unshuffle_into,
+)
 from protocol.dtypes import ITEMSIZE, wire_name
 from protocol.tensors import raw_bytes
 from tests.protocol.helpers import assert_bit_exact, tensors
@@ -49,7 +56,7 @@ def test_frame_roundtrip_any_dtype_shape_codec(t: torch.Tensor, codec: str) -> N
 
 
 @settings(max_examples=150, deadline=None)
-@given(t=tensors(), codec=st.sampled_from(list(Codec)))
+@given(t=tensors(), codec=st.sampled_from([c for c in Codec if c not in LOSSY_CODECS]))
 def test_payload_roundtrip_without_fallback(t: torch.Tensor, codec: Codec) -> None:
     _, name, raw = raw_bytes(t)
     itemsize = ITEMSIZE[name]
@@ -101,10 +108,12 @@ def test_codec_ids_and_names_are_stable() -> None:
         (3, "shuffle-lz4"),
         (4, "shuffle-zstd"),
         (5, "planes-zstd"),
+        (6, "q8"),
     ]
     assert Codec.from_name("planes-zstd") is Codec.PLANES_ZSTD
+    assert "q8" not in ALL_CODECS  # never offered in Hello or records: lossless by default
     with pytest.raises(UnknownCodecError):
-        codec_for_id(6)
+        codec_for_id(7)
     with pytest.raises(UnknownCodecError):
         Codec.from_name("brotli")
 
@@ -179,3 +188,82 @@ def test_one_token_step_framing_stays_fast() -> None:
         dec.next_message()
         times.append(time.perf_counter() - t0)
     assert statistics.median(times) < 100e-6
+
+
+# --- q8, the lossy codec (only with the receiver's consent) -----------------------------------
+
+
+def q8_roundtrip(t: torch.Tensor) -> torch.Tensor:
+    from protocol import Limits
+
+    dec = FrameDecoder(Limits(accept_lossy=1))
+    dec.feed(encode_message_bytes(ForwardResult(1, t), CodecPolicy(force="q8")))
+    msg = dec.next_message()
+    assert isinstance(msg, ForwardResult)
+    return msg.hidden
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    numel=st.integers(0, 300),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    scale=st.sampled_from([1e-3, 1.0, 40.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_q8_values_come_back_within_half_a_step_of_their_block(numel, dtype, scale, seed) -> None:
+    """Each value within half its block's step (largest magnitude / 127) of what was sent,
+    plus the rounding of the result to its dtype; zeros stay zeros; shape and dtype kept."""
+    gen = torch.Generator().manual_seed(seed)
+    t = (torch.randn(numel, generator=gen) * scale).to(dtype)
+    t[::7] = 0
+    got = q8_roundtrip(t.reshape(-1, 1) if numel else t)
+    got = got.reshape(-1)
+    assert got.dtype == dtype and got.numel() == numel
+    if not numel:
+        return
+    sent = t.float()
+    padded = torch.zeros(-(-numel // 32) * 32)
+    padded[:numel] = sent
+    # The float16 scale is the step rounded up: by 2^-10 relative, or 2^-24 when subnormal.
+    step = padded.reshape(-1, 32).abs().amax(1) / 127 * (1 + 2**-10) + 2**-24
+    bound = step.repeat_interleave(32)[:numel] / 2
+    rounding = (
+        got.float().abs() * {torch.float32: 0, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+    )
+    assert bool(((got.float() - sent).abs() <= bound + rounding + 1e-30).all())
+    assert bool((got[sent == 0] == 0).all())
+
+
+def test_q8_is_refused_without_consent_and_never_chosen() -> None:
+    t = torch.randn(4, 64)
+    frame = encode_message_bytes(ForwardResult(1, t), CodecPolicy(force="q8"))
+    assert len(frame) < t.nbytes / 3 + 100  # 34 bytes per 32 float32 values, and the header
+    dec = FrameDecoder()  # the default: lossless only
+    dec.feed(frame)
+    with pytest.raises(BadTensorError, match="lossy codec q8 refused"):
+        dec.next_message()
+    # The cost model never picks it, on any link.
+    for bw in (1e3, 1e6, 1e9):
+        assert (
+            choose_codec(t, CodecPolicy(link_bytes_per_s=bw, min_compress_bytes=0)) is not Codec.Q8
+        )
+    with pytest.raises(BadTensorError, match="float tensors only"):
+        encode_message_bytes(
+            ForwardResult(1, torch.ones(3, dtype=torch.int64)), CodecPolicy(force="q8")
+        )
+    with pytest.raises(UnknownCodecError, match="inf or nan"):
+        encode_message_bytes(
+            ForwardResult(1, torch.tensor([1.0, math.inf])), CodecPolicy(force="q8")
+        )
+
+
+def test_a_q8_descriptor_must_match_its_values() -> None:
+    from protocol import Limits
+    from protocol.tensors import parse_descriptor
+
+    lossy = Limits(accept_lossy=1)
+    assert parse_descriptor(["float32", [40], 6, 160, 44], lossy).codec is Codec.Q8
+    with pytest.raises(BadTensorError, match="q8 tensor is a float tensor of 44"):
+        parse_descriptor(["float32", [40], 6, 160, 45], lossy)
+    with pytest.raises(BadTensorError, match="q8 tensor is a float tensor"):
+        parse_descriptor(["int32", [40], 6, 160, 44], lossy)
