@@ -107,3 +107,23 @@ def test_plans_tile_the_model_with_disjoint_chains():
     assert len(used) == len(set(used))
     # More micro-batch sizes to choose from never give a worse plan.
     assert plan(servers, MODEL, tokens=(1,), latency_bound_s=1.0).throughput <= result.throughput
+
+
+def test_scoring_a_placement_agrees_with_the_plan():
+    """evaluate.score of the planner's own spans finds at least the plan's throughput (its
+    chains are among those the scorer can take); a span a server cannot hold serves nothing."""
+    from beed.planning.evaluate import score
+
+    rng = random.Random(3)
+    servers = random_swarm(rng, 10)
+    result = plan(servers, MODEL, tokens=(16,), latency_bound_s=1.0)
+    spans = {n: (a.start, a.end) for n, a in result.assignments().items()}
+    scored = score(servers, spans, MODEL, 16, latency_bound_s=1.0)
+    assert scored.throughput >= result.throughput * (1 - 1e-9)
+    assert scored.chains >= len(result.chains)
+    one = ServerSpec("one", compute_s=1e-3, gpu_blocks=2)
+    assert score([one], {"one": (0, 7)}, MODEL, 16).throughput == 0
+    whole = ServerSpec("whole", compute_s=1e-3, gpu_blocks=7)
+    assert score([whole], {"whole": (0, 7)}, MODEL, 16).throughput == pytest.approx(
+        16 / max(stage_s(whole, 7, MODEL, 16), link_s(whole, MODEL, 16))
+    )
