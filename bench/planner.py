@@ -25,6 +25,7 @@ Server distributions (each server independently):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -115,6 +116,9 @@ def main() -> None:
     parser.add_argument(
         "--latency-bound", type=float, default=math.inf, help="seconds per micro-batch"
     )
+    parser.add_argument(
+        "--no-offload", action="store_true", help="servers have no host memory to offload to"
+    )
     args = parser.parse_args()
     print(
         f"# bench/planner.py  70B-shaped model, latency bound {args.latency_bound} s per micro-batch"
@@ -127,6 +131,8 @@ def main() -> None:
         for seed in range(args.seeds):
             rng = random.Random(seed)
             servers = swarm(rng, count)
+            if args.no_offload:
+                servers = [dataclasses.replace(s, host_blocks=0) for s in servers]
             order = list(range(count))
             rng.shuffle(order)
             began = time.perf_counter()
