@@ -103,7 +103,10 @@ def _gguf_path(gguf: Path, cache: Path | None) -> Path:
     gguf = gguf.resolve()
     digest = _file_digest(gguf)
     target = (cache or cache_dir()) / "models" / f"gguf-{gguf.stem}-{digest}"
-    return convert_gguf(gguf.parent, gguf.name, target, source_id=str(gguf))
+    try:
+        return convert_gguf(gguf.parent, gguf.name, target, source_id=str(gguf))
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:  # what the GGUF reader raises
+        raise ModelNotFoundError(f"cannot read {gguf} as a model: {exc}") from exc
 
 
 def _file_digest(path: Path) -> str:

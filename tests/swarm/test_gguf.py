@@ -89,3 +89,11 @@ def test_a_gguf_path_as_the_model(tmp_path: Path):
         out = generated(str(gguf), swarm)
     assert out["model"] == "tiny-chat"
     assert out["token_ids"][: len(want)] == want
+
+
+def test_a_file_that_is_not_gguf_gets_a_clear_error(tmp_path: Path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model\n")
+    result = beectl("generate", "Hi", "--model", str(bad), "--initial-peers", "127.0.0.1:1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot read" in result.stderr and "not a GGUF file" in result.stderr
