@@ -34,7 +34,7 @@ from beed.models.segments import (
     use_segmented_attention,
 )
 from beed.models.tree_mask import Tree, as_attention_mask, tree_mask
-from protocol.errors import BadRequestError, ModelNotFoundError
+from protocol.errors import BadRequestError, InternalServerError, ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -526,7 +526,8 @@ class Span(nn.Module):
     def rotary_of(
         self, kind: str, hidden: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.rotary_emb is not None
+        if self.rotary_emb is None:
+            raise InternalServerError(f"{self.config.model_type} blocks have no rotary embedding")
         if self._typed_rotary:
             return self.rotary_emb(hidden, position_ids, kind)
         return self.rotary_emb(hidden, position_ids)

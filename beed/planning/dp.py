@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from beed.planning.costs import ModelSpec, ServerSpec, link_s, offloaded, stage_s
+from protocol.errors import InternalServerError
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,10 @@ def best_chain(
             server = servers[i]
             stage = stage_s(server, k, model, tokens)
             off = offloaded(server, k)
-            assert stage is not None and off is not None
+            if stage is None or off is None:  # the DP only chooses spans a server holds
+                raise InternalServerError(f"planned a span of {k} blocks {server.name} cannot hold")
             stages.append(Stage(i, k, off, stage, link_s(server, model, tokens)))
             b -= k
-    assert b == 0
+    if b != 0:
+        raise InternalServerError(f"planned chain leaves blocks 0:{b} uncovered")
     return Chain(tuple(reversed(stages)), tokens)

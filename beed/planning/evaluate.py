@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from beed.planning.costs import ModelSpec, ServerSpec, link_s, offloaded, stage_s
+from protocol.errors import InternalServerError
 
 # Per start position: the stages from it (server, end, bottleneck cost, latency), as arrays.
 Options = list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
@@ -35,7 +36,8 @@ class Scored:
 
 def _per_block_s(server: ServerSpec, span_blocks: int, model: ModelSpec, tokens: int) -> float:
     total = stage_s(server, span_blocks, model, tokens)
-    assert total is not None
+    if total is None:  # _options leaves out spans a server cannot hold
+        raise InternalServerError(f"{server.name} cannot hold {span_blocks} blocks")
     return total / span_blocks
 
 
